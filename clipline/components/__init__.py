@@ -1,0 +1,1 @@
+"""Pure library code for each stage. Nothing here imports prefect."""

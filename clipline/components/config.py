@@ -1,0 +1,247 @@
+"""One typed configuration for every stage.
+
+Sources, lowest to highest priority:
+  1. defaults below;
+  2. a TOML file (``--config FILE``, default ``./clipline.toml`` when present), with one table per
+     section: ``[ingest]``, ``[curate]``, ...;
+  3. environment variables ``CLIPLINE_<SECTION>__<FIELD>`` (for example
+     ``CLIPLINE_INGEST__IMAGE_SIZE=224``) and ``CLIPLINE_DATA_DIR``;
+  4. command-line flags (passed as ``overrides``).
+
+Any invalid value raises :class:`ConfigError`, whose message names the field, the value and the
+source to fix.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = Path("clipline.toml")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message says which and where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(_Section):
+    # URL-list reading (img2dataset's option names where they exist)
+    url_col: str = "url"
+    caption_col: str = "caption"
+    input_format: Literal["auto", "csv", "tsv", "parquet", "jsonl", "txt"] = "auto"
+    save_additional_columns: bool = True
+    # image processing
+    image_size: int = Field(256, ge=8, le=8192)
+    resize_mode: Literal["no", "center_crop", "keep_ratio", "border"] = "border"
+    encode_format: Literal["jpg", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    max_image_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width*height)")
+    # downloading
+    concurrency: int = Field(128, ge=1, le=4096)
+    per_host_concurrency: int = Field(64, ge=1)
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(10.0, gt=0)
+    total_timeout: float = Field(30.0, gt=0, description="deadline for one download, all retries included")
+    retries: int = Field(2, ge=0, le=20)
+    backoff_base: float = Field(0.5, ge=0)
+    max_retry_after: float = Field(30.0, ge=0, description="longest Retry-After honoured (s)")
+    max_bytes: int = Field(20_000_000, ge=1024, description="largest response body accepted")
+    max_redirects: int = Field(5, ge=0)
+    user_agent: str = "clipline/0.1 (+https://github.com/clipline/clipline; image-text dataset research)"
+    respect_optout: bool = True
+    allow_hosts: list[str] = Field(default_factory=list, description="HOST:PORT exempt from the SSRF guard")
+    # output
+    shard_size: int = Field(1000, ge=1, description="URLs per raw shard")
+    processes: int = Field(0, ge=0, description="image-processing worker processes (0 = one per core)")
+    retry_failed: bool = False
+
+
+class CurateConfig(_Section):
+    min_caption_words: int = Field(3, ge=0, description="keep captions with at least this many words (DataComp: >2)")
+    min_caption_chars: int = Field(6, ge=0, description="keep captions with at least this many characters (DataComp: >5)")
+    max_caption_chars: int = Field(1000, ge=1)
+    blocklist_file: Path | None = None
+    language: str | None = Field("en", description="ISO 639-1 code to keep; empty/None switches the rule off")
+    min_image_side: int = Field(200, ge=0, description="shorter side of the original image, px")
+    max_aspect_ratio: float = Field(3.0, ge=1.0)
+    phash_max_distance: int = Field(6, ge=0, le=64)
+    caption_near_dedup: bool = False
+    caption_minhash_threshold: float = Field(0.8, gt=0, le=1)
+    eval_set: Path | None = None
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    row_group_rows: int = Field(4096, ge=64)
+    duckdb_memory_limit: str = "2GB"
+    duckdb_temp_dir: Path | None = None
+
+
+class TrainConfig(_Section):
+    model: str = "clipline-tiny"
+    pretrained: Path | None = None
+    batch_size: int = Field(128, ge=2, description="global batch size")
+    steps: int = Field(0, ge=0, description="0 = derive from epochs")
+    epochs: float = Field(5.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    max_failures: int = Field(2, ge=0)
+    run_name: str | None = None
+
+
+class EvaluateConfig(_Section):
+    primary_metric: str = "zeroshot/heldout/acc1"
+    promotion_margin: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite in the data dir")
+    experiment: str = "clipline"
+    registered_model: str = "clipline"
+
+
+class RefreshConfig(_Section):
+    inbox: str = "inbox"
+    cron: str = "0 3 * * *"
+    from_scratch: bool = False
+
+
+class DemoConfig(_Section):
+    seed: int = 0
+    n_images: int = Field(3000, ge=10)
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    fault_rate: float = Field(0.08, ge=0, le=1, description="share of URLs that carry a web fault")
+
+
+class Config(BaseSettings):
+    """Everything clipline reads; see the module docstring for where values come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLIPLINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    data_dir: Path = Path("clipline-data")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (CLI flags and the TOML file, merged in load_config) > environment
+        return (init_settings, env_settings)
+
+    # ----- derived locations (the data-dir layout) -----
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.data_dir / "catalog.duckdb"
+
+    @property
+    def mlflow_uri(self) -> str:
+        import os
+
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        lines.append(f"{loc} = {value!r}: {e['msg']}")
+    return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def load_config(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build the config from file, environment and overrides (nested dicts, e.g. {"ingest": {...}}).
+
+    ``config_file=None`` reads ``./clipline.toml`` when it exists. Raises ConfigError on any
+    invalid value or unreadable file, naming it.
+    """
+    file_data: dict[str, Any] = {}
+    source = "defaults and CLIPLINE_* environment"
+    path = config_file if config_file is not None else (DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None)
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist: give an existing TOML file to --config")
+        try:
+            file_data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+        source = f"{path} and CLIPLINE_* environment"
+    try:
+        env_set = Config().model_dump(exclude_unset=True)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "CLIPLINE_* environment")) from e
+    merged = _deep_merge(file_data, env_set)
+    if overrides:
+        merged = _deep_merge(merged, {k: v for k, v in overrides.items() if v is not None})
+        source += " and command-line flags"
+    try:
+        return Config(**merged)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from e

@@ -1,0 +1,1 @@
+"""Thin Prefect flows over the components, and the command line."""

@@ -1,0 +1,96 @@
+"""The `clipline` command line (typer + rich). Its shape is DESIGN.md's "Command line" section.
+
+Every command exits non-zero with a one-line reason on failure. Heavy imports (torch, ray,
+prefect, mlflow) happen inside the commands so that ``clipline --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from clipline.components.config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    name="clipline",
+    help="Web image-text pairs to CLIP models: ingest, curate, train, evaluate, track.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _State:
+    config_file: Optional[Path] = None
+    data_dir: Optional[Path] = None
+
+
+state = _State()
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line reason and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def get_config(**section_overrides: Any) -> Config:
+    """The config for a command: file + environment + global flags + the command's own flags.
+
+    ``section_overrides`` are nested dicts such as ``ingest={"allow_hosts": [...]}``.
+    """
+    overrides: dict[str, Any] = {k: v for k, v in section_overrides.items() if v}
+    if state.data_dir is not None:
+        overrides["data_dir"] = state.data_dir
+    try:
+        return load_config(state.config_file, overrides)
+    except ConfigError as e:
+        fail(str(e))
+        raise  # unreachable
+
+
+@app.callback()
+def _global(
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="TOML config file (default: ./clipline.toml if present).", metavar="FILE"
+    ),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="Where shards, snapshots, checkpoints and the catalog live (default ./clipline-data).",
+        metavar="DIR",
+    ),
+) -> None:
+    """clipline: URL lists -> Parquet shards -> curated snapshot -> CLIP model -> evaluated, registered model."""
+    state.config_file = config
+    state.data_dir = data_dir
+
+
+# Commands are defined in the blocks below, one block per stage.
+
+
+def main() -> None:
+    """Entry point: any uncaught error becomes a one-line reason and exit code 1
+    (set CLIPLINE_DEBUG=1 for the traceback)."""
+    import os
+
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]error:[/] interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the CLI's contract is one line, not a traceback
+        if os.environ.get("CLIPLINE_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
