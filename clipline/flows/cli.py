@@ -73,6 +73,37 @@ def _global(
 # Commands are defined in the blocks below, one block per stage.
 
 
+# ---- ingest ----
+@app.command()
+def ingest(
+    url_lists: list[str] = typer.Argument(..., help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs.",
+                                          metavar="URL_LIST..."),
+    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
+                                         help="Exempt HOST:PORT from the SSRF guard (loopback/private addresses are refused otherwise)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Fetch again the URLs whose last attempt failed."),
+    url_col: Optional[str] = typer.Option(None, "--url-col", help="Column holding the URL (default: url)."),
+    caption_col: Optional[str] = typer.Option(None, "--caption-col", help="Column holding the caption (default: caption)."),
+) -> None:
+    """Download the images of URL lists into raw Parquet shards (only URLs never seen before)."""
+    overrides: dict[str, Any] = {}
+    if allow_host:
+        overrides["allow_hosts"] = list(allow_host)
+    if retry_failed:
+        overrides["retry_failed"] = True
+    if url_col:
+        overrides["url_col"] = url_col
+    if caption_col:
+        overrides["caption_col"] = caption_col
+    cfg = get_config(ingest=overrides)
+    from clipline.flows.progress import ingest_progress, print_ingest_result
+
+    with ingest_progress(console) as progress:
+        from clipline.components.ingest.runner import ingest as run_ingest
+
+        result = run_ingest(cfg, url_lists, progress=progress)
+    print_ingest_result(console, result)
+
+
 def main() -> None:
     """Entry point: any uncaught error becomes a one-line reason and exit code 1
     (set CLIPLINE_DEBUG=1 for the traceback)."""

@@ -1,0 +1,244 @@
+"""The ingest stage end to end: real HTTP on loopback, real Parquet, the real catalog."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from clipline.components.catalog import Catalog
+from clipline.components.config import load_config
+from clipline.components.ingest.runner import ingest
+from clipline.components.ingest.schema import RAW_SCHEMA
+
+
+class _Server:
+    """A static image server on 127.0.0.1 that counts requests per path and can be slowed down."""
+
+    def __init__(self, n_images: int, delay_s: float = 0.0):
+        self.hits: Counter = Counter()
+        self.delay_s = delay_s
+        self.images = {}
+        for i in range(n_images):
+            img = Image.new("RGB", (300 + i % 50, 240), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=85)
+            self.images[f"/img/{i}.jpg"] = buf.getvalue()
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.hits[self.path] += 1
+                if outer.delay_s:
+                    time.sleep(outer.delay_s)
+                body = outer.images.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, i: int) -> str:
+        return f"http://{self.host}/img/{i}.jpg"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server(300)
+    yield s
+    s.close()
+
+
+def _write_list(path: Path, urls: list[str], extra: dict | None = None) -> Path:
+    cols = {"url": urls, "caption": [f"a photo number {i}" for i in range(len(urls))]}
+    cols.update(extra or {})
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def _cfg(data_dir: Path, server: _Server, **ingest):
+    ingest = {"allow_hosts": [server.host], "shard_size": 40, "processes": 1, "retries": 0, **ingest}
+    return load_config(None, {"data_dir": data_dir, "ingest": ingest})
+
+
+def _all_rows(raw_dir: Path) -> pa.Table:
+    files = sorted(raw_dir.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+
+
+def test_ingest_writes_shards_with_contract_and_keeps_failures(data_dir, server, tmp_path):
+    urls = [server.url(i) for i in range(100)] + [f"http://{server.host}/img/missing-{i}.jpg" for i in range(5)]
+    lst = _write_list(tmp_path / "list.parquet", urls, {"license": ["cc-by"] * len(urls)})
+    cfg = _cfg(data_dir, server)
+    r = ingest(cfg, [str(lst)])
+    assert (r.n_listed, r.n_fetched, r.n_success, r.n_failed) == (105, 105, 100, 5)
+    assert r.failures == {"http_404": 5}
+    rows = _all_rows(cfg.raw_dir)
+    for field in RAW_SCHEMA:
+        assert field.name in rows.column_names, field.name
+    assert "license" in rows.column_names  # carried column
+    assert rows.num_rows == 105 and len(set(rows.column("key").to_pylist())) == 105
+    ok = rows.filter(pa.compute.equal(rows["status"], "success"))
+    assert all(b[:2] == b"\xff\xd8" for b in ok.column("image").to_pylist())  # stored as JPEG
+    assert set(ok.column("width").to_pylist()) == {256} and set(ok.column("height").to_pylist()) == {256}
+    bad = rows.filter(pa.compute.equal(rows["status"], "failed_to_download"))
+    assert bad.num_rows == 5 and all("404" in m for m in bad.column("error_message").to_pylist())
+    assert bad.column("image").null_count == 5
+    assert len(r.shards) == 3 and all(p.with_suffix(".stats.json").exists() for p in r.shards)
+    with Catalog(cfg.catalog_path) as cat:
+        assert cat.url_counts() == {"success": 100, "failed_to_download": 5}
+
+
+def test_incremental_rerun_fetches_only_new_urls(data_dir, server, tmp_path):
+    cfg = _cfg(data_dir, server)
+    first = [server.url(i) for i in range(100)]
+    ingest(cfg, [str(_write_list(tmp_path / "a.csv.parquet", first))])
+    assert sum(server.hits.values()) == 100
+    server.hits.clear()
+    grown = first + [server.url(i) for i in range(100, 120)]  # 20% new
+    r = ingest(cfg, [str(_write_list(tmp_path / "b.parquet", grown))])
+    assert (r.n_listed, r.n_already_seen, r.n_fetched) == (120, 100, 20)
+    assert set(server.hits) == {f"/img/{i}.jpg" for i in range(100, 120)}
+    assert _all_rows(cfg.raw_dir).num_rows == 120
+    # nothing new: no request, no shard
+    server.hits.clear()
+    r = ingest(cfg, [str(tmp_path / "b.parquet")])
+    assert r.n_fetched == 0 and not r.shards and not server.hits and not r.new_work
+
+
+def test_retry_failed_fetches_only_past_failures(data_dir, server, tmp_path):
+    cfg = _cfg(data_dir, server)
+    urls = [server.url(i) for i in range(10)] + [f"http://{server.host}/img/gone.jpg"]
+    lst = _write_list(tmp_path / "l.parquet", urls)
+    ingest(cfg, [str(lst)])
+    server.hits.clear()
+    r = ingest(_cfg(data_dir, server, retry_failed=True), [str(lst)])
+    assert r.n_fetched == 1 and set(server.hits) == {"/img/gone.jpg"}
+    with Catalog(cfg.catalog_path) as cat:
+        assert cat.con.execute("SELECT attempts FROM urls WHERE url LIKE '%gone.jpg'").fetchone()[0] == 2
+
+
+def test_rows_without_url_are_recorded_not_dropped(data_dir, server, tmp_path):
+    cfg = _cfg(data_dir, server)
+    lst = _write_list(tmp_path / "l.parquet", [server.url(1), None, "", "ftp://example.com/x.jpg"])
+    r = ingest(cfg, [str(lst)])
+    assert r.n_fetched == 4 and r.n_success == 1 and r.failures == {"invalid_url": 3}
+    r2 = ingest(cfg, [str(lst)])  # recorded once: a rerun does not record them again
+    assert r2.n_fetched == 0
+
+
+def test_ssrf_guard_refuses_loopback_unless_allowed(data_dir, server, tmp_path):
+    cfg = load_config(None, {"data_dir": data_dir, "ingest": {"retries": 0, "processes": 1}})
+    r = ingest(cfg, [str(_write_list(tmp_path / "l.parquet", [server.url(1)]))])
+    assert r.failures == {"ssrf_blocked": 1} and not server.hits
+
+
+def _ingest_cmd(data_dir: Path, lst: Path, host: str) -> list[str]:
+    return [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir), "ingest", str(lst),
+            "--allow-host", host]
+
+
+def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_path):
+    srv = _Server(300, delay_s=0.01)
+    try:
+        n = 300
+        lst = _write_list(tmp_path / "l.parquet", [srv.url(i) for i in range(n)])
+        env = dict(os.environ, CLIPLINE_INGEST__SHARD_SIZE="25", CLIPLINE_INGEST__CONCURRENCY="8",
+                   CLIPLINE_INGEST__PROCESSES="1", PYTHONUNBUFFERED="1")
+        raw = data_dir / "raw"
+        kills = 0
+        for wait_shards in (1, 4, 7):
+            p = subprocess.Popen(_ingest_cmd(data_dir, lst, srv.host), env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 60
+            while time.time() < deadline and p.poll() is None:
+                if len(list(raw.glob("*.parquet"))) >= wait_shards:
+                    break
+                time.sleep(0.005)
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                kills += 1
+            p.wait()
+            # whatever is visible is whole: every *.parquet reads
+            for f in raw.glob("*.parquet"):
+                pq.read_metadata(f)
+        assert kills >= 1
+        done = subprocess.run(_ingest_cmd(data_dir, lst, srv.host), env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        rows = _all_rows(raw)
+        urls = rows.column("url").to_pylist()
+        assert len(urls) == n and len(set(urls)) == n
+        assert len(set(rows.column("key").to_pylist())) == n
+        assert not list(raw.glob("*.tmp"))
+        with Catalog(data_dir / "catalog.duckdb") as cat:
+            assert cat.url_counts() == {"success": n}
+            assert sum(s.n_rows for s in cat.shards()) == n
+    finally:
+        srv.close()
+
+
+def test_cli_ingest_prints_table_and_fails_clearly_on_bad_list(data_dir, server, tmp_path):
+    lst = _write_list(tmp_path / "l.parquet", [server.url(i) for i in range(5)])
+    ok = subprocess.run(_ingest_cmd(data_dir, lst, server.host), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "fetched this run" in ok.stdout and "images/s" in ok.stdout
+    missing = subprocess.run(_ingest_cmd(data_dir, tmp_path / "nope.csv", server.host), capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope.csv" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("link,text\nhttp://x/1.jpg,hi\n")
+    bad = subprocess.run(_ingest_cmd(data_dir, nocol, server.host), capture_output=True, text=True)
+    assert bad.returncode != 0 and "url" in bad.stderr and "nocol.csv" in bad.stderr
+
+
+def test_ingest_flow_makes_artifact(prefect_harness, data_dir, server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from clipline.flows.ingest import ingest_flow
+
+    cfg = _cfg(data_dir, server)
+    lst = _write_list(tmp_path / "l.parquet", [server.url(i) for i in range(10)])
+    result = ingest_flow([str(lst)], cfg)
+    assert result.n_success == 10
+
+    import asyncio
+
+    async def latest():
+        async with get_client() as c:
+            return await c.read_artifacts()
+
+    arts = [a for a in asyncio.run(latest()) if a.key == "ingest-report"]
+    assert arts and "| success | 10 |" in arts[0].data
