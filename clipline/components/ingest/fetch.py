@@ -70,6 +70,7 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 _SPLIT_DIRECTIVES = re.compile(r"[,;\s]+")
+_UNCHECKED = object()
 _SMALL_BODY = 64 * 1024  # error/redirect bodies up to this size are drained to keep the connection
 
 
@@ -208,6 +209,7 @@ class Fetcher:
         self._global: asyncio.Semaphore | None = None
         self._per_host: dict[tuple[str, int | None], asyncio.Semaphore] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._literal_checked: dict[tuple[str, int | None], object] = {}  # (host, port) -> refusal
 
     async def __aenter__(self) -> Fetcher:
         s = self.settings
@@ -285,11 +287,11 @@ class Fetcher:
         return res
 
     @staticmethod
-    def _fail(url: str, p: _Progress, kind: str, message: str, **kw: Any) -> FetchResult:
+    def _fail(url: str, p: _Progress, kind: str, message: str) -> FetchResult:
+        """A failed result; ``http_status``/``content_type`` are those of the last response."""
         return FetchResult(
             url=url, ok=False, body=None,
-            http_status=kw.get("http_status", p.http_status),
-            content_type=kw.get("content_type", p.content_type),
+            http_status=p.http_status, content_type=p.content_type,
             final_url=p.current, error_kind=kind, error_message=message,
             attempts=p.attempts, elapsed_s=0.0,
         )
@@ -306,10 +308,18 @@ class Fetcher:
         while True:
             p.current = str(current)
             if s.ssrf_guard:
-                try:
-                    check_ip_literal(current.host or "", current.port, self._allow)
-                except SsrfBlocked as exc:
-                    return self._fail(url, p, "ssrf_blocked", f"{p.current}: {exc}")
+                key = (current.host or "", current.port)
+                refusal = self._literal_checked.get(key, _UNCHECKED)
+                if refusal is _UNCHECKED:
+                    try:
+                        check_ip_literal(key[0], key[1], self._allow)
+                        refusal = None
+                    except SsrfBlocked as exc:
+                        refusal = str(exc)
+                    if len(self._literal_checked) < 65536:
+                        self._literal_checked[key] = refusal
+                if refusal is not None:
+                    return self._fail(url, p, "ssrf_blocked", f"{p.current}: {refusal}")
             async with self._host_semaphore(current):
                 async with self._global:
                     p.attempts += 1
@@ -330,15 +340,13 @@ class Fetcher:
             p.last_failure = f
             if not f.transient or p.retries_used >= s.retries:
                 tries = f" after {p.attempts} attempts" if p.attempts > 1 and f.transient else ""
-                return self._fail(url, p, f.kind, f.message + tries,
-                                  http_status=f.http_status, content_type=f.content_type)
+                return self._fail(url, p, f.kind, f.message + tries)
             if f.retry_after is not None:
                 if f.retry_after > s.max_retry_after:
                     return self._fail(
                         url, p, f.kind,
                         f"{f.message}; the server asked to retry after {f.retry_after:g} s, more "
                         f"than max_retry_after={s.max_retry_after:g} s, so gave up",
-                        http_status=f.http_status, content_type=f.content_type,
                     )
                 delay = f.retry_after
             else:
@@ -349,7 +357,6 @@ class Fetcher:
                     url, p, f.kind,
                     f"{f.message}; no retry: waiting {delay:.2g} s would pass the total deadline "
                     f"of {s.total_timeout:g} s",
-                    http_status=f.http_status, content_type=f.content_type,
                 )
             p.retries_used += 1
             if delay > 0:
