@@ -458,8 +458,8 @@ class Fetcher:
                     chunks.append(chunk)
                 body = b"".join(chunks)
         except aiohttp.ClientPayloadError as exc:
-            got = f" of {length}" if length is not None else ""
-            return _Failure("truncated", f"{here}: body ended early{got} bytes ({exc})", True, status,
+            short = f"before its Content-Length of {length} bytes" if length is not None else "early"
+            return _Failure("truncated", f"{here}: the body ended {short} ({exc})", True, status,
                             content_type=ctype)
         except TimeoutError:
             return _Failure("timeout", f"{here}: read timeout after {self.settings.read_timeout:g} s "
