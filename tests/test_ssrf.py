@@ -304,3 +304,39 @@ def test_guard_can_be_switched_off_explicitly():
             assert r.ok
 
     asyncio.run(go())
+
+
+def test_rebinding_name_is_checked_on_every_answer(connects):
+    """A name that first answers an allowed address and then a forbidden one is refused the
+    second time: the check is on each answer the connector would use, not on a first lookup."""
+
+    class Rebinding(MapResolver):
+        async def resolve(self, host, port=0, family=socket.AF_INET):
+            self.mapping[host] = ["127.0.0.1"] if not self.asked else ["10.0.0.1"]
+            return await super().resolve(host, port, family)
+
+    async def go():
+        async with serve([web.get("/img.jpg", _image)]) as (port, hits):
+            resolver = Rebinding({})
+            results = []
+            for _ in range(2):  # fresh Fetchers, so the DNS cache cannot hide the second answer
+                async with Fetcher(_settings(f"127.0.0.1:{port}"), resolver=resolver) as f:
+                    results.append(await f.fetch(f"http://rebinding.test:{port}/img.jpg"))
+            assert results[0].ok
+            assert results[1].error_kind == "ssrf_blocked" and "10.0.0.1 (private" in results[1].error_message
+            assert hits["n"] == 1 and len(resolver.asked) == 2
+
+    asyncio.run(go())
+    assert [a[0] for a in connects] == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("url", ["http://127.1/", "http://2130706433/", "http://0x7f000001/",
+                                 "http://017700000001/", "http://0/", "HTTP://LOCALHOST/"])
+def test_legacy_numeric_and_odd_spellings_never_connect(url, connects):
+    async def go():
+        async with Fetcher(_settings()) as f:
+            return await f.fetch(url)
+
+    r = asyncio.run(go())
+    assert r.error_kind in {"ssrf_blocked", "invalid_url"} and r.attempts <= 1
+    assert connects == []
