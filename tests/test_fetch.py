@@ -115,7 +115,7 @@ def test_transient_http_errors_are_retried_then_reported(status):
         async with serve([web.get("/x", err)]) as (base, allow, log):
             async with Fetcher(settings(allow, retries=2)) as f:
                 r = await f.fetch(base + "/x")
-        assert r.error_kind == f"http_{status}" and "after 3 attempts" in r.error_message
+        assert r.error_kind == f"http_{status}" and "(3 attempts)" in r.error_message
         assert hits(log, "/x") == 3 and r.attempts == 3
 
     asyncio.run(go())
@@ -230,6 +230,34 @@ def test_connection_refused_is_retried_as_connect_error():
         assert f"127.0.0.1:{port}" in r.error_message
 
     asyncio.run(go())
+
+
+def test_connect_timeout_is_retried_as_timeout():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepts: once its backlog is full, new SYNs go unanswered
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+
+    async def go():
+        async with Fetcher(settings(f"127.0.0.1:{port}", connect_timeout=0.3, retries=1)) as f:
+            return await f.fetch(f"http://127.0.0.1:{port}/x.jpg")
+
+    try:
+        r = asyncio.run(go())
+    finally:
+        for c in fillers + [listener]:
+            c.close()
+    assert r.error_kind == "timeout" and "connect timeout after 0.3 s" in r.error_message
+    assert r.attempts == 2 and r.elapsed_s < 2
 
 
 def test_read_timeout_is_retried_as_timeout():

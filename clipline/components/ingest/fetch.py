@@ -139,6 +139,7 @@ class _Failure:
 class _Progress:
     attempts: int = 0
     retries_used: int = 0
+    redirects: int = 0
     current: str | None = None
     http_status: int | None = None
     content_type: str | None = None
@@ -270,16 +271,17 @@ class Fetcher:
         try:
             async with cm:
                 res = await self._download(url, deadline, p)
-        except TimeoutError:
-            if not cm.expired():
-                raise
-            where = f" (at redirect {p.current})" if p.current and p.current != url else ""
-            last = f"; last failure: {p.last_failure.message}" if p.last_failure else ""
-            res = self._fail(
-                url, p, "deadline_exceeded",
-                f"{url}: gave up after the total deadline of {self.settings.total_timeout:g} s "
-                f"({p.attempts} attempt(s)){where}{last}",
-            )
+        except TimeoutError as exc:
+            if cm.expired():
+                where = f" (at redirect {p.current})" if p.redirects else ""
+                last = f"; last failure: {p.last_failure.message}" if p.last_failure else ""
+                res = self._fail(
+                    url, p, "deadline_exceeded",
+                    f"{url}: gave up after the total deadline of {self.settings.total_timeout:g} s "
+                    f"({p.attempts} attempt(s)){where}{last}",
+                )
+            else:
+                res = self._fail(url, p, "unexpected_error", f"{url}: unexpected timeout: {exc!r}")
         except Exception as exc:  # a bug or an aiohttp surprise must not sink the shard
             res = self._fail(url, p, "unexpected_error",
                              f"{url}: unexpected {type(exc).__name__}: {exc}")
@@ -304,7 +306,6 @@ class Fetcher:
         if isinstance(parsed, str):
             return self._fail(url, p, "invalid_url", f"{url!r}: {parsed}")
         current = parsed
-        redirects = 0
         while True:
             p.current = str(current)
             if s.ssrf_guard:
@@ -327,8 +328,8 @@ class Fetcher:
             if isinstance(outcome, FetchResult):
                 return outcome
             if isinstance(outcome, URL):  # a redirect
-                redirects += 1
-                if redirects > s.max_redirects:
+                p.redirects += 1
+                if p.redirects > s.max_redirects:
                     return self._fail(
                         url, p, "too_many_redirects",
                         f"{url}: more than {s.max_redirects} redirects (next: {outcome})",
@@ -339,7 +340,7 @@ class Fetcher:
             f = outcome
             p.last_failure = f
             if not f.transient or p.retries_used >= s.retries:
-                tries = f" after {p.attempts} attempts" if p.attempts > 1 and f.transient else ""
+                tries = f" ({p.attempts} attempts)" if p.attempts > 1 and f.transient else ""
                 return self._fail(url, p, f.kind, f.message + tries)
             if f.retry_after is not None:
                 if f.retry_after > s.max_retry_after:
