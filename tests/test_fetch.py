@@ -354,6 +354,24 @@ def test_undeclared_oversize_body_cut_while_streaming():
     asyncio.run(go())
 
 
+def test_gzip_bomb_is_cut_by_decompressed_size():
+    import gzip
+
+    bomb = gzip.compress(b"\0" * 20_000_000, compresslevel=6)  # ~20 KB on the wire
+
+    async def gz(request):
+        return web.Response(body=bomb, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"})
+
+    async def go():
+        async with serve([web.get("/x", gz)]) as (base, allow, log):
+            async with Fetcher(settings(allow, max_bytes=1_000_000)) as f:
+                return await f.fetch(base + "/x")
+
+    r = asyncio.run(go())
+    assert len(bomb) < 1_000_000
+    assert r.error_kind == "too_large" and r.body is None
+
+
 async def _raw_server(payload: bytes):
     """A raw TCP server that writes ``payload`` then closes: for malformed responses."""
     count = {"n": 0}
