@@ -58,6 +58,20 @@ class IngestConfig(_Section):
     user_agent: str = "clipline/0.1 (+https://github.com/clipline/clipline; image-text dataset research)"
     respect_optout: bool = True
     allow_hosts: list[str] = Field(default_factory=list, description="HOST:PORT exempt from the SSRF guard")
+    ssrf_guard: bool = Field(True, description="refuse loopback/private/link-local/... destinations (keep on)")
+    dns_cache_ttl: float = Field(60.0, gt=0, description="seconds a DNS answer is reused")
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _host_port(cls, v: list[str]) -> list[str]:
+        import re
+
+        for item in v:
+            if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):([0-9]{1,5})", item.strip()) or not (
+                0 < int(item.strip().rsplit(":", 1)[1]) < 65536
+            ):
+                raise ValueError(f"{item!r} is not HOST:PORT (for example 127.0.0.1:8123 or [::1]:8123)")
+        return v
     # output
     shard_size: int = Field(1000, ge=1, description="URLs per raw shard")
     processes: int = Field(0, ge=0, description="image-processing worker processes (0 = one per core)")
