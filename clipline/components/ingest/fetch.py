@@ -136,9 +136,7 @@ class _Failure:
     kind: str
     message: str
     transient: bool = False
-    http_status: int | None = None
     retry_after: float | None = None
-    content_type: str | None = None
 
 
 @dataclass(slots=True)
@@ -411,16 +409,13 @@ class Fetcher:
                 location = resp.headers.get("Location")
                 await self._drain(resp)
                 if not location:
-                    return _Failure(f"http_{status}", f"{here}: HTTP {status} redirect without Location",
-                                    http_status=status, content_type=ctype)
+                    return _Failure(f"http_{status}", f"{here}: HTTP {status} redirect without Location")
                 try:
                     target = current.join(URL(location))
                 except (ValueError, TypeError) as exc:
-                    return _Failure("invalid_url", f"{here}: redirect to malformed Location {location!r} ({exc})",
-                                    http_status=status)
+                    return _Failure("invalid_url", f"{here}: redirect to malformed Location {location!r} ({exc})")
                 if target.scheme not in ("http", "https") or not target.host:
-                    return _Failure("invalid_url", f"{here}: redirect to non-http(s) URL {location!r}",
-                                    http_status=status)
+                    return _Failure("invalid_url", f"{here}: redirect to non-http(s) URL {location!r}")
                 return target
             if not 200 <= status < 300:
                 retry_after = None
@@ -429,7 +424,7 @@ class Fetcher:
                 await self._drain(resp)
                 return _Failure(
                     f"http_{status}", f"{here}: HTTP {status} {resp.reason or ''}".rstrip(),
-                    status in TRANSIENT_STATUSES, status, retry_after, ctype,
+                    status in TRANSIENT_STATUSES, retry_after,
                 )
             if s.respect_optout:
                 directive = optout_directive(resp.headers)
@@ -468,17 +463,14 @@ class Fetcher:
                 body = b"".join(chunks)
         except aiohttp.ClientPayloadError as exc:
             short = f"before its Content-Length of {length} bytes" if length is not None else "early"
-            return _Failure("truncated", f"{here}: the body ended {short} ({exc})", True, status,
-                            content_type=ctype)
+            return _Failure("truncated", f"{here}: the body ended {short} ({exc})", True)
         except TimeoutError:
             return _Failure("timeout", f"{here}: read timeout after {self.settings.read_timeout:g} s "
-                            "while receiving the body", True, status, content_type=ctype)
+                            "while receiving the body", True)
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-            return _Failure("truncated", f"{here}: connection lost while receiving the body ({exc})", True,
-                            status, content_type=ctype)
+            return _Failure("truncated", f"{here}: connection lost while receiving the body ({exc})", True)
         if length is not None and identity and len(body) < length:
-            return _Failure("truncated", f"{here}: got {len(body)} of {length} bytes", True, status,
-                            content_type=ctype)
+            return _Failure("truncated", f"{here}: got {len(body)} of {length} bytes", True)
         return FetchResult(url=url, ok=True, body=body, http_status=status, content_type=ctype,
                            final_url=here, error_kind=None, error_message=None,
                            attempts=p.attempts, elapsed_s=0.0)
