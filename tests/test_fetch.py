@@ -303,6 +303,20 @@ def test_total_deadline_cuts_a_drip_feeding_server():
     asyncio.run(go())
 
 
+def test_time_queued_behind_the_host_limit_does_not_count_against_the_deadline():
+    async def slowish(request):
+        await asyncio.sleep(0.1)
+        return await image(request)
+
+    async def go():
+        async with serve([web.get("/{i}", slowish)]) as (base, allow, log):
+            async with Fetcher(settings(allow, per_host_concurrency=1, total_timeout=1.0)) as f:
+                return await asyncio.gather(*(f.fetch(f"{base}/{i}") for i in range(15)))
+
+    rs = asyncio.run(go())  # ~1.5 s in the queue for the last one, ~0.1 s downloading each
+    assert all(r.ok for r in rs) and max(r.elapsed_s for r in rs) < 0.9
+
+
 def test_declared_oversize_body_refused_from_content_length():
     async def big(request):
         resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})

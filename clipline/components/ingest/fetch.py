@@ -18,7 +18,8 @@ Guarantees of :meth:`Fetcher.fetch`:
   the download gives up if the server asks for more than ``max_retry_after``; other 4xx (404, 403,
   410, ...) are never retried; no retry is started that would pass the total deadline;
 * every request has a connect timeout and a read timeout (between bytes), and the whole download
-  (all attempts, redirects and waits) has a total deadline, ``total_timeout``;
+  (all attempts, redirects and waits) has a total deadline, ``total_timeout``, counted from the
+  moment its first request gets a slot (time queued behind the concurrency limits is not counted);
 * a body larger than ``max_bytes`` is refused from its Content-Length before reading, or cut as
   soon as the bytes read pass the limit; a body shorter than its Content-Length is ``truncated``;
 * ``X-Robots-Tag: noai`` / ``noimageai`` (also addressed to any bot, ``somebot: noai``) refuses
@@ -109,7 +110,12 @@ class FetchSettings:
 
 @dataclass(slots=True)
 class FetchResult:
-    """The outcome of one download. ``ok`` implies ``body`` is the complete response body."""
+    """The outcome of one download. ``ok`` implies ``body`` is the complete response body.
+
+    ``http_status``/``content_type`` are those of the last response received (also on failure);
+    ``final_url`` is the last URL requested (after redirects); ``attempts`` counts requests sent
+    (retries and redirect hops); ``elapsed_s`` runs from the first request slot to the result.
+    """
 
     url: str
     ok: bool
@@ -130,9 +136,7 @@ class _Failure:
     kind: str
     message: str
     transient: bool = False
-    http_status: int | None = None
     retry_after: float | None = None
-    content_type: str | None = None
 
 
 @dataclass(slots=True)
@@ -140,6 +144,7 @@ class _Progress:
     attempts: int = 0
     retries_used: int = 0
     redirects: int = 0
+    started: float | None = None
     current: str | None = None
     http_status: int | None = None
     content_type: str | None = None
@@ -264,13 +269,11 @@ class Fetcher:
             raise RuntimeError("use Fetcher as 'async with Fetcher(settings) as f'")
         loop = self._loop
         assert loop is not None
-        start = loop.time()
-        deadline = start + self.settings.total_timeout
         p = _Progress()
-        cm = asyncio.timeout_at(deadline)
+        cm = asyncio.timeout(None)  # armed by _download once the first request slot is held
         try:
             async with cm:
-                res = await self._download(url, deadline, p)
+                res = await self._download(url, p, cm)
         except TimeoutError as exc:
             if cm.expired():
                 where = f" (at redirect {p.current})" if p.redirects else ""
@@ -285,7 +288,7 @@ class Fetcher:
         except Exception as exc:  # a bug or an aiohttp surprise must not sink the shard
             res = self._fail(url, p, "unexpected_error",
                              f"{url}: unexpected {type(exc).__name__}: {exc}")
-        res.elapsed_s = loop.time() - start
+        res.elapsed_s = loop.time() - p.started if p.started is not None else 0.0
         return res
 
     @staticmethod
@@ -298,7 +301,7 @@ class Fetcher:
             attempts=p.attempts, elapsed_s=0.0,
         )
 
-    async def _download(self, url: str, deadline: float, p: _Progress) -> FetchResult:
+    async def _download(self, url: str, p: _Progress, cm: asyncio.Timeout) -> FetchResult:
         s = self.settings
         loop = self._loop
         assert loop is not None and self._global is not None
@@ -323,6 +326,9 @@ class Fetcher:
                     return self._fail(url, p, "ssrf_blocked", f"{p.current}: {refusal}")
             async with self._host_semaphore(current):
                 async with self._global:
+                    if p.started is None:  # the clock starts when the download does, not in the queue
+                        p.started = loop.time()
+                        cm.reschedule(p.started + s.total_timeout)
                     p.attempts += 1
                     outcome = await self._attempt(url, current, p)
             if isinstance(outcome, FetchResult):
@@ -353,7 +359,7 @@ class Fetcher:
             else:
                 step = s.backoff_base * (2 ** p.retries_used)
                 delay = step / 2 + random.random() * step / 2  # "equal jitter"
-            if loop.time() + delay >= deadline:
+            if loop.time() + delay >= p.started + s.total_timeout:
                 return self._fail(
                     url, p, f.kind,
                     f"{f.message}; no retry: waiting {delay:.2g} s would pass the total deadline "
@@ -403,16 +409,13 @@ class Fetcher:
                 location = resp.headers.get("Location")
                 await self._drain(resp)
                 if not location:
-                    return _Failure(f"http_{status}", f"{here}: HTTP {status} redirect without Location",
-                                    http_status=status, content_type=ctype)
+                    return _Failure(f"http_{status}", f"{here}: HTTP {status} redirect without Location")
                 try:
                     target = current.join(URL(location))
                 except (ValueError, TypeError) as exc:
-                    return _Failure("invalid_url", f"{here}: redirect to malformed Location {location!r} ({exc})",
-                                    http_status=status)
+                    return _Failure("invalid_url", f"{here}: redirect to malformed Location {location!r} ({exc})")
                 if target.scheme not in ("http", "https") or not target.host:
-                    return _Failure("invalid_url", f"{here}: redirect to non-http(s) URL {location!r}",
-                                    http_status=status)
+                    return _Failure("invalid_url", f"{here}: redirect to non-http(s) URL {location!r}")
                 return target
             if not 200 <= status < 300:
                 retry_after = None
@@ -421,7 +424,7 @@ class Fetcher:
                 await self._drain(resp)
                 return _Failure(
                     f"http_{status}", f"{here}: HTTP {status} {resp.reason or ''}".rstrip(),
-                    status in TRANSIENT_STATUSES, status, retry_after, ctype,
+                    status in TRANSIENT_STATUSES, retry_after,
                 )
             if s.respect_optout:
                 directive = optout_directive(resp.headers)
@@ -460,17 +463,14 @@ class Fetcher:
                 body = b"".join(chunks)
         except aiohttp.ClientPayloadError as exc:
             short = f"before its Content-Length of {length} bytes" if length is not None else "early"
-            return _Failure("truncated", f"{here}: the body ended {short} ({exc})", True, status,
-                            content_type=ctype)
+            return _Failure("truncated", f"{here}: the body ended {short} ({exc})", True)
         except TimeoutError:
             return _Failure("timeout", f"{here}: read timeout after {self.settings.read_timeout:g} s "
-                            "while receiving the body", True, status, content_type=ctype)
+                            "while receiving the body", True)
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-            return _Failure("truncated", f"{here}: connection lost while receiving the body ({exc})", True,
-                            status, content_type=ctype)
+            return _Failure("truncated", f"{here}: connection lost while receiving the body ({exc})", True)
         if length is not None and identity and len(body) < length:
-            return _Failure("truncated", f"{here}: got {len(body)} of {length} bytes", True, status,
-                            content_type=ctype)
+            return _Failure("truncated", f"{here}: got {len(body)} of {length} bytes", True)
         return FetchResult(url=url, ok=True, body=body, http_status=status, content_type=ctype,
                            final_url=here, error_kind=None, error_message=None,
                            attempts=p.attempts, elapsed_s=0.0)
