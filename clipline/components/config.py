@@ -134,12 +134,46 @@ class RefreshConfig(_Section):
     from_scratch: bool = False
 
 
+#: the toy web's faults (see clipline.components.demo.faults for what each one does)
+DEMO_FAULTS: tuple[str, ...] = (
+    "http_404", "http_500", "http_429", "http_503_retry_after", "slow", "timeout", "redirect",
+    "redirect_internal", "truncated", "not_image", "oversized", "bomb", "cmyk", "palette", "alpha",
+    "animated", "optout", "exact_duplicate", "near_duplicate", "caption_empty", "caption_junk",
+    "caption_mojibake", "caption_foreign",
+)
+
+
 class DemoConfig(_Section):
     seed: int = 0
     n_images: int = Field(3000, ge=10)
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)
+    port: int = Field(0, ge=0, le=65535, description="toy web port (0 = any free port)")
+    internal_port: int = Field(0, ge=0, le=65535, description="port of the stand-in internal service (0 = any free)")
     fault_rate: float = Field(0.08, ge=0, le=1, description="share of URLs that carry a web fault")
+    fault_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="relative weight of each fault within fault_rate (missing = 1.0, 0 = never)",
+    )
+    small_image_share: float = Field(0.05, ge=0, le=1, description="share of images under 200 px on the short side")
+    slow_seconds: float = Field(1.5, ge=0, description="delay of a 'slow' response")
+    hang_seconds: float = Field(60.0, ge=0, description="how long a 'timeout' response hangs")
+    oversized_bytes: int = Field(25_000_000, ge=1, description="body size of an 'oversized' response")
+    bomb_side: int = Field(20_000, ge=1, description="declared width and height of the decompression bomb")
+    warm_cache: bool = Field(True, description="render every image in a background thread at start")
+
+    @field_validator("fault_weights")
+    @classmethod
+    def _known_faults(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(DEMO_FAULTS))
+        if unknown:
+            raise ValueError(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(DEMO_FAULTS)}")
+        negative = sorted(k for k, w in v.items() if w < 0)
+        if negative:
+            raise ValueError(f"fault weights must be >= 0: {', '.join(negative)}")
+        return v
+
+    def fault_weight(self, fault: str) -> float:
+        return float(self.fault_weights.get(fault, 1.0))
 
 
 class Config(BaseSettings):

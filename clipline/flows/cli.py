@@ -103,6 +103,62 @@ def ingest(
         result = run_ingest(cfg, url_lists, progress=progress)
     print_ingest_result(console, result)
 
+# ---- demo-web ----
+@app.command("demo-web")
+def demo_web(
+    port: Optional[int] = typer.Option(None, "--port", help="Port to serve on (default: config demo.port, 0 = any free)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of URLs (default: config demo.n_images)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the URL list and eval sets (default: DATA_DIR/toyweb).",
+                                       metavar="DIR"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Corpus seed (default: config demo.seed)."),
+    fault_rate: Optional[float] = typer.Option(None, "--fault-rate", help="Share of URLs with a web fault (0..1)."),
+    eval_sets: bool = typer.Option(True, "--eval-sets/--no-eval-sets", help="Also write the held-out and seen evaluation sets."),
+) -> None:
+    """Serve the toy web on 127.0.0.1 and write its URL list, for pointing the pipeline at it by hand.
+    Serves until Ctrl-C."""
+    import time
+
+    flags = {"port": port, "n_images": n, "seed": seed, "fault_rate": fault_rate}
+    cfg = get_config(demo={k: v for k, v in flags.items() if v is not None})
+    from clipline.components.demo import serve_toy_web, write_heldout_set, write_seen_set
+
+    out_dir = out if out is not None else cfg.data_dir / "toyweb"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create output directory {out_dir}: {e}; give a writable --out")
+    try:
+        ctx = serve_toy_web(cfg.demo, out_dir)
+        toy = ctx.__enter__()
+    except OSError as e:
+        fail(str(e))
+        return
+    try:
+        faulty = sum(1 for it in toy.items if it.fault != "none")
+        console.print(f"toy web: {len(toy.items)} URLs ({faulty} with faults) at [bold]{toy.base_url}[/]")
+        console.print(f"URL list: [bold]{toy.url_list}[/]  (columns url, caption, fault, color, shape)")
+        data_flag = f" --data-dir {state.data_dir}" if state.data_dir is not None else ""
+        console.print("ingest it with:", highlight=False)
+        console.print(f"  clipline{data_flag} ingest {toy.url_list} --allow-host {toy.allow_host}",
+                      highlight=False, soft_wrap=True)
+        if eval_sets:
+            held = write_heldout_set(out_dir / "eval", seed=cfg.demo.seed)
+            seen = write_seen_set(out_dir / "eval", seed=cfg.demo.seed)
+            for es in (held, seen):
+                console.print(
+                    f"eval set '{es.name}': {es.n_images} images of {len(es.labels)} combinations, classified among "
+                    f"{len(es.classnames)} names (chance {es.chance_acc1:.1%}):\n"
+                    f"  --dataset {es.data} --classnames {es.classnames_file} --templates {es.templates_file}",
+                    highlight=False, soft_wrap=True)
+        console.print(f"(the internal stand-in at {toy.internal_base_url} must stay unreachable; "
+                      "Ctrl-C to stop)", highlight=False)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("toy web stopped")
+    finally:
+        ctx.__exit__(None, None, None)
+
 
 def main() -> None:
     """Entry point: any uncaught error becomes a one-line reason and exit code 1
