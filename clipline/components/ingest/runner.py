@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import multiprocessing as mp
 import os
 import time
 import uuid
@@ -39,6 +41,8 @@ from clipline.components.ingest.schema import (
 )
 from clipline.components.ingest.shards import build_shard_table, shard_stats, write_shard
 from clipline.components.ingest.sources import read_url_lists
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -90,6 +94,7 @@ class _PoolProcessor:
         self.settings = settings
         self._pending: list[tuple[bytes, asyncio.Future]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._warned = False
 
     async def __call__(self, data: bytes) -> ProcessedImage:
         loop = asyncio.get_running_loop()
@@ -112,7 +117,16 @@ class _PoolProcessor:
             return
         batch, self._pending = self._pending, []
         loop = asyncio.get_running_loop()
-        cf = loop.run_in_executor(self.executor, process_batch, [d for d, _ in batch], self.settings)
+        try:
+            cf = loop.run_in_executor(self.executor, process_batch, [d for d, _ in batch], self.settings)
+        except Exception as e:  # a broken pool (a worker died): process here rather than lose the rows
+            if not self._warned:
+                log.warning("image worker pool unusable (%s); processing images in the main process", e)
+                self._warned = True
+            for (data, fut), img in zip(batch, process_batch([d for d, _ in batch], self.settings)):
+                if not fut.done():
+                    fut.set_result(img)
+            return
 
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
@@ -292,7 +306,11 @@ async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: P
     parts = _partition(todo, ic.shard_size)
     # two shards in flight: the next one's downloads overlap the current one's tail and write
     gate = asyncio.Semaphore(2)
-    with ProcessPoolExecutor(max_workers=n_proc) as pool:
+    # forkserver, not fork: a forked worker would inherit this process's sockets (an open HTTP
+    # connection would then never close) and DuckDB's threads.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["clipline.components.ingest.imaging"])
+    with ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx) as pool:
         processor = _PoolProcessor(pool, ImageSettings.from_config(ic))
         async with Fetcher(fs, resolver=resolver) as fetcher:
 
