@@ -42,15 +42,21 @@ def sample_rows(n_ok=3, n_failed=2):
     rows = []
     for i in range(n_ok):
         p = process_image(jpeg((40 * i, 100, 200)), ImageSettings(image_size=32))
-        rows.append({"key": f"k{i}", "url": f"http://x/{i}.jpg", "caption": f"caption {i}", "image": p.image,
-                     "width": p.width, "height": p.height, "original_width": p.original_width,
-                     "original_height": p.original_height, "sha256": p.sha256, "phash": p.phash,
-                     "status": "success", "source": "list.csv"})
+        rows.append({"key": f"k{i}", "url": f"http://x/{i}.jpg", "caption": f"caption {i}", "source": "list.csv",
+                     **p.as_row()})
     for j in range(n_failed):
         rows.append({"key": f"f{j}", "url": f"http://x/bad{j}", "caption": None, "status": "failed_to_download",
                      "error_kind": "http_404" if j % 2 == 0 else "timeout", "error_message": "boom",
                      "source": "list.csv"})
     return rows
+
+
+def test_failed_image_rows_from_process_image():
+    bad = process_image(b"<html>not found</html>", ImageSettings())
+    t = build_shard_table([{"key": "x", "url": "http://x/page", **bad.as_row()}])
+    row = t.to_pylist()[0]
+    assert (row["status"], row["error_kind"]) == ("failed_to_resize", "not_an_image")
+    assert row["image"] is None and "not an image" in row["error_message"]
 
 
 def test_build_table_schema_carried_columns_and_defaults():

@@ -54,6 +54,13 @@ def test_parquet_laion_style_column_names_and_a_column_subset(tmp_path):
         read_url_list(str(p), url_col="URL", caption_col="TEXT", save_additional_columns=["LICENSE"])
 
 
+def test_config_accepts_a_column_list():
+    from clipline.components.config import IngestConfig
+
+    assert IngestConfig(save_additional_columns=["similarity"]).save_additional_columns == ["similarity"]
+    assert IngestConfig(save_additional_columns=False).save_additional_columns is False
+
+
 def test_jsonl_json_array_and_txt(tmp_path):
     jl = tmp_path / "a.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
