@@ -142,6 +142,16 @@ def test_gif_takes_first_frame():
     assert close(px(out, (128, 128)), (250, 0, 0))
 
 
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG"])
+def test_animated_webp_and_apng_take_first_frame(fmt):
+    frames = [Image.new("RGB", (120, 80), c) for c in [(250, 0, 0), (0, 0, 250)]]
+    b = io.BytesIO()
+    frames[0].save(b, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert getattr(Image.open(io.BytesIO(b.getvalue())), "n_frames", 1) == 2
+    out = decoded(process_image(b.getvalue(), BORDER))
+    assert close(px(out, (128, 128)), (250, 0, 0))
+
+
 def test_format_is_sniffed_from_bytes_not_names():
     png = encode(Image.new("RGB", (64, 64), "white"), "PNG")
     assert sniff_format(png) == ("PNG", None)

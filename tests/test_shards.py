@@ -103,6 +103,7 @@ def test_write_shard_atomic_files_and_round_trip(tmp_path):
     assert stats["shard_id"] == "shard-000" and stats["n_rows"] == 5
     back = read_raw_shard(path)
     assert back.equals(t)
+    assert read_raw_shard(f"file://{path}").equals(t)
     meta = pq.ParquetFile(path).metadata
     img = RAW_SCHEMA.get_field_index("image")
     assert meta.row_group(0).column(img).compression == "UNCOMPRESSED"
@@ -219,6 +220,12 @@ def test_img2dataset_shard_reads_as_raw_schema(tmp_path):
     assert t.column("image").to_pylist() == [s["jpg"] for s in samples]
     assert t.column("key").to_pylist()[:2] == ["000000000", "000000001"]
     assert t.column("phash").null_count == len(samples)  # img2dataset has no perceptual hash
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/clipline-i2d/00000.parquet", path.read_bytes())
+    remote = read_raw_shard("memory://clipline-i2d/00000.parquet")
+    assert remote.equals(t)
+    fsspec.filesystem("memory").rm("/clipline-i2d", recursive=True)
     sub = read_raw_shard(path, columns=["key", "image", "status"])
     assert sub.column_names == ["key", "image", "status"]
     assert sub.column("status").to_pylist().count("success") == 200
