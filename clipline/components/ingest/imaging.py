@@ -7,15 +7,17 @@ and a human-readable ``error_message``:
 ``not_an_image``        the bytes are not an image at all (HTML, JSON, empty body, ...)
 ``unsupported_format``  an image, but not JPEG/PNG/WebP/GIF/BMP (TIFF, AVIF, HEIC, SVG, ICO, ...)
 ``corrupt_image``       a supported format whose data is damaged or truncated
-``decompression_bomb``  the header declares more than ``max_image_pixels`` pixels; refused
-                        before any pixel is decoded
+``decompression_bomb``  the header declares more than ``max_image_pixels`` pixels (capped by
+                        Pillow's ``Image.MAX_IMAGE_PIXELS``); refused before any pixel is decoded
 ``processing_failed``   an unexpected error after decoding (a bug; the message says what)
+``out_of_memory``       MemoryError while processing
 
 Guarantees of a successful result:
 - the format was sniffed from the bytes (magic numbers), never from a Content-Type;
 - pixels were decoded only after the header size passed the bomb check;
 - EXIF orientation is applied; CMYK (Adobe-inverted included), palette, 16-bit, grayscale and
   alpha images become 8-bit RGB, transparent areas composited onto white (as img2dataset does);
+  embedded ICC profiles are not applied (pixels are taken as sRGB, as img2dataset does);
 - ``original_width``/``original_height`` are the upright size of the source image,
   ``width``/``height`` the size of the stored image;
 - ``sha256`` is the hex digest of the stored bytes; ``phash`` is a 64-bit DCT perceptual hash
