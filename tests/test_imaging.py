@@ -253,6 +253,23 @@ def test_cmyk_jpeg_with_adobe_marker_becomes_correct_rgb():
     assert out.mode == "RGB" and close(px(out, (128, 128)), (220, 20, 20), 30)
 
 
+@pytest.mark.parametrize("mode,color", [("L", 90), ("CMYK", (30, 200, 60)), ("RGB", (30, 200, 60))])
+def test_large_jpegs_decoded_at_reduced_scale_keep_their_colours(mode, color):
+    big = Image.new("RGB", (1600, 1200), color if mode != "L" else (color,) * 3).convert(mode)
+    for rm in ("border", "center_crop", "keep_ratio"):
+        p = process_image(encode(big, "JPEG", quality=92), ImageSettings(image_size=200, resize_mode=rm))
+        out = decoded(p)
+        assert (p.original_width, p.original_height) == (1600, 1200) and min(out.size) == 200
+        want = (color,) * 3 if mode == "L" else color
+        assert close(px(out, (100, 100)), want, 25), (mode, rm, px(out, (100, 100)))
+
+
+def test_center_crop_enlarges_small_images():
+    p = process_image(encode(Image.new("RGB", (40, 30), (0, 120, 0)), "PNG"),
+                      ImageSettings(image_size=64, resize_mode="center_crop"))
+    assert (p.width, p.height) == (64, 64) and close(px(decoded(p), (32, 32)), (0, 120, 0), 10)
+
+
 def test_transparency_is_composited_on_white_not_black():
     rgba = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
     ImageDraw.Draw(rgba).rectangle([50, 50, 150, 150], fill=(0, 0, 200, 255))
