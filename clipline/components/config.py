@@ -37,7 +37,8 @@ class IngestConfig(_Section):
     url_col: str = "url"
     caption_col: str = "caption"
     input_format: Literal["auto", "csv", "tsv", "parquet", "jsonl", "txt"] = "auto"
-    save_additional_columns: bool = True
+    save_additional_columns: bool | list[str] = Field(
+        True, description="carry the URL list's other columns: all (true), none (false) or these names")
     # image processing
     image_size: int = Field(256, ge=8, le=8192)
     resize_mode: Literal["no", "center_crop", "keep_ratio", "border"] = "border"

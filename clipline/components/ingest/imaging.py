@@ -7,15 +7,17 @@ and a human-readable ``error_message``:
 ``not_an_image``        the bytes are not an image at all (HTML, JSON, empty body, ...)
 ``unsupported_format``  an image, but not JPEG/PNG/WebP/GIF/BMP (TIFF, AVIF, HEIC, SVG, ICO, ...)
 ``corrupt_image``       a supported format whose data is damaged or truncated
-``decompression_bomb``  the header declares more than ``max_image_pixels`` pixels; refused
-                        before any pixel is decoded
+``decompression_bomb``  the header declares more than ``max_image_pixels`` pixels (capped by
+                        Pillow's ``Image.MAX_IMAGE_PIXELS``); refused before any pixel is decoded
 ``processing_failed``   an unexpected error after decoding (a bug; the message says what)
+``out_of_memory``       MemoryError while processing
 
 Guarantees of a successful result:
 - the format was sniffed from the bytes (magic numbers), never from a Content-Type;
 - pixels were decoded only after the header size passed the bomb check;
 - EXIF orientation is applied; CMYK (Adobe-inverted included), palette, 16-bit, grayscale and
   alpha images become 8-bit RGB, transparent areas composited onto white (as img2dataset does);
+  embedded ICC profiles are not applied (pixels are taken as sRGB, as img2dataset does);
 - ``original_width``/``original_height`` are the upright size of the source image,
   ``width``/``height`` the size of the stored image;
 - ``sha256`` is the hex digest of the stored bytes; ``phash`` is a 64-bit DCT perceptual hash
@@ -33,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -110,6 +111,16 @@ class ProcessedImage:
     def status(self) -> str:
         """img2dataset's status value for this outcome (``success`` or ``failed_to_resize``)."""
         return "success" if self.ok else "failed_to_resize"
+
+    def as_row(self) -> dict[str, Any]:
+        """The raw-shard fields (RAW_SCHEMA names) this outcome fills: image, sizes, hashes,
+        status, error_kind, error_message. Merge with key/url/caption/source for a full row."""
+        return {
+            "image": self.image, "width": self.width, "height": self.height,
+            "original_width": self.original_width, "original_height": self.original_height,
+            "sha256": self.sha256, "phash": self.phash, "status": self.status,
+            "error_kind": self.error_kind, "error_message": self.error_message,
+        }
 
 
 def _fail(kind: str, message: str, fmt: str | None = None, size: tuple[int, int] | None = None) -> ProcessedImage:
@@ -350,6 +361,16 @@ def process_batch(items: list[bytes], settings: ImageSettings) -> list[Processed
     return [process_image(d, settings) for d in items]
 
 
+def _pixel_limit(s: ImageSettings) -> tuple[int, str]:
+    """The effective bomb limit: ours, capped by Pillow's own ``Image.MAX_IMAGE_PIXELS`` (above
+    which Pillow would only warn, then refuse at twice as many). Checked without the warnings
+    machinery, so it is safe to call from threads too."""
+    pil = Image.MAX_IMAGE_PIXELS
+    if pil is not None and pil < s.max_image_pixels:
+        return int(pil), "Pillow's Image.MAX_IMAGE_PIXELS"
+    return s.max_image_pixels, "ingest.max_image_pixels"
+
+
 def _process(data: bytes, s: ImageSettings) -> ProcessedImage:
     if data is None:
         return _fail(ERR_NOT_AN_IMAGE, "no content")
@@ -360,40 +381,37 @@ def _process(data: bytes, s: ImageSettings) -> ProcessedImage:
             return _fail(ERR_UNSUPPORTED, f"{other} images are not accepted (JPEG, PNG, WebP, GIF, BMP are)", other)
         return _fail(ERR_NOT_AN_IMAGE, f"not an image: {_describe_head(data)}")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        warnings.simplefilter("ignore", UserWarning)  # e.g. palette transparency notes
-        try:
-            im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: reads the header only
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            return _fail(ERR_BOMB, f"{fmt} refused before decoding: {e}", fmt)
-        except UnidentifiedImageError:
-            return _fail(ERR_CORRUPT, f"{fmt} signature but an unreadable header", fmt)
-        except Exception as e:  # noqa: BLE001
-            return _fail(ERR_CORRUPT, f"{fmt} header unreadable: {type(e).__name__}: {e}", fmt)
+    try:
+        im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return _fail(ERR_BOMB, f"{fmt} refused before decoding: {e}", fmt)
+    except UnidentifiedImageError:
+        return _fail(ERR_CORRUPT, f"{fmt} signature but an unreadable header", fmt)
+    except Exception as e:  # noqa: BLE001
+        return _fail(ERR_CORRUPT, f"{fmt} header unreadable: {type(e).__name__}: {e}", fmt)
 
-        w, h = im.size
-        if w <= 0 or h <= 0:
-            return _fail(ERR_CORRUPT, f"{fmt} declares an empty size {w}x{h}", fmt)
-        if w * h > s.max_image_pixels:
-            return _fail(ERR_BOMB, f"{fmt} declares {w}x{h} = {w * h:,} pixels, over the limit of "
-                         f"{s.max_image_pixels:,} (ingest.max_image_pixels); refused before decoding",
-                         fmt, (w, h))
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        return _fail(ERR_CORRUPT, f"{fmt} declares an empty size {w}x{h}", fmt)
+    limit, limit_name = _pixel_limit(s)
+    if w * h > limit:
+        return _fail(ERR_BOMB, f"{fmt} declares {w}x{h} = {w * h:,} pixels, over the limit of "
+                     f"{limit:,} ({limit_name}); refused before decoding", fmt, (w, h))
 
-        try:
-            orient = _orientation(im) if fmt != "PNG" else 1
-            if fmt == "JPEG":
-                r = _target_scale(w, h, s)
-                if r < 1.0:  # decode at reduced scale, never below the size we need
-                    im.draft(im.mode if im.mode in ("RGB", "L") else None,
-                             (max(1, math.ceil(w * r)), max(1, math.ceil(h * r))))
-            im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            return _fail(ERR_BOMB, f"{fmt} refused: {e}", fmt, (w, h))
-        except Exception as e:  # noqa: BLE001 - truncated, damaged streams
-            return _fail(ERR_CORRUPT, f"{fmt} data is damaged: {type(e).__name__}: {e}", fmt, (w, h))
-        if fmt == "PNG":
-            orient = _orientation(im)  # PNG's eXIf chunk may follow the image data
+    try:
+        orient = _orientation(im) if fmt != "PNG" else 1
+        if fmt == "JPEG":
+            r = _target_scale(w, h, s)
+            if r < 1.0:  # decode at reduced scale, never below the size we need
+                im.draft(im.mode if im.mode in ("RGB", "L") else None,
+                         (max(1, math.ceil(w * r)), max(1, math.ceil(h * r))))
+        im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return _fail(ERR_BOMB, f"{fmt} refused: {e}", fmt, (w, h))
+    except Exception as e:  # noqa: BLE001 - truncated, damaged streams
+        return _fail(ERR_CORRUPT, f"{fmt} data is damaged: {type(e).__name__}: {e}", fmt, (w, h))
+    if fmt == "PNG":
+        orient = _orientation(im)  # PNG's eXIf chunk may follow the image data
 
     ow, oh = (h, w) if orient in (5, 6, 7, 8) else (w, h)
     im = normalise_mode(im)

@@ -230,7 +230,8 @@ def _image_source(names: Sequence[str]) -> str | None:
 
 
 def read_raw_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a raw shard (ours or img2dataset's) in RAW_SCHEMA's names and types.
+    """Read a raw shard (ours or img2dataset's; a local path or any fsspec URI) in RAW_SCHEMA's
+    names and types.
 
     img2dataset's image column (``jpg``/``webp``/``png``) becomes ``image``, ``txt`` becomes
     ``caption`` when there is no caption column, keys are cast to strings and sizes to int32;
@@ -240,7 +241,15 @@ def read_raw_shard(path: str | os.PathLike, columns: Sequence[str] | None = None
     columns, img2dataset's ``exif``/``md5``...). With ``columns``, exactly those, in that order.
     """
     path = str(path)
-    pf = pq.ParquetFile(path)
+    if "://" in path and not path.startswith("file://"):
+        import fsspec  # remote shards (s3://, gs://, memory:// ...)
+
+        with fsspec.open(path, "rb") as f:
+            return _read_raw(pq.ParquetFile(pa.BufferReader(f.read())), path, columns)
+    return _read_raw(pq.ParquetFile(path.removeprefix("file://")), path, columns)
+
+
+def _read_raw(pf: pq.ParquetFile, path: str, columns: Sequence[str] | None) -> pa.Table:
     names = pf.schema_arrow.names
     img_src = _image_source(names)
     cap_src = "caption" if "caption" in names else ("txt" if "txt" in names else None)

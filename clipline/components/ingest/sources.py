@@ -229,7 +229,8 @@ def _shape(raw: pa.Table, label: str, fmt: str, url_col: str, caption_col: str |
         if caption_col and fmt != "txt":
             log.warning("URL list %s has no %r column: captions will be empty", label, caption_col)
         caption = pa.chunked_array([pa.nulls(n, pa.string())])
-    out = {"url": url, "caption": caption, "source": pa.chunked_array([pa.array([label] * n, pa.string())])}
+    source = pa.chunked_array([pa.repeat(pa.scalar(label, pa.string()), n)])
+    out = {"url": url, "caption": caption, "source": source}
     if carry:
         used = {src_url, caption_col}
         if isinstance(carry, bool):
