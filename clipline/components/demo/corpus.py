@@ -331,15 +331,20 @@ class CorpusItem:
         return self.spec.shape
 
 
+@functools.lru_cache(maxsize=64)
+def _deal(seed: int, rnd: int) -> tuple[int, ...]:
+    order = list(range(len(SEEN_COMBOS)))
+    _rng(seed, "deal", rnd).shuffle(order)
+    return tuple(order)
+
+
 def corpus_item(seed: int, item_id: int, *, small_share: float = 0.05) -> CorpusItem:
     """Item ``item_id`` of the training corpus for ``seed`` (a seen colour x shape combination).
 
     Combinations are dealt in shuffled rounds of all 36 seen pairs, so any 36 consecutive ids
     cover every seen pair once."""
     rnd, pos = divmod(item_id, len(SEEN_COMBOS))
-    order = list(range(len(SEEN_COMBOS)))
-    _rng(seed, "deal", rnd).shuffle(order)
-    color, shape = SEEN_COMBOS[order[pos]]
+    color, shape = SEEN_COMBOS[_deal(seed, rnd)[pos]]
     rng = _rng(seed, "item", item_id)
     spec = sample_spec(rng, color, shape, small_share=small_share)
     return CorpusItem(item_id=item_id, spec=spec, caption=caption_for(spec, rng))

@@ -119,7 +119,7 @@ class _Handlers:
         return web.Response(body=data, content_type=ctype)
 
     async def _body(self, item: ToyItem) -> tuple[bytes, str]:
-        hit = self.store._cache.get(item.item_id)
+        hit = self.store.cached(item.item_id)
         if hit is not None:
             return hit
         # first request for this item: draw it off the event loop so other requests keep flowing

@@ -94,9 +94,13 @@ class ToyStore:
     def clean_jpeg(self, item_id: int) -> bytes:
         """The item's own picture as JPEG: what a clean URL serves."""
         spec = self._corpus[item_id].spec
-        if self.items[item_id].fault in _PLAIN_BODY or self.items[item_id].fault == F.NONE:
+        if self.items[item_id].fault in _PLAIN_BODY:
             return self.body(item_id)[0]
         return encode_jpeg(render(spec), spec.quality)
+
+    def cached(self, item_id: int) -> tuple[bytes, str] | None:
+        """The body if it was built already, else None (never draws)."""
+        return self._cache.get(item_id)
 
     def body(self, item_id: int) -> tuple[bytes, str]:
         """(bytes, content type) that the item's URL serves when it serves a body at all.
