@@ -63,6 +63,9 @@ def _write_one(args: tuple[int, str]) -> int:
 
 
 def ensure_images(n: int) -> Path:
+    for have in sorted(CACHE.glob("images-*")):  # a larger generated set serves too
+        if (have / ".complete").exists() and int(have.name.split("-")[1]) >= n:
+            return have
     d = CACHE / f"images-{n}"
     done = d / ".complete"
     if done.exists():
@@ -111,7 +114,9 @@ def start_server(directory: Path) -> tuple[str, callable]:
     if nginx:
         tmp = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
         conf = tmp / "nginx.conf"
+        user = "user root;" if os.geteuid() == 0 else ""  # workers must read the images under ~
         conf.write_text(f"""
+{user}
 worker_processes 1;
 daemon off;
 pid {tmp}/nginx.pid;
@@ -151,8 +156,11 @@ http {{
 
 
 # --------------------------------------------------------------------------- measure
-def _tree_rss(pid: int) -> int:
-    """Summed RSS (bytes) of pid and all its descendants, from /proc."""
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_sample(pid: int) -> tuple[int, dict[int, float]]:
+    """Summed RSS (bytes) of pid and all its descendants, and each one's CPU seconds, from /proc."""
     children: dict[int, list[int]] = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -162,36 +170,41 @@ def _tree_rss(pid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(p.name))
-    total, stack = 0, [pid]
+    total, cpu, stack = 0, {}, [pid]
     while stack:
         q = stack.pop()
         try:
+            fields = Path(f"/proc/{q}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu[q] = (int(fields[11]) + int(fields[12])) / _CLK  # utime + stime
             for line in Path(f"/proc/{q}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
                     break
-        except OSError:
+        except (OSError, IndexError, ValueError):
             pass
         stack.extend(children.get(q, []))
-    return total
+    return total, cpu
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
-    """Run cmd; return (wall seconds, peak summed RSS, exit code)."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float]:
+    """Run cmd; return (wall seconds, peak summed RSS, exit code, CPU seconds of the process tree)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
+    cpu: dict[int, float] = {}
     out: list[bytes] = []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
     reader.start()
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        rss, c = _tree_sample(proc.pid)
+        peak = max(peak, rss)
+        cpu.update(c)
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     reader.join()
     if proc.returncode != 0:
         sys.stdout.write(b"".join(out).decode(errors="replace")[-3000:])
-    return wall, peak, proc.returncode
+    return wall, peak, proc.returncode, sum(cpu.values())
 
 
 def ensure_img2dataset() -> Path:
@@ -218,6 +231,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--skip-img2dataset", action="store_true")
+    ap.add_argument("--clipline-first", action="store_true", help="run clipline before img2dataset")
     args = ap.parse_args()
 
     images = ensure_images(args.n)
@@ -243,11 +257,12 @@ def main() -> None:
                    "--encode_quality", "95", "--processes_count", str(ncpu), "--thread_count", "64",
                    "--number_sample_per_shard", "1000", "--distributor", "multiprocessing",
                    "--enable_wandb", "False", "--timeout", "10", "--retries", "0"]
-            wall, peak, rc = run_measured(cmd)
+            wall, peak, rc, cpu = run_measured(cmd)
             ok = count_success_parquet(out)
             results["img2dataset"] = (wall, peak, ok)
             print(f"img2dataset {I2D_VERSION}: {ok}/{args.n} ok in {wall:.1f} s = {args.n / wall:.0f} images/s, "
-                  f"peak memory {peak / 2**20:.0f} MiB (rc={rc})", flush=True)
+                  f"peak memory {peak / 2**20:.0f} MiB, CPU {cpu:.1f} s = {1000 * cpu / args.n:.2f} ms/image "
+                  f"(rc={rc})", flush=True)
 
         data_dir = work / "clipline-data"
         env = dict(os.environ, CLIPLINE_INGEST__IMAGE_SIZE="256", CLIPLINE_INGEST__RESIZE_MODE="border",
@@ -256,11 +271,15 @@ def main() -> None:
                    CLIPLINE_INGEST__RETRIES="0", TERM="dumb")
         clipline = Path(sys.executable).with_name("clipline")
         cmd = [str(clipline), "--data-dir", str(data_dir), "ingest", str(url_list), "--allow-host", host]
-        wall, peak, rc = run_measured(cmd, env)
+        wall, peak, rc, cpu = run_measured(cmd, env)
         ok = count_success_parquet(data_dir / "raw")
         results["clipline"] = (wall, peak, ok)
+        if ok < args.n * 0.99 or ("img2dataset" in results and results["img2dataset"][2] < args.n * 0.99):
+            sys.exit(f"too few images succeeded (clipline {ok}, img2dataset "
+                     f"{results.get('img2dataset', (0, 0, 'n/a'))[2]} of {args.n}): the comparison would be meaningless")
         print(f"clipline: {ok}/{args.n} ok in {wall:.1f} s = {args.n / wall:.0f} images/s, "
-              f"peak memory {peak / 2**20:.0f} MiB (rc={rc})", flush=True)
+              f"peak memory {peak / 2**20:.0f} MiB, CPU {cpu:.1f} s = {1000 * cpu / args.n:.2f} ms/image "
+              f"(rc={rc})", flush=True)
         if "img2dataset" in results:
             ratio = results["img2dataset"][0] / results["clipline"][0]
             print(f"ratio: {ratio:.2f}")

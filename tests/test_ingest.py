@@ -166,6 +166,26 @@ def test_ssrf_guard_refuses_loopback_unless_allowed(data_dir, server, tmp_path):
     assert r.failures == {"ssrf_blocked": 1} and not server.hits
 
 
+def _descendants(pid: int) -> list[int]:
+    kids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(p.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _ingest_cmd(data_dir: Path, lst: Path, host: str) -> list[str]:
     return [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir), "ingest", str(lst),
             "--allow-host", host]
@@ -180,6 +200,7 @@ def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_pat
                    CLIPLINE_INGEST__PROCESSES="1", PYTHONUNBUFFERED="1")
         raw = data_dir / "raw"
         kills = 0
+        orphans: list[int] = []
         for wait_shards in (1, 4, 7):
             p = subprocess.Popen(_ingest_cmd(data_dir, lst, srv.host), env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -189,6 +210,7 @@ def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_pat
                     break
                 time.sleep(0.005)
             if p.poll() is None:
+                orphans.extend(_descendants(p.pid))
                 os.kill(p.pid, signal.SIGKILL)
                 kills += 1
             p.wait()
@@ -196,6 +218,10 @@ def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_pat
             for f in raw.glob("*.parquet"):
                 pq.read_metadata(f)
         assert kills >= 1
+        # no process of a killed run lives on (its image workers die with it)
+        assert orphans, "the killed runs had image worker processes"
+        time.sleep(2.5)
+        assert [pid for pid in orphans if _alive(pid)] == []
         done = subprocess.run(_ingest_cmd(data_dir, lst, srv.host), env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         rows = _all_rows(raw)

@@ -41,6 +41,7 @@ from clipline.components.ingest.schema import (
 )
 from clipline.components.ingest.shards import build_shard_table, shard_stats, write_shard
 from clipline.components.ingest.sources import read_url_lists
+from clipline.components.ingest.worker import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,10 @@ async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: P
     parts = _partition(todo, ic.shard_size)
     # two shards in flight: the next one's downloads overlap the current one's tail and write
     gate = asyncio.Semaphore(2)
-    # forkserver, not fork: a forked worker would inherit this process's sockets (an open HTTP
-    # connection would then never close) and DuckDB's threads.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["clipline.components.ingest.imaging"])
-    with ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx) as pool:
+    # spawn, not fork: a forked worker would inherit this process's sockets (an open HTTP
+    # connection would then never close) and DuckDB's threads. Workers die with this process.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx, initializer=die_with_parent) as pool:
         processor = _PoolProcessor(pool, ImageSettings.from_config(ic))
         async with Fetcher(fs, resolver=resolver) as fetcher:
 
