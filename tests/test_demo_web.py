@@ -236,7 +236,7 @@ def test_timeout_hangs_without_blocking_the_server(toy):
     time.sleep(0.3)
     t0 = time.monotonic()
     assert get(toy.url(toy.by_fault("none")[0]))[0] == 200  # others are served meanwhile
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0
     th.join()
     assert outcome["err"] is not None and "timed out" in str(outcome["err"])
     assert outcome["s"] >= 2.9
