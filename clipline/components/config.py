@@ -156,6 +156,7 @@ class DemoConfig(_Section):
         description="relative weight of each fault within fault_rate (missing = 1.0, 0 = never)",
     )
     small_image_share: float = Field(0.05, ge=0, le=1, description="share of images under 200 px on the short side")
+    wide_image_share: float = Field(0.02, ge=0, le=1, description="share of banner-shaped images (aspect ratio > 3)")
     slow_seconds: float = Field(1.5, ge=0, description="delay of a 'slow' response")
     hang_seconds: float = Field(60.0, ge=0, description="how long a 'timeout' response hangs")
     oversized_bytes: int = Field(25_000_000, ge=1, description="body size of an 'oversized' response")

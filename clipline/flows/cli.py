@@ -116,27 +116,39 @@ def demo_web(
 ) -> None:
     """Serve the toy web on 127.0.0.1 and write its URL list, for pointing the pipeline at it by hand.
     Serves until Ctrl-C."""
+    import contextlib
     import time
+    from collections import Counter
+
+    from rich.table import Table
 
     flags = {"port": port, "n_images": n, "seed": seed, "fault_rate": fault_rate}
     cfg = get_config(demo={k: v for k, v in flags.items() if v is not None})
     from clipline.components.demo import serve_toy_web, write_heldout_set, write_seen_set
+    from clipline.components.demo.faults import INGEST_OUTCOME
 
     out_dir = out if out is not None else cfg.data_dir / "toyweb"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create output directory {out_dir}: {e}; give a writable --out")
-    try:
-        ctx = serve_toy_web(cfg.demo, out_dir)
-        toy = ctx.__enter__()
-    except OSError as e:
-        fail(str(e))
-        return
-    try:
-        faulty = sum(1 for it in toy.items if it.fault != "none")
-        console.print(f"toy web: {len(toy.items)} URLs ({faulty} with faults) at [bold]{toy.base_url}[/]")
-        console.print(f"URL list: [bold]{toy.url_list}[/]  (columns url, caption, fault, color, shape)")
+    with contextlib.ExitStack() as stack:
+        try:
+            toy = stack.enter_context(serve_toy_web(cfg.demo, out_dir))
+        except OSError as e:
+            fail(str(e))
+            return
+        counts = Counter(it.fault for it in toy.items)
+        table = Table(title=f"toy web: {len(toy.items)} URLs at {toy.base_url} (seed {cfg.demo.seed})")
+        table.add_column("fault")
+        table.add_column("URLs", justify="right")
+        table.add_column("a correct ingest")
+        for fault, k in sorted(counts.items(), key=lambda kv: (kv[0] != "none", kv[0])):
+            stores, what = INGEST_OUTCOME[fault]
+            table.add_row(fault, str(k), ("stores it" if stores else "records a failure") + (f": {what}" if what else ""))
+        console.print(table)
+        console.print(f"URL list: {toy.url_list}  (columns url, caption, fault, color, shape)", highlight=False,
+                      soft_wrap=True)
         data_flag = f" --data-dir {state.data_dir}" if state.data_dir is not None else ""
         console.print("ingest it with:", highlight=False)
         console.print(f"  clipline{data_flag} ingest {toy.url_list} --allow-host {toy.allow_host}",
@@ -150,14 +162,13 @@ def demo_web(
                     f"{len(es.classnames)} names (chance {es.chance_acc1:.1%}):\n"
                     f"  --dataset {es.data} --classnames {es.classnames_file} --templates {es.templates_file}",
                     highlight=False, soft_wrap=True)
-        console.print(f"(the internal stand-in at {toy.internal_base_url} must stay unreachable; "
-                      "Ctrl-C to stop)", highlight=False)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        console.print("toy web stopped")
-    finally:
-        ctx.__exit__(None, None, None)
+        console.print(f"the internal stand-in at {toy.internal_base_url} must stay unreachable; Ctrl-C to stop",
+                      highlight=False, soft_wrap=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("toy web stopped")
 
 
 def main() -> None:

@@ -116,20 +116,28 @@ class ShapeSpec:
 
 
 def sample_spec(rng: random.Random, color: str, shape: str, *, min_side: int = 224,
-                max_side: int = 384, small_share: float = 0.0, large_share: float = 0.08) -> ShapeSpec:
+                max_side: int = 384, small_share: float = 0.0, wide_share: float = 0.0,
+                large_share: float = 0.08) -> ShapeSpec:
     """Draw random but valid parameters for one image of ``color`` ``shape``.
 
-    The object stays fully inside the frame; ``small_share`` of images get a short side below
-    200 px (a minimum-side rule should drop them), ``large_share`` one between ``max_side`` and
-    1.6 times that; the longer side is at most 1.6 x the shorter and at most 1024 px."""
+    The object stays fully inside the frame. Most images have a short side in
+    [``min_side``, ``max_side``] and an aspect ratio up to 1.6; ``large_share`` of them a short side
+    up to 1.6 x ``max_side``; ``small_share`` a short side below 200 px and ``wide_share`` an aspect
+    ratio above 3 (banners), which minimum-side and aspect-ratio rules should drop. No side
+    exceeds 1024 px."""
     u = rng.random()
+    aspect = None
     if u < small_share:
         short = rng.randint(96, 190)
+    elif u < small_share + wide_share:
+        short = rng.randint(min_side, 300)
+        aspect = rng.uniform(3.1, 3.4)
     elif u > 1.0 - large_share:
         short = rng.randint(max_side, int(1.6 * max_side))
     else:
         short = rng.randint(min_side, max_side)
-    aspect = 1.0 if rng.random() < 0.4 else rng.uniform(1.05, 1.6)
+    if aspect is None:
+        aspect = 1.0 if rng.random() < 0.4 else rng.uniform(1.05, 1.6)
     long_ = min(1024, int(round(short * aspect)))
     width, height = (long_, short) if rng.random() < 0.6 else (short, long_)
     rel = rng.uniform(0.30, 0.80)  # diameter / short side
@@ -338,7 +346,7 @@ def _deal(seed: int, rnd: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def corpus_item(seed: int, item_id: int, *, small_share: float = 0.05) -> CorpusItem:
+def corpus_item(seed: int, item_id: int, *, small_share: float = 0.05, wide_share: float = 0.02) -> CorpusItem:
     """Item ``item_id`` of the training corpus for ``seed`` (a seen colour x shape combination).
 
     Combinations are dealt in shuffled rounds of all 36 seen pairs, so any 36 consecutive ids
@@ -346,5 +354,5 @@ def corpus_item(seed: int, item_id: int, *, small_share: float = 0.05) -> Corpus
     rnd, pos = divmod(item_id, len(SEEN_COMBOS))
     color, shape = SEEN_COMBOS[_deal(seed, rnd)[pos]]
     rng = _rng(seed, "item", item_id)
-    spec = sample_spec(rng, color, shape, small_share=small_share)
+    spec = sample_spec(rng, color, shape, small_share=small_share, wide_share=wide_share)
     return CorpusItem(item_id=item_id, spec=spec, caption=caption_for(spec, rng))

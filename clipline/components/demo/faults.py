@@ -56,6 +56,36 @@ from clipline.components.demo.corpus import ShapeSpec, _background, _polygon, _r
 
 NONE = "none"
 
+#: Whether a correct ingest stores an image for a URL with this fault (True) or records it as
+#: failed (False), with the error kind it should name. Caption faults and duplicates are stored by
+#: ingest and are curation's business; mojibake can be repaired (ftfy), the others dropped.
+INGEST_OUTCOME: dict[str, tuple[bool, str]] = {
+    NONE: (True, ""),
+    "http_404": (False, "http_404"),
+    "http_500": (False, "http_500 (after retries)"),
+    "http_429": (True, "succeeds on retry after Retry-After"),
+    "http_503_retry_after": (True, "succeeds on retry after Retry-After"),
+    "slow": (True, "answers within any sane read timeout"),
+    "timeout": (False, "timeout"),
+    "redirect": (True, "redirect followed on an allowed host"),
+    "redirect_internal": (False, "ssrf_blocked (redirect to a non-allowed loopback port)"),
+    "truncated": (False, "truncated"),
+    "not_image": (False, "not_an_image"),
+    "oversized": (False, "too_large"),
+    "bomb": (False, "decompression_bomb"),
+    "cmyk": (True, "converted to RGB"),
+    "palette": (True, "converted to RGB"),
+    "alpha": (True, "composited to RGB"),
+    "animated": (True, "first frame"),
+    "optout": (False, "opted_out"),
+    "exact_duplicate": (True, "same sha256 as its source; curate drops one"),
+    "near_duplicate": (True, "phash close to its source; curate drops one"),
+    "caption_empty": (True, "curate drops it"),
+    "caption_junk": (True, "curate drops it"),
+    "caption_mojibake": (True, "curate repairs the caption"),
+    "caption_foreign": (True, "curate's language rule drops it"),
+}
+
 
 def plan_faults(n: int, seed: int, rate: float, weight: Callable[[str], float]) -> list[str]:
     """The fault of each of ``n`` items (``"none"`` for clean ones); deterministic in its inputs.

@@ -50,7 +50,7 @@ class ToyStore:
         faults = F.plan_faults(self.n, cfg.seed, cfg.fault_rate, cfg.fault_weight)
         self._sources = F.pick_sources(faults, cfg.seed)
         self._corpus: list[CorpusItem] = [
-            corpus_item(cfg.seed, i, small_share=cfg.small_image_share) for i in range(self.n)
+            corpus_item(cfg.seed, i, small_share=cfg.small_image_share, wide_share=cfg.wide_image_share) for i in range(self.n)
         ]
         self.items: list[ToyItem] = [self._make_item(i, f) for i, f in enumerate(faults)]
         self._by_path = {it.path: it for it in self.items}
