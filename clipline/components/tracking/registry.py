@@ -233,3 +233,21 @@ def resolve_model(cfg: Config, ref: str | Path | None) -> ResolvedModel:
     ckpt = download_checkpoint(cfg, mv.run_id, f"{name}-v{mv.version}")
     snap = (mv.tags or {}).get("snapshot_id") or read_meta(ckpt).get("snapshot_id")
     return ResolvedModel(text, ckpt, run_id=mv.run_id, version=str(mv.version), snapshot_id=snap or None)
+
+
+def model_uri_for_run(cfg: Config, run_id: str) -> str:
+    """The URI of the model the train stage logged in ``run_id`` (``log_model(name="model")``):
+    ``models:/<model_id>`` when MLflow 3 knows it, else ``runs:/<run_id>/model``."""
+    import mlflow
+
+    c = client(cfg)
+    exp_id = c.get_run(run_id).info.experiment_id
+    try:
+        found = mlflow.search_logged_models(experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}'",
+                                            output_format="list")
+    except Exception:  # noqa: BLE001 - older stores without logged models
+        found = []
+    named = [m for m in found if m.name == "model"] or list(found)
+    if named:
+        return f"models:/{named[0].model_id}"
+    return f"runs:/{run_id}/model"
