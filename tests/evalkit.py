@@ -146,5 +146,7 @@ def simulate_training_run(cfg: Any, checkpoint_dir: Path, snapshot_id: str | Non
         meta_path.write_text(json.dumps(meta))
         mlflow.log_artifacts(str(checkpoint_dir), "checkpoint")
         model = load_checkpoint(checkpoint_dir, "cpu").model
-        info = mlflow.pytorch.log_model(model, name="model", tags={"snapshot_id": snapshot_id or ""})
+        info = mlflow.pytorch.log_model(model, name="model", tags={"snapshot_id": snapshot_id or ""},
+                                        pip_requirements=["torch", "open_clip_torch"],
+                                        serialization_format="pickle")
         return run.info.run_id, info.model_uri
