@@ -1,0 +1,81 @@
+"""`clipline export`: the written directory loads in plain open_clip and through CLIP_benchmark's
+open_clip loader, in a fresh interpreter that never imports clipline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evalkit import make_checkpoint, tiny_model
+
+from clipline.flows.cli import app
+
+LOADER = textwrap.dedent("""
+    import json, sys
+    import torch
+    out, probe = sys.argv[1], sys.argv[2]
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    x = torch.load(probe)
+    with torch.no_grad():
+        a = model.eval().encode_image(x["image"])
+        t = model.encode_text(tok(["a red circle"]))
+    from clip_benchmark.models import load_clip
+    m2, transform, tok2 = load_clip(model_type="open_clip", model_name=f"local-dir:{out}",
+                                     pretrained=f"{out}/open_clip_model.safetensors", cache_dir=None, device="cpu")
+    with torch.no_grad():
+        b = m2.eval().encode_image(x["image"])
+    print(json.dumps({
+        "open_clip": torch.allclose(a, x["want"], atol=1e-5),
+        "clip_benchmark": torch.allclose(b, x["want"], atol=1e-5),
+        "text_dim": t.shape[-1],
+        "image_size": list(preprocess.transforms[1].size),
+        "clipline_imported": any(k.split(".")[0] == "clipline" for k in sys.modules),
+    }))
+""")
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_export_loads_in_plain_open_clip_and_clip_benchmark(tmp_path, data_dir, weights):
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=7, weights=weights)
+    out = tmp_path / "exported"
+    res = CliRunner().invoke(app, ["--data-dir", str(data_dir), "export", str(ckpt), str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["clipline.json", "open_clip_config.json",
+                                                     "open_clip_model.safetensors"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = tiny_model(seed=7).encode_image(x)
+    torch.save({"image": x, "want": want}, tmp_path / "probe.pt")
+    (tmp_path / "loader.py").write_text(LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "loader.py"), str(out), str(tmp_path / "probe.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"open_clip": True, "clip_benchmark": True, "text_dim": 32, "image_size": [32, 32],
+                   "clipline_imported": False}
+
+
+def test_export_refuses_bad_input(tmp_path, data_dir):
+    runner = CliRunner()
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x.txt").write_text("keep me")
+    res = runner.invoke(app, ["--data-dir", str(data_dir), "export", str(ckpt), str(busy)])
+    assert res.exit_code == 1 and "not empty" in res.output and (busy / "x.txt").read_text() == "keep me"
+    (ckpt / "open_clip_model.safetensors").unlink()
+    res = runner.invoke(app, ["--data-dir", str(data_dir), "export", str(ckpt), str(tmp_path / "o")])
+    assert res.exit_code == 1 and "no weights file" in res.output
+    res = runner.invoke(app, ["--data-dir", str(data_dir), "export", "/nonexistent/dir", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "not a path" in res.output
