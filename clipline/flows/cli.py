@@ -107,7 +107,7 @@ def evaluate_cmd(
         out = evaluate_flow(model=model, datasets=[str(d) for d in dataset or []],
                             classnames=str(classnames) if classnames else None,
                             templates=str(templates) if templates else None,
-                            snapshot_id=snapshot, register=register, cfg=cfg)
+                            snapshot_id=snapshot, register_model=register, cfg=cfg)
     except (CheckpointError, DatasetError, RegistryError) as e:
         fail(str(e))
         return

@@ -51,20 +51,20 @@ def results_markdown(res: EvalResult, reg: RegistryResult | None) -> str:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(model: str | None = None, datasets: list[str] | None = None, classnames: str | None = None,
                   templates: str | None = None, snapshot_id: str | None = None,
-                  run_id: str | None = None, register: bool = False, model_uri: str | None = None,
+                  run_id: str | None = None, register_model: bool = False, model_uri: str | None = None,
                   parent_version: str | None = None, cfg: Config | None = None,
                   config_file: str | None = None) -> EvaluateFlowResult:
     """Evaluate ``model`` (checkpoint path, version, alias or models:/ URI; None = champion or the newest
     checkpoint) on ``datasets`` (default ``evaluate.datasets``; ``classnames``/``templates`` files apply to
     each of them) and the snapshot's val split.
-    With ``register``, the model is registered as a new version and promoted by the documented rule."""
+    With ``register_model``, the model is registered as a new version and promoted by the documented rule."""
     cfg = cfg or load_config(Path(config_file) if config_file else None)
     resolved = resolve_model(cfg, model)
     run_id = run_id or resolved.run_id
     res = evaluate_task(cfg, resolved.checkpoint_dir, run_id, list(datasets or []),
                         snapshot_id or resolved.snapshot_id, classnames, templates)
     reg = None
-    if register:
+    if register_model:
         if not run_id:
             raise ValueError(f"cannot register {resolved.checkpoint_dir}: it has no MLflow run (train it with `clipline train`)")
         uri = model_uri or model_uri_for_run(cfg, run_id)
