@@ -213,6 +213,22 @@ def test_bad_inputs_are_named(tmp_path):
         load_snapshot_pairs(tmp_path, "missing")
 
 
+def test_unreadable_images_are_recorded_not_fatal(tmp_path, tiny):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from evalkit import draw
+
+    pq.write_table(pa.table({"image": [draw("red", "circle"), b"not an image", draw("blue", "square"), None],
+                             "label": ["red circle", "red circle", "blue square", "blue square"]}),
+                   tmp_path / "set.parquet")
+    ds = load_eval_dataset(tmp_path / "set.parquet")
+    assert len(ds) == 2 and ds.labels == [1, 0]  # sorted class names: blue square, red circle
+    assert [s[0] for s in ds.skipped] == ["row 1", "row 3"]
+    assert "UnidentifiedImageError" in ds.skipped[0][1] and ds.skipped[1][1] == "no image bytes"
+    assert run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, ds).n_images == 2
+
+
 def test_classnames_and_templates_in_clip_benchmark_files_work_as_they_are(tmp_path):
     """CLIP_benchmark's own packaged templates (keyed by dataset, imagenet1k as fallback) load unchanged."""
     import clip_benchmark.datasets as cbd

@@ -47,6 +47,7 @@ class EvalDataset:
     labels: list[int]
     images: list[Any] = field(repr=False)  # bytes (parquet) or file paths (imagefolder)
     templates_source: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (row or file, reason) of unreadable images
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,6 +79,31 @@ def decode_image(data: Any, where: str) -> Any:
         return img.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise DatasetError(f"{where}: image cannot be decoded ({e}); remove or replace it") from e
+
+
+def _check_image(data: Any) -> str | None:
+    """None when PIL can parse the image header and structure, else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as img:
+            img.verify()
+        return None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"{type(e).__name__}: {e}"
+
+
+def drop_unreadable(ds: "EvalDataset") -> None:
+    """Remove images PIL cannot read, recording each with its reason in ``ds.skipped``."""
+    keep_images, keep_labels = [], []
+    for i, (img, label) in enumerate(zip(ds.images, ds.labels)):
+        reason = "no image bytes" if img is None else _check_image(img)
+        if reason is None:
+            keep_images.append(img)
+            keep_labels.append(label)
+        else:
+            ds.skipped.append((str(img) if isinstance(img, Path) else f"row {i}", reason))
+    ds.images, ds.labels = keep_images, keep_labels
 
 
 def metric_name(name: str) -> str:
@@ -148,7 +174,8 @@ def load_eval_dataset(path: str | Path, classnames: str | Path | None = None, te
     """Read a zero-shot set from a Parquet file, a directory of Parquet files, or an ImageFolder.
 
     Guarantees: every label indexes ``classnames``; class names and templates are in
-    CLIP_benchmark's format; a problem raises DatasetError naming the file and the fix.
+    CLIP_benchmark's format; images PIL cannot read are left out and listed in ``skipped`` with
+    their reason; any other problem raises DatasetError naming the file and the fix.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -173,8 +200,10 @@ def load_eval_dataset(path: str | Path, classnames: str | Path | None = None, te
         if missing:
             raise DatasetError(f"templates file {tpl_path} has no prompts for classes {missing[:5]}")
     ds.templates, ds.templates_source = tpl, tpl_source
+    drop_unreadable(ds)
     if len(ds) == 0:
-        raise DatasetError(f"evaluation set {path} has no images")
+        why = f" ({len(ds.skipped)} unreadable, first: {ds.skipped[0][1]})" if ds.skipped else ""
+        raise DatasetError(f"evaluation set {path} has no readable images{why}")
     return ds
 
 
@@ -216,9 +245,6 @@ def _load_parquet(path: Path, name: str, classnames: list[str] | None) -> EvalDa
         table = pq.read_table(f, columns=[img_col, lab_col])
         images.extend(table.column(img_col).to_pylist())
         raw_labels.extend(table.column(lab_col).to_pylist())
-    for i, img in enumerate(images):
-        if img is None:
-            raise DatasetError(f"{path} row {i} has no image bytes: drop the row or fill it")
     if all(isinstance(x, str) for x in raw_labels):
         names = classnames or sorted(set(raw_labels))
         index = {c: i for i, c in enumerate(names)}

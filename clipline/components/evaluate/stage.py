@@ -72,6 +72,9 @@ def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = 
         else:
             result.notes.append(f"{ds.name}: {zs.n_classes} classes, no confusion matrix above 50")
         md.append(worst_classes_markdown(zs, ecfg.worst_classes))
+        if ds.skipped:
+            result.notes.append(f"{ds.name}: {len(ds.skipped)} unreadable image(s) left out, first "
+                                f"{ds.skipped[0][0]}: {ds.skipped[0][1]}")
         if ds.templates_source.startswith("default"):
             result.notes.append(f"{ds.name}: no templates file, used the default template")
 
