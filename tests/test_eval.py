@@ -4,7 +4,6 @@ CLIP_benchmark's own functions on a real (tiny, random) open_clip checkpoint, an
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -239,4 +238,3 @@ def test_classnames_and_templates_in_clip_benchmark_files_work_as_they_are(tmp_p
     assert ds.templates == json.loads(tpl_file.read_text())["cifar10"]
     ds2 = load_eval_dataset(d / "heldout.parquet", templates=tpl_file, name="mytoyset")
     assert ds2.templates == json.loads(tpl_file.read_text())["imagenet1k"]
-    assert not math.isnan(len(ds2.templates))

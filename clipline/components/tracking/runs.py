@@ -16,6 +16,9 @@ def client(cfg: Config) -> Any:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    uri = cfg.mlflow_uri
+    if uri.startswith("sqlite:///"):  # SQLite cannot create the database's folder
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.mlflow_uri)
     mlflow.set_registry_uri(cfg.mlflow_uri)
     return MlflowClient(tracking_uri=cfg.mlflow_uri, registry_uri=cfg.mlflow_uri)
