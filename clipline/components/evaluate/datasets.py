@@ -10,7 +10,9 @@ Zero-shot sets come in three shapes, all described by an :class:`EvalDataset`:
   list is accepted too; templates may also be CuPL-style ``{"<classname>": [prompts]}``).
 
 When a Parquet file or directory has JSON files named ``*classnames*.json`` and
-``*templates*.json`` beside it, they are used unless given explicitly.
+``*templates*.json`` beside it, they are used unless given explicitly. The dataset's name (used in
+metric names, ``zeroshot/<name>/acc1``) is, in order: the one given, the single key of the
+classnames file, the directory name (or file stem).
 """
 
 from __future__ import annotations
@@ -160,6 +162,17 @@ def _read_json(path: Path, what: str) -> Any:
         raise DatasetError(f"{what} file {path} is not valid JSON: {e}") from e
 
 
+def _single_key(path: Path | None) -> str | None:
+    """The dataset name a CLIP_benchmark-format JSON file is keyed by, when it has exactly one key."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return next(iter(data)) if isinstance(data, dict) and len(data) == 1 else None
+
+
 def _sidecar(directory: Path, pattern: str) -> Path | None:
     found = sorted(directory.glob(pattern))
     return found[0] if found else None
@@ -180,10 +193,10 @@ def load_eval_dataset(path: str | Path, classnames: str | Path | None = None, te
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"evaluation set {path} does not exist: give a Parquet file, a directory of them, or an ImageFolder")
-    ds_name = metric_name(name or (path.stem if path.is_file() else path.name))
     side_dir = path.parent if path.is_file() else path
     cls_path = Path(classnames) if classnames else _sidecar(side_dir, "*classnames*.json")
     tpl_path = Path(templates) if templates else _sidecar(side_dir, "*templates*.json")
+    ds_name = metric_name(name or _single_key(cls_path) or (path.stem if path.is_file() else path.name))
     cls_list = read_classnames(cls_path, ds_name) if cls_path else None
     if tpl_path:
         tpl: Templates = read_templates(tpl_path, ds_name)

@@ -191,7 +191,9 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     """The most recently written checkpoint directory under ``cfg.checkpoints_dir``."""
     if not cfg.checkpoints_dir.is_dir():
         return None
-    found = sorted(cfg.checkpoints_dir.rglob("open_clip_config.json"), key=lambda p: p.stat().st_mtime)
+    found = sorted((p for p in cfg.checkpoints_dir.rglob("open_clip_config.json")
+                    if not any(part.startswith(".") for part in p.relative_to(cfg.checkpoints_dir).parts)),
+                   key=lambda p: p.stat().st_mtime)  # hidden dirs are checkpoints still being written
     return found[-1].parent if found else None
 
 
