@@ -118,9 +118,25 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    primary_metric: str = "zeroshot/heldout/acc1"
-    promotion_margin: float = Field(0.0, ge=0)
+    primary_metric: str = Field("zeroshot/heldout/acc1", description="metric the promotion rule compares")
+    promotion_margin: float = Field(0.0, ge=0, description="a new version must beat the champion by more than this")
     batch_size: int = Field(256, ge=1)
+    datasets: list[Path] = Field(default_factory=list, description="zero-shot sets (Parquet or ImageFolder) evaluated by default")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0, description="DataLoader workers decoding images")
+    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    retrieval_max_pairs: int = Field(5000, ge=1, description="val pairs used for retrieval (first N by key)")
+    grid_queries: int = Field(4, ge=0, description="text queries shown in the retrieval grid PNG")
+    grid_top: int = Field(4, ge=1, description="images per query in the retrieval grid PNG")
+    worst_classes: int = Field(5, ge=1)
+    compare_metrics: list[str] = Field(default_factory=list, description="metrics charted by `compare` (default: primary + acc1/R5)")
+
+    @field_validator("recall_k")
+    @classmethod
+    def _positive_k(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("recall_k must be a non-empty list of positive integers")
+        return sorted(set(v))
 
 
 class TrackingConfig(_Section):

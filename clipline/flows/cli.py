@@ -170,6 +170,109 @@ def demo_web(
         except KeyboardInterrupt:
             console.print("toy web stopped")
 
+# ---- evaluate ----
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="VERSION|ALIAS|PATH",
+        help="Model version, alias (champion, challenger), models:/ URI or checkpoint directory "
+             "(default: the champion, else the newest local checkpoint)."),
+    dataset: Optional[list[Path]] = typer.Option(
+        None, "--dataset", metavar="PATH",
+        help="Zero-shot set: Parquet (image,label), a directory of them, or an ImageFolder. Repeatable."),
+    classnames: Optional[Path] = typer.Option(None, "--classnames", metavar="FILE",
+                                              help="Class names JSON (CLIP_benchmark format)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", metavar="FILE",
+                                             help="Templates JSON (CLIP_benchmark format, '{c}' placeholders)."),
+    snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="ID",
+                                           help="Snapshot whose val split is used for retrieval (default: the model's)."),
+    register: bool = typer.Option(False, "--register/--no-register",
+                                  help="Register as a new model version and apply the promotion rule."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Zero-shot accuracy and retrieval recall of a model; metrics go to its MLflow run."""
+    cfg = get_config(evaluate={k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None})
+    from clipline.components.evaluate.checkpoint import CheckpointError
+    from clipline.components.evaluate.datasets import DatasetError
+    from clipline.components.tracking.registry import RegistryError
+    from clipline.flows.evaluate import evaluate_flow
+
+    try:
+        out = evaluate_flow(model=model, datasets=[str(d) for d in dataset or []],
+                            classnames=str(classnames) if classnames else None,
+                            templates=str(templates) if templates else None,
+                            snapshot_id=snapshot, register_model=register, cfg=cfg)
+    except (CheckpointError, DatasetError, RegistryError) as e:
+        fail(str(e))
+        return
+    from rich.table import Table
+
+    res = out.eval
+    table = Table(title=f"evaluation of {res.checkpoint_dir.name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in sorted(res.metrics.items()):
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+    for zs in res.zeroshot:
+        worst = ", ".join(f"{n} ({r:.2f})" for n, r, _ in zs.worst_classes(cfg.evaluate.worst_classes))
+        console.print(f"worst classes on {zs.dataset}: {worst}")
+    for note in res.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"reports: {res.report_dir}")
+    if out.registry is not None:
+        r = out.registry
+        console.print(f"registered {r.name} version {r.version} as [bold]{r.alias}[/] ({r.decision.reason})")
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="Version, alias, models:/ URI or checkpoint directory."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Directory to write (must be empty or absent)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty OUT_DIR."),
+) -> None:
+    """Write an open_clip-loadable checkpoint + config that needs no clipline code."""
+    cfg = get_config()
+    from clipline.components.evaluate.checkpoint import CheckpointError, export_checkpoint
+    from clipline.components.tracking.registry import RegistryError, resolve_model
+
+    try:
+        resolved = resolve_model(cfg, model)
+        res = export_checkpoint(resolved.checkpoint_dir, out_dir, overwrite=overwrite)
+    except (CheckpointError, RegistryError) as e:
+        fail(str(e))
+        return
+    console.print(f"exported {model} to {res.out_dir} ({res.n_tensors} tensors); load it with")
+    console.print(f"  {res.open_clip_command}", highlight=False, soft_wrap=True)
+    console.print(f"  {res.clip_benchmark_command}", highlight=False, soft_wrap=True)
+
+
+@app.command("compare")
+def compare_cmd(
+    versions: Optional[list[str]] = typer.Argument(None, metavar="[VERSION...]",
+                                                   help="Versions or aliases (default: all versions)."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric to chart (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Where to write the PNG and JSON."),
+    log: bool = typer.Option(True, "--log/--no-log", help="Log the chart and table to MLflow."),
+) -> None:
+    """Registered model versions side by side: a table here, a PNG chart on disk and in MLflow."""
+    cfg = get_config()
+    from clipline.components.tracking.compare import compare_versions, comparison_table
+    from clipline.components.tracking.registry import RegistryError
+
+    try:
+        comp = compare_versions(cfg, versions or None, metric or cfg.evaluate.compare_metrics or None, out, log)
+    except RegistryError as e:
+        fail(str(e))
+        return
+    console.print(comparison_table(comp))
+    console.print(f"chart: {comp.chart}")
+    if comp.mlflow_run_id:
+        console.print(f"logged to MLflow run {comp.mlflow_run_id}")
+
 
 def main() -> None:
     """Entry point: any uncaught error becomes a one-line reason and exit code 1

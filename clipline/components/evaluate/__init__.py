@@ -1,1 +1,1 @@
-"""evaluate stage."""
+"""evaluate stage: zero-shot classification, retrieval, reports (see stage.evaluate)."""

@@ -1,0 +1,341 @@
+"""Evaluation data: zero-shot classification sets and the snapshot's validation pairs.
+
+Zero-shot sets come in three shapes, all described by an :class:`EvalDataset`:
+
+- a Parquet table with an image column (bytes) and a label column (class index or class name),
+  for example the toy web's held-out set;
+- an ImageFolder directory (torchvision's convention: one sub-folder per class);
+- either of them with class names and templates in CLIP_benchmark's JSON format:
+  ``{"<dataset>": ["class a", ...]}`` and ``{"<dataset>": ["a photo of a {c}.", ...]}`` (a plain
+  list is accepted too; templates may also be CuPL-style ``{"<classname>": [prompts]}``).
+
+When a Parquet file or directory has JSON files named ``*classnames*.json`` and
+``*templates*.json`` beside it, they are used unless given explicitly. The dataset's name (used in
+metric names, ``zeroshot/<name>/acc1``) is, in order: the one given, the single key of the
+classnames file, the directory name (or file stem).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
+LABEL_COLUMNS = ("label", "labels", "class", "target")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_TEMPLATES = ["a photo of a {c}."]
+
+
+class DatasetError(ValueError):
+    """An evaluation set that cannot be used; the message names the input and what to do."""
+
+
+Templates = list[str] | dict[str, list[str]]
+
+
+@dataclass
+class EvalDataset:
+    """A zero-shot classification set. ``labels[i]`` indexes ``classnames``."""
+
+    name: str
+    source: Path
+    kind: str  # "parquet" | "imagefolder"
+    classnames: list[str]
+    templates: Templates
+    labels: list[int]
+    images: list[Any] = field(repr=False)  # bytes (parquet) or file paths (imagefolder)
+    templates_source: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (row or file, reason) of unreadable images
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def torch_dataset(self, transform: Any) -> Any:
+        """A map-style torch Dataset yielding ``(transform(PIL image), label)``."""
+        return _ImageLabelDataset(self.images, self.labels, transform, self.source)
+
+
+class _ImageLabelDataset:
+    def __init__(self, images: list[Any], labels: list[int], transform: Any, source: Path):
+        self.images, self.labels, self.transform, self.source = images, labels, transform, source
+        self.classes = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = decode_image(self.images[i], f"{self.source} row {i}")
+        return self.transform(img), self.labels[i]
+
+
+def decode_image(data: Any, where: str) -> Any:
+    """Open image bytes or a path as an RGB PIL image; DatasetError naming ``where`` if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{where}: image cannot be decoded ({e}); remove or replace it") from e
+
+
+def _check_image(data: Any) -> str | None:
+    """None when PIL can parse the image header and structure, else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as img:
+            img.verify()
+        return None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"{type(e).__name__}: {e}"
+
+
+def drop_unreadable(ds: "EvalDataset") -> None:
+    """Remove images PIL cannot read, recording each with its reason in ``ds.skipped``."""
+    keep_images, keep_labels = [], []
+    for i, (img, label) in enumerate(zip(ds.images, ds.labels)):
+        reason = "no image bytes" if img is None else _check_image(img)
+        if reason is None:
+            keep_images.append(img)
+            keep_labels.append(label)
+        else:
+            ds.skipped.append((str(img) if isinstance(img, Path) else f"row {i}", reason))
+    ds.images, ds.labels = keep_images, keep_labels
+
+
+def metric_name(name: str) -> str:
+    """A dataset name usable inside MLflow metric names (letters, digits, _ - .)."""
+    clean = re.sub(r"[^\w.\-]+", "_", name).strip("_")
+    return clean or "dataset"
+
+
+def _pick(data: Any, name: str, what: str, path: Path, fallback_key: str | None = None) -> Any:
+    """CLIP_benchmark's lookup: the dataset's own key, else the only key, else ``fallback_key``."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        if name in data:
+            return data[name]
+        if len(data) == 1:
+            return next(iter(data.values()))
+        if fallback_key and fallback_key in data:
+            return data[fallback_key]
+        raise DatasetError(
+            f"{what} file {path} has keys {sorted(data)[:10]} but none named '{name}': "
+            f"name the dataset after one of them or give a file with a single key"
+        )
+    raise DatasetError(f"{what} file {path} must hold a JSON list or an object keyed by dataset name")
+
+
+def read_classnames(path: Path, name: str) -> list[str]:
+    data = _read_json(path, "classnames")
+    names = _pick(data, name, "classnames", path)
+    if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+        raise DatasetError(f"classnames file {path}: expected a non-empty list of strings for '{name}'")
+    return names
+
+
+def read_templates(path: Path, name: str) -> Templates:
+    data = _read_json(path, "templates")
+    # CuPL-style class-specific prompts: {classname: [prompts]} directly, no dataset key
+    templates = _pick(data, name, "templates", path, fallback_key="imagenet1k")
+    if isinstance(templates, list):
+        if not templates or not all(isinstance(t, str) and "{c}" in t for t in templates):
+            raise DatasetError(f"templates file {path}: every template must be a string containing '{{c}}'")
+        return templates
+    if isinstance(templates, dict) and all(isinstance(v, list) for v in templates.values()):
+        return templates
+    raise DatasetError(f"templates file {path}: expected a list of '{{c}}' templates or {{classname: [prompts]}}")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DatasetError(f"{what} file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{what} file {path} is not valid JSON: {e}") from e
+
+
+def _single_key(path: Path | None) -> str | None:
+    """The dataset name a CLIP_benchmark-format JSON file is keyed by, when it has exactly one key."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return next(iter(data)) if isinstance(data, dict) and len(data) == 1 else None
+
+
+def _sidecar(directory: Path, pattern: str) -> Path | None:
+    found = sorted(directory.glob(pattern))
+    return found[0] if found else None
+
+
+def _is_imagefolder(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() for p in path.iterdir()) and not list(path.glob("*.parquet"))
+
+
+def load_eval_dataset(path: str | Path, classnames: str | Path | None = None, templates: str | Path | None = None,
+                      name: str | None = None) -> EvalDataset:
+    """Read a zero-shot set from a Parquet file, a directory of Parquet files, or an ImageFolder.
+
+    Guarantees: every label indexes ``classnames``; class names and templates are in
+    CLIP_benchmark's format; images PIL cannot read are left out and listed in ``skipped`` with
+    their reason; any other problem raises DatasetError naming the file and the fix.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"evaluation set {path} does not exist: give a Parquet file, a directory of them, or an ImageFolder")
+    side_dir = path.parent if path.is_file() else path
+    cls_path = Path(classnames) if classnames else _sidecar(side_dir, "*classnames*.json")
+    tpl_path = Path(templates) if templates else _sidecar(side_dir, "*templates*.json")
+    ds_name = metric_name(name or _single_key(cls_path) or (path.stem if path.is_file() else path.name))
+    cls_list = read_classnames(cls_path, ds_name) if cls_path else None
+    if tpl_path:
+        tpl: Templates = read_templates(tpl_path, ds_name)
+        tpl_source = str(tpl_path)
+    else:
+        tpl, tpl_source = list(DEFAULT_TEMPLATES), "default ('a photo of a {c}.')"
+
+    if _is_imagefolder(path):
+        ds = _load_imagefolder(path, ds_name, cls_list)
+    else:
+        ds = _load_parquet(path, ds_name, cls_list)
+    if isinstance(tpl, dict):
+        missing = [c for c in ds.classnames if c not in tpl]
+        if missing:
+            raise DatasetError(f"templates file {tpl_path} has no prompts for classes {missing[:5]}")
+    ds.templates, ds.templates_source = tpl, tpl_source
+    drop_unreadable(ds)
+    if len(ds) == 0:
+        why = f" ({len(ds.skipped)} unreadable, first: {ds.skipped[0][1]})" if ds.skipped else ""
+        raise DatasetError(f"evaluation set {path} has no readable images{why}")
+    return ds
+
+
+def _load_imagefolder(path: Path, name: str, classnames: list[str] | None) -> EvalDataset:
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    if classnames is not None and len(classnames) != len(folders):
+        raise DatasetError(
+            f"ImageFolder {path} has {len(folders)} class folders but the classnames file lists {len(classnames)}: "
+            "they must match one to one, in sorted folder order"
+        )
+    names = classnames or [f.name.replace("_", " ") for f in folders]
+    images, labels = [], []
+    for idx, folder in enumerate(folders):
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(f)
+                labels.append(idx)
+    return EvalDataset(name=name, source=path, kind="imagefolder", classnames=names, templates=[],
+                       labels=labels, images=images)
+
+
+def _load_parquet(path: Path, name: str, classnames: list[str] | None) -> EvalDataset:
+    import pyarrow.parquet as pq
+
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    if not files:
+        raise DatasetError(f"{path} holds no .parquet files and no class sub-folders: it is not an evaluation set")
+    images: list[bytes] = []
+    raw_labels: list[Any] = []
+    for f in files:
+        schema = pq.read_schema(f)
+        img_col = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
+        lab_col = next((c for c in LABEL_COLUMNS if c in schema.names), None)
+        if img_col is None or lab_col is None:
+            raise DatasetError(
+                f"{f} needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a label column "
+                f"({'/'.join(LABEL_COLUMNS)}); it has {schema.names}"
+            )
+        table = pq.read_table(f, columns=[img_col, lab_col])
+        images.extend(table.column(img_col).to_pylist())
+        raw_labels.extend(table.column(lab_col).to_pylist())
+    if all(isinstance(x, str) for x in raw_labels):
+        names = classnames or sorted(set(raw_labels))
+        index = {c: i for i, c in enumerate(names)}
+        unknown = sorted(set(raw_labels) - set(index))
+        if unknown:
+            raise DatasetError(f"{path}: labels {unknown[:5]} are not in the classnames file")
+        labels = [index[x] for x in raw_labels]
+    elif all(isinstance(x, int) and not isinstance(x, bool) for x in raw_labels):
+        if classnames is None:
+            raise DatasetError(f"{path} has integer labels but no classnames: give --classnames FILE "
+                               "(CLIP_benchmark format) or put a *classnames*.json beside it")
+        names = classnames
+        bad = [x for x in raw_labels if not 0 <= x < len(names)]
+        if bad:
+            raise DatasetError(f"{path}: labels {sorted(set(bad))[:5]} are out of range for {len(names)} class names")
+        labels = list(raw_labels)
+    else:
+        raise DatasetError(f"{path}: the label column must be all integers (class indices) or all strings (class names)")
+    return EvalDataset(name=name, source=path, kind="parquet", classnames=list(names), templates=[],
+                       labels=labels, images=images)
+
+
+# ----- the snapshot's validation pairs (retrieval) -----
+
+@dataclass
+class PairSet:
+    """Image-caption pairs, one caption per image (row i's caption belongs to row i's image)."""
+
+    name: str
+    keys: list[str]
+    captions: list[str]
+    images: list[bytes] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def torch_dataset(self, transform: Any) -> Any:
+        return _PairDataset(self, transform)
+
+
+class _PairDataset:
+    def __init__(self, pairs: PairSet, transform: Any):
+        self.pairs, self.transform = pairs, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[Any, list[str]]:
+        img = decode_image(self.pairs.images[i], f"pair {self.pairs.keys[i]}")
+        return self.transform(img), [self.pairs.captions[i]]
+
+
+def load_snapshot_pairs(snapshots_dir: Path, snapshot_id: str, split: str = "val", limit: int | None = None) -> PairSet:
+    """The ``split`` rows of a snapshot, read from exactly ``manifest["files"]``, in a stable key order."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    snap = Path(snapshots_dir) / snapshot_id
+    manifest_path = snap / "manifest.json"
+    if not manifest_path.is_file():
+        raise DatasetError(f"snapshot {snapshot_id} has no manifest at {manifest_path}: run `clipline curate` first")
+    manifest = json.loads(manifest_path.read_text())
+    files = manifest.get("files") or []
+    if not files:
+        raise DatasetError(f"snapshot {snapshot_id}: manifest lists no files")
+    tables = []
+    for rel in files:
+        f = Path(snapshots_dir) / rel
+        if not f.is_file():
+            raise DatasetError(f"snapshot {snapshot_id} lists {rel} but {f} is missing: the snapshot is incomplete")
+        t = pq.read_table(f, columns=["key", "caption", "image", "split"])
+        tables.append(t.filter(pc.equal(t["split"], split)).drop_columns(["split"]))
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
+        raise DatasetError(f"snapshot {snapshot_id} has no '{split}' rows: curate with a val_fraction above 0")
+    table = table.filter(pc.is_valid(table["image"])).sort_by("key")
+    if limit is not None:
+        table = table.slice(0, limit)
+    return PairSet(name=split, keys=[str(k) for k in table["key"].to_pylist()],
+                   captions=table["caption"].to_pylist(), images=table["image"].to_pylist())

@@ -1,0 +1,113 @@
+"""The evaluate stage: zero-shot sets + snapshot retrieval for one checkpoint, reports, MLflow logging."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from clipline.components.config import Config
+from clipline.components.evaluate.checkpoint import LoadedModel, load_checkpoint
+from clipline.components.evaluate.datasets import EvalDataset, load_eval_dataset, load_snapshot_pairs
+from clipline.components.evaluate.report import (
+    confusion_png, metrics_markdown, retrieval_grid_png, worst_classes_markdown,
+)
+from clipline.components.evaluate.retrieval import RetrievalResult, run_retrieval
+from clipline.components.evaluate.zeroshot import ZeroShotResult, run_zeroshot
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produced. ``metrics`` uses the stable MLflow names:
+    ``zeroshot/<dataset>/{acc1,acc5,mean_per_class_recall}`` and
+    ``retrieval/val/{image_to_text,text_to_image}_R{1,5,10}``."""
+
+    metrics: dict[str, float]
+    checkpoint_dir: Path
+    run_id: str | None
+    snapshot_id: str | None
+    report_dir: Path
+    reports: dict[str, Path] = field(default_factory=dict)
+    zeroshot: list[ZeroShotResult] = field(default_factory=list, repr=False)
+    retrieval: RetrievalResult | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+    markdown: str = ""
+
+
+def default_datasets(cfg: Config) -> list[EvalDataset]:
+    """The zero-shot sets listed in ``cfg.evaluate.datasets``."""
+    return [load_eval_dataset(p) for p in cfg.evaluate.datasets]
+
+
+def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = None,
+             datasets: Sequence[EvalDataset] | None = None, snapshot_id: str | None = None,
+             log_to_mlflow: bool = True) -> EvalResult:
+    """Evaluate a checkpoint directory on zero-shot sets and on the snapshot's val split.
+
+    ``datasets`` None means ``cfg.evaluate.datasets``. ``snapshot_id`` None means the snapshot
+    recorded in the checkpoint's clipline.json; retrieval is skipped (with a note) when there is
+    none. ``run_id`` None means the checkpoint's run; when there is a run and ``log_to_mlflow``,
+    metrics and report files are logged into it (artifacts under ``eval/``).
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_checkpoint(model, cfg.evaluate.device)
+    run_id = run_id or loaded.run_id
+    snapshot_id = snapshot_id or loaded.snapshot_id
+    ds_list = list(datasets) if datasets is not None else default_datasets(cfg)
+    ecfg = cfg.evaluate
+    report_dir = cfg.reports_dir / "eval" / (run_id or loaded.checkpoint_dir.name)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    result = EvalResult(metrics={}, checkpoint_dir=loaded.checkpoint_dir, run_id=run_id,
+                        snapshot_id=snapshot_id, report_dir=report_dir)
+    md = [f"# Evaluation of `{loaded.checkpoint_dir}`", ""]
+
+    for ds in ds_list:
+        zs = run_zeroshot(loaded.model, loaded.tokenizer, loaded.preprocess, ds, loaded.device,
+                          ecfg.batch_size, ecfg.num_workers)
+        result.zeroshot.append(zs)
+        result.metrics.update(zs.metrics(f"zeroshot/{ds.name}"))
+        png = confusion_png(zs, report_dir / f"confusion_{ds.name}.png")
+        if png is not None:
+            result.reports[f"confusion_{ds.name}"] = png
+        else:
+            result.notes.append(f"{ds.name}: {zs.n_classes} classes, no confusion matrix above 50")
+        md.append(worst_classes_markdown(zs, ecfg.worst_classes))
+        if ds.skipped:
+            result.notes.append(f"{ds.name}: {len(ds.skipped)} unreadable image(s) left out, first "
+                                f"{ds.skipped[0][0]}: {ds.skipped[0][1]}")
+        if ds.templates_source.startswith("default"):
+            result.notes.append(f"{ds.name}: no templates file, used the default template")
+
+    if snapshot_id:
+        pairs = load_snapshot_pairs(cfg.snapshots_dir, snapshot_id, "val", limit=ecfg.retrieval_max_pairs)
+        rr = run_retrieval(loaded.model, loaded.tokenizer, loaded.preprocess, pairs, loaded.device,
+                           ecfg.batch_size, ecfg.recall_k, ecfg.num_workers, keep_top=ecfg.grid_top)
+        result.retrieval = rr
+        result.metrics.update(rr.metrics("retrieval/val"))
+        q = list(range(min(ecfg.grid_queries, len(pairs))))
+        if q:
+            result.reports["retrieval_grid"] = retrieval_grid_png(
+                [pairs.captions[i] for i in q],
+                [[pairs.images[j] for j in rr.top_images[i]] for i in q],
+                report_dir / "retrieval_grid.png",
+                correct=[[j == i for j in rr.top_images[i]] for i in q],
+            )
+    else:
+        result.notes.append("no snapshot id: retrieval on the val split skipped")
+
+    md.insert(2, metrics_markdown(result.metrics, "Metrics"))
+    md += [f"- {n}" for n in result.notes]
+    result.markdown = "\n".join(md) + "\n"
+    (report_dir / "report.md").write_text(result.markdown)
+    (report_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+    result.reports["markdown"] = report_dir / "report.md"
+    result.reports["metrics"] = report_dir / "metrics.json"
+
+    if log_to_mlflow and run_id:
+        from clipline.components.tracking.runs import log_artifacts, log_metrics
+
+        log_metrics(cfg, run_id, result.metrics)
+        log_artifacts(cfg, run_id, result.reports, "eval")
+    elif log_to_mlflow:
+        result.notes.append("no MLflow run: metrics not logged")
+    return result

@@ -1,0 +1,240 @@
+"""Zero-shot classification and retrieval: exact numbers on a handcrafted model, agreement with
+CLIP_benchmark's own functions on a real (tiny, random) open_clip checkpoint, and the data readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zeroshot_set
+
+from clipline.components.evaluate.datasets import DatasetError, load_eval_dataset, load_snapshot_pairs
+from clipline.components.evaluate.retrieval import retrieval_metrics, run_retrieval
+from clipline.components.evaluate.zeroshot import (
+    build_classifier, classification_metrics, embed_images, make_loader, run_zeroshot,
+)
+
+# ---------------------------------------------------------------- handcrafted model
+
+C = 6
+CLASSNAMES = [f"class{i}" for i in range(C)]
+TEMPLATES = ["a {c}", "the {c}"]
+
+
+def _order_vec(order: list[int]) -> list[float]:
+    """A score vector whose ranking of the C classes is ``order`` (best first)."""
+    v = [0.0] * C
+    for rank, cls in enumerate(order):
+        v[cls] = float(C - rank)
+    return v
+
+
+# (true class, predicted ranking best-first)
+IMAGES = [
+    (0, [0, 1, 2, 3, 4, 5]),  # top-1 hit
+    (0, [1, 0, 2, 3, 4, 5]),  # rank 2
+    (1, [1, 0, 2, 3, 4, 5]),
+    (1, [1, 2, 0, 3, 4, 5]),
+    (2, [3, 0, 1, 4, 5, 2]),  # rank 6: misses top-5
+    (3, [3, 2, 1, 0, 4, 5]),
+    (4, [5, 0, 4, 1, 2, 3]),  # rank 3
+    (5, [5, 4, 3, 2, 1, 0]),
+    (5, [5, 0, 1, 2, 3, 4]),
+    (5, [0, 1, 2, 3, 5, 4]),  # rank 5
+]
+
+
+class Handcrafted(nn.Module):
+    """encode_text: prompt i of class c -> e_c +/- a template offset (the offsets cancel in the mean);
+    encode_image: image index -> the score vector above (the class matrix is the identity)."""
+
+    def __init__(self):
+        super().__init__()
+        offset = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.2, -0.1])
+        table = []
+        for c in range(C):
+            e = torch.zeros(C)
+            e[c] = 1.0
+            o = offset.clone()
+            o[c] = 0.0  # orthogonal to the class axis: e+o and e-o have equal norms
+            table += [e + o, e - o]  # "a {c}", "the {c}"
+        self.text_table = torch.stack(table)
+        self.image_table = torch.tensor([_order_vec(o) for _, o in IMAGES])
+
+    def encode_text(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.text_table[idx]
+
+    def encode_image(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.image_table[idx]
+
+
+def handcrafted_tokenizer(texts: list[str]) -> torch.Tensor:
+    prompts = [t.format(c=c) for c in CLASSNAMES for t in TEMPLATES]
+    return torch.tensor([prompts.index(t) for t in texts])
+
+
+def test_zeroshot_on_handcrafted_model_gives_exact_metrics():
+    model = Handcrafted()
+    clf = build_classifier(model, handcrafted_tokenizer, CLASSNAMES, TEMPLATES, batch_size=5)
+    # the two templates' offsets cancel: each class vector is exactly its axis
+    assert torch.allclose(clf, torch.eye(C), atol=1e-6)
+    data = [(torch.tensor(i), label) for i, (label, _) in enumerate(IMAGES)]
+    feats, targets = embed_images(model, make_loader(data, batch_size=3))
+    res = classification_metrics(100.0 * feats @ clf, targets, CLASSNAMES, dataset="hand")
+    assert res.acc1 == pytest.approx(6 / 10)
+    assert res.acc5 == pytest.approx(9 / 10)
+    # per class recall: 1/2, 2/2, 0/1, 1/1, 0/1, 2/3
+    assert res.per_class_recall == pytest.approx([0.5, 1.0, 0.0, 1.0, 0.0, 2 / 3])
+    assert res.mean_per_class_recall == pytest.approx((0.5 + 1 + 0 + 1 + 0 + 2 / 3) / 6)
+    assert res.confusion[2][3] == 1 and res.confusion[5][0] == 1 and sum(map(sum, res.confusion)) == 10
+    assert [w[0] for w in res.worst_classes(2)] == ["class2", "class4"]
+    m = res.metrics("zeroshot/hand")
+    assert set(m) == {"zeroshot/hand/acc1", "zeroshot/hand/acc5", "zeroshot/hand/mean_per_class_recall"}
+
+
+def test_acc5_is_absent_below_five_classes():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 2.0, 1.0], [0.0, 2.0, 1.0]])
+    res = classification_metrics(logits, torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    assert res.acc1 == pytest.approx(2 / 3)
+    assert res.acc5 is None and "x/acc5" not in res.metrics("x")
+    assert res.per_class_recall == [1.0, 1.0, 0.0]
+
+
+def test_retrieval_recall_on_known_embeddings():
+    # 4 images on the axes; text t is close to image perm[t]'s axis
+    images = torch.eye(4)
+    texts = torch.nn.functional.normalize(torch.tensor([
+        [1.0, 0.5, 0.0, 0.0],  # best image 0 (own): hit @1
+        [0.0, 0.4, 1.0, 0.0],  # own image 1 ranked 2nd
+        [0.0, 0.0, 0.2, 0.1],  # own image 2 first
+        [1.0, 0.6, 0.0, 0.3],  # own image 3 ranked 3rd
+    ]), dim=-1)
+    res = retrieval_metrics(images, texts, [0, 1, 2, 3], ks=(1, 2, 5))
+    assert res.text_to_image == pytest.approx({1: 0.5, 2: 0.75, 5: 1.0})
+    # image -> text: image 0's best text is text 0 or 3 (cos 0.89 vs 0.82): 0; image 1: text 3 (0.5) beats text 1
+    # image 2: text 1 (0.93) beats text 2 (0.89); image 3: text 2 (0.45) beats text 3 (0.25)
+    assert res.image_to_text[1] == pytest.approx(0.25)
+    assert res.metrics("retrieval/val")["retrieval/val/text_to_image_R2"] == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- agreement with CLIP_benchmark
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from clipline.components.evaluate.checkpoint import load_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny")
+    return load_checkpoint(make_checkpoint(d / "ckpt", seed=3), "cpu")
+
+
+def test_zeroshot_agrees_with_clip_benchmark(tiny, tmp_path):
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from sklearn.metrics import balanced_accuracy_score
+
+    classes = [(c, s) for c in list(COLORS)[:4] for s in SHAPES]  # 12 classes
+    ds = load_eval_dataset(make_zeroshot_set(tmp_path / "zs", classes, per_class=3))
+    ours = run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, ds, batch_size=7)
+
+    ref_clf = zero_shot_classifier(tiny.model, tiny.tokenizer, ds.classnames, ds.templates, "cpu", amp=False)
+    our_clf = build_classifier(tiny.model, tiny.tokenizer, ds.classnames, ds.templates, batch_size=7)
+    assert torch.allclose(ref_clf, our_clf, atol=1e-5)
+    logits, target = run_classification(tiny.model, ref_clf, make_loader(ds.torch_dataset(tiny.preprocess), 8),
+                                        "cpu", amp=False)
+    # CLIP_benchmark's accuracy() fails under NumPy 2.x; count top-k from its logits as it does
+    pred = logits.topk(5, 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    ref_acc1 = correct[:1].reshape(-1).float().sum().item() / len(target)
+    ref_acc5 = correct[:5].reshape(-1).float().sum().item() / len(target)
+    ref_recall = balanced_accuracy_score(target, logits.argmax(axis=1))
+    assert ours.n_images == len(target) == 36
+    assert ours.acc1 == pytest.approx(ref_acc1, abs=1e-4)
+    assert ours.acc5 == pytest.approx(ref_acc5, abs=1e-4)
+    assert ours.mean_per_class_recall == pytest.approx(ref_recall, abs=1e-4)
+
+
+def test_retrieval_agrees_with_clip_benchmark(tiny, tmp_path):
+    from clip_benchmark.metrics import zeroshot_retrieval
+
+    from clipline.components.evaluate.retrieval import _collate
+
+    sid = make_snapshot(tmp_path / "snapshots", n_val=24)
+    pairs = load_snapshot_pairs(tmp_path / "snapshots", sid, "val")
+    assert len(pairs) == 24
+    ours = run_retrieval(tiny.model, tiny.tokenizer, tiny.preprocess, pairs, batch_size=10, ks=(1, 5, 10))
+    loader = make_loader(pairs.torch_dataset(tiny.preprocess), 10, collate_fn=_collate)
+    ref = zeroshot_retrieval.evaluate(tiny.model, loader, tiny.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    for k in (1, 5, 10):
+        assert ours.text_to_image[k] == pytest.approx(ref[f"image_retrieval_recall@{k}"], abs=1e-4)
+        assert ours.image_to_text[k] == pytest.approx(ref[f"text_retrieval_recall@{k}"], abs=1e-4)
+
+
+# ---------------------------------------------------------------- datasets
+
+def test_imagefolder_and_parquet_give_the_same_set(tmp_path, tiny):
+    classes = [("blue", "square"), ("red", "circle")]  # ImageFolder classes are in sorted folder order
+    pq_dir = make_zeroshot_set(tmp_path / "pq", classes, per_class=2, int_labels=True)
+    folder = tmp_path / "folder"
+    from evalkit import draw
+
+    for ci, (c, s) in enumerate(classes):
+        (folder / f"{c}_{s}").mkdir(parents=True)
+        for k in range(2):
+            (folder / f"{c}_{s}" / f"{k}.png").write_bytes(draw(c, s, seed=ci * 100 + k))
+    a = load_eval_dataset(pq_dir)
+    b = load_eval_dataset(folder, templates=pq_dir / "templates.json")
+    assert a.classnames == b.classnames == ["blue square", "red circle"]
+    assert a.labels == b.labels == [0, 0, 1, 1]
+    ra = run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, a)
+    rb = run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, b)
+    assert ra.acc1 == rb.acc1 and ra.confusion == rb.confusion
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_eval_dataset(tmp_path / "nope")
+    d = make_zeroshot_set(tmp_path / "zs", [("red", "circle")], per_class=1, int_labels=True)
+    (d / "classnames.json").unlink()
+    with pytest.raises(DatasetError, match="integer labels but no classnames"):
+        load_eval_dataset(d)
+    (d / "classnames.json").write_text(json.dumps({"a": ["x"], "b": ["y"]}))
+    with pytest.raises(DatasetError, match="none named 'zs'"):
+        load_eval_dataset(d)
+    bad_tpl = tmp_path / "tpl.json"
+    bad_tpl.write_text(json.dumps(["a photo"]))
+    (d / "classnames.json").write_text(json.dumps(["red circle"]))
+    with pytest.raises(DatasetError, match=r"containing '\{c\}'"):
+        load_eval_dataset(d, classnames=None, templates=bad_tpl)
+    with pytest.raises(DatasetError, match="no manifest"):
+        load_snapshot_pairs(tmp_path, "missing")
+
+
+def test_unreadable_images_are_recorded_not_fatal(tmp_path, tiny):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from evalkit import draw
+
+    pq.write_table(pa.table({"image": [draw("red", "circle"), b"not an image", draw("blue", "square"), None],
+                             "label": ["red circle", "red circle", "blue square", "blue square"]}),
+                   tmp_path / "set.parquet")
+    ds = load_eval_dataset(tmp_path / "set.parquet")
+    assert len(ds) == 2 and ds.labels == [1, 0]  # sorted class names: blue square, red circle
+    assert [s[0] for s in ds.skipped] == ["row 1", "row 3"]
+    assert "UnidentifiedImageError" in ds.skipped[0][1] and ds.skipped[1][1] == "no image bytes"
+    assert run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, ds).n_images == 2
+
+
+def test_classnames_and_templates_in_clip_benchmark_files_work_as_they_are(tmp_path):
+    """CLIP_benchmark's own packaged templates (keyed by dataset, imagenet1k as fallback) load unchanged."""
+    import clip_benchmark.datasets as cbd
+
+    tpl_file = Path(cbd.__file__).parent / "en_zeroshot_classification_templates.json"
+    d = make_zeroshot_set(tmp_path / "cifar10", [("red", "circle"), ("blue", "square")], per_class=1)
+    ds = load_eval_dataset(d / "heldout.parquet", templates=tpl_file, name="cifar10")
+    assert ds.templates == json.loads(tpl_file.read_text())["cifar10"]
+    ds2 = load_eval_dataset(d / "heldout.parquet", templates=tpl_file, name="mytoyset")
+    assert ds2.templates == json.loads(tpl_file.read_text())["imagenet1k"]

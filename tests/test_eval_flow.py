@@ -1,0 +1,92 @@
+"""The evaluate stage end to end: a real checkpoint logged in MLflow, the Prefect flow with its
+markdown artifact, registration, and the `clipline evaluate` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zeroshot_set, simulate_training_run
+
+from clipline.components.config import load_config
+from clipline.components.evaluate.datasets import load_eval_dataset
+from clipline.components.evaluate.stage import evaluate
+from clipline.components.tracking.runs import client
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """One MLflow store and one trained-and-logged checkpoint for the module (creating the store is slow)."""
+    tmp_path = tmp_path_factory.mktemp("evalflow")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(None, {"data_dir": tmp_path / "data", "evaluate": {"batch_size": 16}})
+    sid = make_snapshot(cfg.snapshots_dir, "snapE", n_val=12, n_train=4)
+    heldout = make_zeroshot_set(tmp_path / "heldout", [(c, s) for c in list(COLORS)[:2] for s in SHAPES], per_class=2)
+    ckpt = make_checkpoint(cfg.checkpoints_dir / "run1", seed=1)
+    run_id, uri = simulate_training_run(cfg, ckpt, sid, seed=1)
+    yield cfg, sid, heldout, ckpt, run_id, uri
+    mp.undo()
+
+
+def test_stage_logs_stable_metric_names_and_reports(setup):
+    cfg, sid, heldout, ckpt, run_id, _ = setup
+    res = evaluate(cfg, ckpt, datasets=[load_eval_dataset(heldout)])  # run and snapshot from clipline.json
+    assert res.run_id == run_id and res.snapshot_id == sid
+    expected = {"zeroshot/heldout/acc1", "zeroshot/heldout/acc5", "zeroshot/heldout/mean_per_class_recall"}
+    expected |= {f"retrieval/val/{d}_R{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    assert set(res.metrics) == expected
+    assert all(0.0 <= v <= 1.0 for v in res.metrics.values())
+    logged = client(cfg).get_run(run_id).data.metrics
+    assert {k: logged[k] for k in expected} == pytest.approx(res.metrics)
+    arts = {a.path for a in client(cfg).list_artifacts(run_id, "eval")}
+    assert {"eval/confusion_heldout.png", "eval/retrieval_grid.png", "eval/report.md", "eval/metrics.json"} <= arts
+    assert json.loads(res.reports["metrics"].read_text()) == pytest.approx(res.metrics)
+    assert "Worst classes on `heldout`" in res.markdown and "| `zeroshot/heldout/acc1` |" in res.markdown
+
+
+def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from clipline.flows.evaluate import evaluate_flow
+
+    cfg, sid, heldout, ckpt, run_id, uri = setup
+    out = evaluate_flow(model=str(ckpt), datasets=[str(heldout)], register_model=True, cfg=cfg)
+    assert out.registry is not None and out.registry.version == "1" and out.registry.alias == "champion"
+    assert out.registry.model_uri == uri  # the model the train stage logged, found from the run
+    mv = client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "champion")
+    assert mv.run_id == run_id and mv.tags["snapshot_id"] == sid
+
+    async def latest_artifact():
+        async with get_client() as c:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation"])))
+            return arts[-1].data
+
+    import asyncio
+
+    md = asyncio.run(latest_artifact())
+    assert "zeroshot/heldout/acc1" in md and "**champion**" in md
+
+
+def test_evaluate_command(setup, prefect_harness):
+    cfg, sid, heldout, ckpt, run_id, _ = setup
+    runner = CliRunner()
+    res = runner.invoke(app_(), ["--data-dir", str(cfg.data_dir), "evaluate", "--model", str(ckpt),
+                                 "--dataset", str(heldout / "heldout.parquet"),
+                                 "--classnames", str(heldout / "classnames.json")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "zeroshot/heldout/acc1" in res.output and "retrieval/val/text_to_image_R5" in res.output
+    assert "worst classes on heldout" in res.output
+    bad = runner.invoke(app_(), ["--data-dir", str(cfg.data_dir), "evaluate", "--model", str(ckpt),
+                                 "--dataset", str(cfg.data_dir / "missing.parquet")])
+    assert bad.exit_code == 1 and "missing.parquet does not exist" in bad.output
+
+
+def app_():
+    from clipline.flows.cli import app
+
+    return app
