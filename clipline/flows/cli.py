@@ -274,6 +274,60 @@ def compare_cmd(
         console.print(f"logged to MLflow run {comp.mlflow_run_id}")
 
 
+# ---- pipeline ----
+@app.command()
+def demo(
+    n: Optional[int] = typer.Option(None, "--n", help="Toy-web size (default: demo.n_images)."),
+) -> None:
+    """The main job: serve the toy web, run the whole pipeline on it, print a summary."""
+    overrides: dict[str, Any] = {"demo": {"n_images": n} if n else {}}
+    cfg = get_config(**overrides)
+    from clipline.components.demo import serve_toy_web, write_heldout_set, write_seen_set
+    from clipline.flows.pipeline import pipeline_flow, summary_rows
+
+    eval_dir = cfg.data_dir / "eval"
+    with console.status("writing the held-out and seen-combination evaluation sets"):
+        heldout = write_heldout_set(eval_dir, seed=cfg.demo.seed)
+        seen = write_seen_set(eval_dir, seed=cfg.demo.seed)
+    with serve_toy_web(cfg.demo, cfg.data_dir / "toyweb") as web:
+        cfg.ingest.allow_hosts = [*cfg.ingest.allow_hosts, web.allow_host]
+        console.print(f"toy web: {len(web.items):,} URLs at {web.base_url} (list: {web.url_list})")
+        result = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data), str(seen.data)],
+                               decontaminate=str(heldout.data))
+    _print_summary(cfg, summary_rows(result), extra=[
+        ("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
+    ])
+
+
+def _print_summary(cfg: Config, rows: list[tuple[str, str]], extra: list[tuple[str, str]] = ()) -> None:
+    from rich.table import Table
+
+    t = Table(title="clipline summary", show_header=False)
+    for k, v in [*rows, *extra]:
+        t.add_row(k, v)
+    console.print(t)
+    console.print(f"MLflow UI:  clipline --data-dir {cfg.data_dir} ui    (tracking URI {cfg.mlflow_uri})")
+    console.print("Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(5000, "--port", help="Port of the MLflow UI."),
+) -> None:
+    """Start the MLflow UI on this data dir's tracking store."""
+    import subprocess
+
+    cfg = get_config()
+    uri = cfg.mlflow_uri
+    console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
+    try:
+        subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                        "--host", host, "--port", str(port)], check=False)
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     """Entry point: any uncaught error becomes a one-line reason and exit code 1
     (set CLIPLINE_DEBUG=1 for the traceback)."""

@@ -1,0 +1,108 @@
+"""Prefect flow `pipeline`: ingest -> curate -> train -> evaluate -> register/promote.
+
+Each stage runs as a subflow and hands its typed result to the next. A run whose curate step
+finds nothing new (the snapshot is unchanged) and whose registry already has a champion does no
+training and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from clipline.components.config import Config
+from clipline.components.curate import CurateResult
+from clipline.components.ingest.runner import IngestResult
+from clipline.components.train.run import TrainResult
+from clipline.flows.curate import curate_flow
+from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
+from clipline.flows.ingest import ingest_flow
+from clipline.flows.train import train_flow
+
+
+@dataclass
+class PipelineResult:
+    ingest: IngestResult
+    curate: CurateResult
+    train: TrainResult | None = None
+    evaluation: EvaluateFlowResult | None = None
+    skipped: str | None = None  # why training and evaluation did not run
+
+
+def _has_champion(cfg: Config) -> bool:
+    from clipline.components.tracking.runs import client
+
+    try:
+        client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "champion")
+        return True
+    except Exception:  # noqa: BLE001 - no registered model or no alias: both mean "no champion"
+        return False
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(url_lists: list[str], cfg: Config, eval_sets: list[str] | None = None,
+                  decontaminate: str | None = None, from_model: str | None = None,
+                  force: bool = False) -> PipelineResult:
+    """Run every stage once over ``url_lists``.
+
+    ``eval_sets``: zero-shot sets for evaluation (default ``evaluate.datasets``); ``decontaminate``:
+    an evaluation set whose near-duplicates are dropped from training data; ``from_model``: a
+    checkpoint to fine-tune from; ``force``: train even when the snapshot did not change.
+    """
+    logger = get_run_logger()
+    ing = ingest_flow(url_lists, cfg)
+    cur = curate_flow(eval_set=decontaminate, cfg=cfg)
+    if not cur.new and not force and _has_champion(cfg):
+        why = (f"nothing new: {ing.n_already_seen} URLs already ingested, snapshot {cur.snapshot_id} unchanged, "
+               f"and a champion is registered; no training (use force to train anyway)")
+        logger.info(why)
+        result = PipelineResult(ingest=ing, curate=cur, skipped=why)
+    else:
+        tr = train_flow(cfg, snapshot_id=cur.snapshot_id, from_model=Path(from_model) if from_model else None)
+        ev = evaluate_flow(model=str(tr.checkpoint_dir), datasets=list(eval_sets or []) or None,
+                           snapshot_id=tr.snapshot_id, run_id=tr.run_id, register_model=True,
+                           model_uri=tr.model_uri, cfg=cfg)
+        result = PipelineResult(ingest=ing, curate=cur, train=tr, evaluation=ev)
+    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(result),
+                             description="clipline pipeline run")
+    return result
+
+
+def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
+    """The pipeline's headline figures as (label, value) rows, for the terminal and artifacts."""
+    rows = [
+        ("URLs fetched", f"{r.ingest.n_fetched:,} ({r.ingest.n_success:,} ok, {r.ingest.n_failed:,} failed)"),
+    ]
+    if r.ingest.failures:
+        rows.append(("failed by reason", ", ".join(f"{k} {v}" for k, v in r.ingest.failures.items())))
+    counts = r.curate.counts or {}
+    rows.append(("rows kept", f"{counts.get('kept', 0):,} of {counts.get('input', 0):,} this run; "
+                              f"snapshot {r.curate.snapshot_id[:12]} has {r.curate.n_rows:,} "
+                              f"(train {r.curate.n_train:,}, val {r.curate.n_val:,})"))
+    dropped = {k: v for k, v in (counts.get("dropped") or {}).items() if v}
+    if dropped:
+        rows.append(("dropped by rule", ", ".join(f"{k} {v}" for k, v in dropped.items())))
+    if r.skipped:
+        rows.append(("training", r.skipped))
+        return rows
+    t = r.train
+    rows.append(("training", f"{t.model_name}: {t.steps} steps in {t.train_seconds:.0f} s, "
+                             f"{t.samples_per_s:.0f} samples/s, final loss {t.final_loss:.3f}"))
+    m = r.evaluation.eval.metrics
+    for k in sorted(m):
+        if k.startswith("zeroshot/") and k.endswith("/acc1"):
+            rows.append((f"zero-shot top-1 ({k.split('/')[1]})", f"{m[k]:.3f}"))
+    for k in ("retrieval/val/image_to_text_R5", "retrieval/val/text_to_image_R5"):
+        if k in m:
+            rows.append((k.replace("retrieval/val/", "retrieval R@5 ").replace("_R5", ""), f"{m[k]:.3f}"))
+    reg = r.evaluation.registry
+    if reg is not None:
+        rows.append(("model version", f"{reg.name} v{reg.version} -> {reg.alias} ({reg.decision.reason})"))
+    return rows
+
+
+def summary_markdown(r: PipelineResult) -> str:
+    return "## clipline pipeline\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary_rows(r))
