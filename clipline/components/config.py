@@ -89,7 +89,7 @@ class CurateConfig(_Section):
     eval_set: Path | None = None
     # snapshot
     val_fraction: float = Field(0.05, ge=0, lt=1)
-    row_group_rows: int = Field(4096, ge=64)
+    row_group_rows: int = Field(4096, ge=2048, description="rows per Parquet row group (DuckDB writes multiples of 2048)")
     file_size_mb: int = Field(512, ge=1, description="largest snapshot Parquet file before a new one starts")
     duckdb_memory_limit: str = "2GB"
     duckdb_temp_dir: Path | None = Field(None, description="spill directory (default <data-dir>/tmp/duckdb)")

@@ -86,7 +86,7 @@ def _combo_batches(masks: list[int], n_rows: int, budget_rows: int = 4_000_000) 
 def near_pairs(con: duckdb.DuckDBPyConnection, table: str, max_distance: int) -> np.ndarray:
     """Every unordered pair (gid_a < gid_b) of rows of ``table`` (columns ``gid BIGINT, phash
     BIGINT``, one row per distinct phash) within ``max_distance`` bits, as an (n, 2) int64 array."""
-    n = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    n = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
     plan = band_plan(max_distance, n)
@@ -107,8 +107,8 @@ def near_pairs(con: duckdb.DuckDBPyConnection, table: str, max_distance: int) ->
 def near_any(con: duckdb.DuckDBPyConnection, table: str, reference: str, max_distance: int) -> np.ndarray:
     """The ``gid`` of every row of ``table`` (gid, phash) within ``max_distance`` bits of any
     ``phash`` in ``reference`` (a table with a ``phash`` column), sorted."""
-    n = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    q = con.execute(f"SELECT count(*) FROM {reference}").fetchone()[0]
+    n = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+    q = con.execute(f"SELECT count(*) FROM {reference}").fetchall()[0][0]
     if n == 0 or q == 0:
         return np.zeros(0, dtype=np.int64)
     plan = band_plan(max_distance, n, q)

@@ -11,13 +11,17 @@ whitespace rules leave it unchanged), so only the other captions go through the 
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 import ftfy
 import pyarrow as pa
 import pyarrow.compute as pc
 
 _MAYBE_DIRTY = r"[^\x20-\x7E]|&|  |^ | $"
-_CONTROL = r"[\p{Cc}\x{2028}\x{2029}]"
-_ZERO_WIDTH = r"[\x{200B}\x{200C}\x{200D}\x{2060}\x{FEFF}\x{00AD}]"
+_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SPACES = re.compile(r"\s+")
 
 
 def normalize_text(text: str | None) -> str | None:
@@ -27,13 +31,18 @@ def normalize_text(text: str | None) -> str | None:
     return normalize_captions(pa.array([text], pa.string()))[0].as_py()
 
 
+def _one(text: str) -> str:
+    text = ftfy.fix_text(text)
+    text = _ZERO_WIDTH.sub("", text)
+    text = _CONTROL.sub(" ", text)
+    text = unicodedata.normalize("NFC", text)
+    return _SPACES.sub(" ", text).strip()
+
+
 def _full(captions: pa.Array) -> pa.Array:
-    fixed = pa.array([None if t is None else ftfy.fix_text(t) for t in captions.to_pylist()], pa.string())
-    out = pc.utf8_normalize(fixed, "NFC")
-    out = pc.replace_substring_regex(out, _ZERO_WIDTH, "")
-    out = pc.replace_substring_regex(out, _CONTROL, " ")
-    out = pc.replace_substring_regex(out, r"\s+", " ")
-    return pc.utf8_trim_whitespace(out)
+    # per caption in Python: pyarrow's utf8_normalize is not used because some versions return
+    # decomposed text for "NFC"
+    return pa.array([None if t is None else _one(t) for t in captions.to_pylist()], pa.string())
 
 
 def normalize_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Array:

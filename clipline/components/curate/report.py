@@ -99,7 +99,7 @@ def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Pat
     their image bytes read from the shards for just those rows."""
     if per_rule <= 0:
         return {}
-    sample = con.execute(f"""
+    sample = con.sql(f"""
         SELECT reason, filename, file_row_number, caption FROM (
             SELECT *, row_number() OVER (PARTITION BY reason ORDER BY md5(coalesce(key, '')), rid) AS rk
             FROM rows WHERE reason IS NOT NULL) WHERE rk <= {int(per_rule)}""").to_arrow_table()

@@ -304,15 +304,15 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         FROM rows WHERE reason IS NULL""")
     order = rules.rule_order(sql_rules)
     dropped_raw = dict(con.execute("SELECT reason, count(*) FROM rows WHERE reason IS NOT NULL GROUP BY 1").fetchall())
-    n_input = con.execute("SELECT count(*) FROM rows").fetchone()[0]
-    n_kept_new = con.execute("SELECT count(*) FROM kept").fetchone()[0]
+    n_input = con.execute("SELECT count(*) FROM rows").fetchall()[0][0]
+    n_kept_new = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
     counts = {"input": int(n_input), "kept": int(n_kept_new),
               "dropped": {r: int(dropped_raw.get(r, 0)) for r in order}}
     cnt, lo, hi = con.execute("""
         SELECT count(*), coalesce(bit_xor(md5_number_lower(s)), 0), coalesce(bit_xor(md5_number_upper(s)), 0) FROM (
             SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) AS s FROM kept
             UNION ALL
-            SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) FROM parent)""").fetchone()
+            SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) FROM parent)""").fetchall()[0]
     source_shards = sorted(set(parent["manifest"]["source_shards"] if parent else []) | {f.shard_id for f in files})
     snapshot_id = hashlib.sha256(json.dumps([int(cnt), str(lo), str(hi), source_shards]).encode()).hexdigest()[:16]
     try:
