@@ -84,7 +84,7 @@ def contact_sheet(examples: dict[str, list[tuple[bytes | None, str | None]]], ou
     draw = ImageDraw.Draw(sheet)
     y = 6
     for rule, ex in rows:
-        draw.text((6, y + THUMB // 2), rule, fill="black", font=font)
+        draw.multiline_text((6, y + THUMB // 2 - 8), rule, fill="black", font=font)
         for j, (b, cap) in enumerate(ex[:per_rule]):
             sheet.paste(_tile(b, cap, font), (LABEL_W + j * (THUMB + 6), y))
         y += THUMB + CAPTION_H + 8
@@ -125,8 +125,10 @@ def write_report(con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dic
     """Write ``report.md`` and ``contact_sheet.png`` (when any row was dropped) into report_dir."""
     report_dir.mkdir(parents=True, exist_ok=True)
     md = report_dir / "report.md"
-    sheet = contact_sheet(sample_dropped(con, schema, paths, manifest["rule_order"], per_rule),
-                          report_dir / "contact_sheet.png", per_rule)
+    examples = sample_dropped(con, schema, paths, manifest["rule_order"], per_rule)
+    dropped = manifest["counts"]["dropped"]
+    labelled = {f"{rule}\n{dropped.get(rule, 0)} dropped": ex for rule, ex in examples.items()}
+    sheet = contact_sheet(labelled, report_dir / "contact_sheet.png", per_rule)
     text = markdown_table(manifest)
     if sheet is not None:
         text += f"\n![dropped examples per rule]({sheet.name})\n"
