@@ -154,13 +154,13 @@ def test_lsh_finds_exactly_the_pairs_brute_force_finds(data_dir):
     con = connect(cfg)
     con.register("_h", pa.table({"gid": np.arange(len(hashes), dtype=np.int64), "phash": hashes}))
     con.execute("CREATE TEMP TABLE h AS SELECT * FROM _h")
-    for d in (0, 3, 6, 8):
-        got = {tuple(p) for p in near_pairs(con, "h", d).tolist()}
+    for d, engine in ((0, "numpy"), (3, "sql"), (6, "numpy"), (6, "sql"), (8, "numpy")):
+        got = {tuple(p) for p in near_pairs(con, "h", d, engine=engine).tolist()}
         u = hashes.astype(np.uint64)
         x = u[:, None] ^ u[None, :]
         dist = np.unpackbits(x.view(np.uint8), axis=-1).reshape(len(u), len(u), 64).sum(-1)
         ii, jj = np.nonzero(np.triu(dist <= d, k=1))
-        assert got == set(zip(ii.tolist(), jj.tolist())), d
+        assert got == set(zip(ii.tolist(), jj.tolist())), (d, engine)
         assert d == 0 or len(got) >= 20  # d == 0: the hashes are unique
     plan = band_plan(6, 1_000_000)
     assert plan.n_bands - 6 >= 2 and plan.key_bits >= 16  # no 8-bit buckets at scale

@@ -82,6 +82,8 @@ class CurateConfig(_Section):
     exact_image_dedup: Literal["image", "image_and_caption"] = Field(
         "image", description="image: one row per stored-image sha256; image_and_caption: only when the caption is the same too")
     phash_max_distance: int = Field(6, ge=-1, le=32, description="near-duplicate image distance in bits of 64; -1 switches it off")
+    near_dup_engine: Literal["numpy", "sql"] = Field(
+        "numpy", description="where the band join runs: numpy sort-merge (faster) or DuckDB equi-joins; same pairs")
     caption_near_dedup: bool = False
     caption_minhash_threshold: float = Field(0.8, gt=0, le=1)
     caption_minhash_perm: int = Field(64, ge=16, le=512)

@@ -5,7 +5,8 @@ a form of LSH banding with a recall guarantee): cut the 64 bits into ``m = d + t
 bands. Two hashes that differ in at most ``d`` bits leave at least ``t`` bands untouched, so they
 agree exactly on at least one of the ``C(m, t)`` combinations of ``t`` bands. Each combination is
 a bit mask; candidates are pairs with equal ``phash & mask`` (an equi-join in DuckDB), and
-``bit_count(xor(a, b)) <= d`` checks them exactly. ``t = 1`` is the classic "d+1 bands" scheme;
+``bit_count(xor(a, b)) <= d`` checks them exactly. The join runs either in DuckDB (``sql``) or,
+by default, as a sort-merge on the masked keys in numpy (``numpy``, same pairs, several times faster). ``t = 1`` is the classic "d+1 bands" scheme;
 larger ``t`` makes each key longer (fewer random collisions) at the cost of more combinations;
 :func:`band_plan` picks ``m`` from the row count to minimise the expected work. No pair within
 ``d`` is ever missed.
@@ -37,6 +38,7 @@ class BandPlan:
     max_distance: int
     n_bands: int
     masks: list[int]  # one signed-int64 bit mask per t-combination of bands
+    combos: list[tuple[tuple[int, int], ...]] = ()  # the same combinations as (start, width) bands
 
     @property
     def key_bits(self) -> int:
@@ -68,14 +70,16 @@ def band_plan(max_distance: int, n_rows: int, n_query: int | None = None) -> Ban
         if combos > 4096:
             continue
         bits = (64 // m) * t
-        cost = combos * (n + q + n * q / 2.0 ** bits)
+        sort_cost = 3.0 if bits + t <= 16 else 20.0  # keys of <= 16 bits sort by radix
+        cost = combos * (sort_cost * (n + q) + n * q / 2.0 ** bits)  # a sort per combination + candidates
         if best is None or cost < best[0]:
             best = (cost, m)
     assert best is not None
     m = best[1]
     bands = _bands(m)
     masks = [to_signed64(sum(c)) for c in itertools.combinations(bands, m - d)]
-    return BandPlan(d, m, masks)
+    spans = [((b & -b).bit_length() - 1, bin(b).count("1")) for b in bands]
+    return BandPlan(d, m, masks, list(itertools.combinations(spans, m - d)))
 
 
 def _combo_batches(masks: list[int], n_rows: int, budget_rows: int = 4_000_000) -> list[list[int]]:
@@ -83,9 +87,80 @@ def _combo_batches(masks: list[int], n_rows: int, budget_rows: int = 4_000_000) 
     return [masks[i:i + per] for i in range(0, len(masks), per)]
 
 
-def near_pairs(con: duckdb.DuckDBPyConnection, table: str, max_distance: int) -> np.ndarray:
+def _popcount_xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.bitwise_xor(a, b).view(np.uint64))
+
+
+def _combo_key(hashes: np.ndarray, combo: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The bits of the combination's bands packed into the narrowest unsigned integer."""
+    u = hashes.view(np.uint64)
+    key = np.zeros(len(u), dtype=np.uint64)
+    width = 0
+    for start, w in combo:
+        key = (key << np.uint64(w)) | ((u >> np.uint64(start)) & np.uint64((1 << w) - 1))
+        width += w
+    for dt, bits in ((np.uint16, 16), (np.uint32, 32)):
+        if width <= bits:
+            return key.astype(dt)
+    return key
+
+
+def _bucket_pairs(hashes: np.ndarray, combo: tuple[tuple[int, int], ...], max_distance: int) -> np.ndarray:
+    """Index pairs (i, j), i != j, that agree on the combination's bands and are within
+    max_distance: sort by the packed band bits (radix sort for <= 16 bits), then compare each row
+    with the rows after it in its run (the sort-merge form of the equi-join ``a.kv = b.kv``)."""
+    kv = _combo_key(hashes, combo)
+    order = np.argsort(kv, kind="stable")
+    s = kv[order]
+    h = hashes[order]
+    n = len(s)
+    out = []
+    cand = np.flatnonzero(s[:-1] == s[1:])
+    k = 1
+    while len(cand):
+        close = _popcount_xor(h[cand], h[cand + k]) <= max_distance
+        if close.any():
+            out.append(np.stack([order[cand[close]], order[cand[close] + k]], axis=1))
+        cand = cand[cand + k + 1 < n]
+        cand = cand[s[cand] == s[cand + k + 1]]
+        k += 1
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+def near_pairs_numpy(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Every unordered index pair (i < j) of ``hashes`` (int64) within ``max_distance`` bits,
+    sorted, found with the band plan (no all-pairs comparison)."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.int64)
+    n = len(hashes)
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    codes = []
+    for combo in band_plan(max_distance, n).combos:
+        p = _bucket_pairs(hashes, combo, max_distance)
+        if len(p):
+            lo, hi = np.minimum(p[:, 0], p[:, 1]), np.maximum(p[:, 0], p[:, 1])
+            codes.append(np.unique(lo * n + hi))
+    if not codes:
+        return np.zeros((0, 2), dtype=np.int64)
+    u = np.unique(np.concatenate(codes))
+    return np.stack([u // n, u % n], axis=1)
+
+
+def near_pairs(con: duckdb.DuckDBPyConnection, table: str, max_distance: int, engine: str = "numpy") -> np.ndarray:
     """Every unordered pair (gid_a < gid_b) of rows of ``table`` (columns ``gid BIGINT, phash
-    BIGINT``, one row per distinct phash) within ``max_distance`` bits, as an (n, 2) int64 array."""
+    BIGINT``, one row per distinct phash) within ``max_distance`` bits, as an (n, 2) int64 array.
+
+    ``engine="sql"`` runs the band equi-joins and the ``bit_count(xor(a, b))`` check in DuckDB;
+    ``engine="numpy"`` (default, several times faster) does the same join as a sort-merge in numpy.
+    Both return exactly the pairs within the distance (tested against brute force)."""
+    if engine == "numpy":
+        t = con.execute(f"SELECT gid, phash FROM {table} ORDER BY gid").fetchnumpy()
+        gid = np.asarray(t["gid"], dtype=np.int64)
+        idx = near_pairs_numpy(np.asarray(t["phash"], dtype=np.int64), max_distance)
+        pairs = np.stack([gid[idx[:, 0]], gid[idx[:, 1]]], axis=1) if len(idx) else idx
+        return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs
+    if engine != "sql":
+        raise ValueError(f"unknown near-duplicate engine {engine!r}: use 'numpy' or 'sql'")
     n = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)

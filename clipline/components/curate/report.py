@@ -100,9 +100,9 @@ def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Pat
     if per_rule <= 0:
         return {}
     sample = con.sql(f"""
-        SELECT reason, filename, file_row_number, caption FROM (
+        SELECT reason, f.filename, file_row_number, caption FROM (
             SELECT *, row_number() OVER (PARTITION BY reason ORDER BY md5(coalesce(key, '')), rid) AS rk
-            FROM rows WHERE reason IS NOT NULL) WHERE rk <= {int(per_rule)}""").to_arrow_table()
+            FROM rows WHERE reason IS NOT NULL) x JOIN files f USING (fid) WHERE rk <= {int(per_rule)}""").to_arrow_table()
     if sample.num_rows == 0:
         return {}
     con.register("_sample", sample)
@@ -155,7 +155,7 @@ def log_to_mlflow(cfg, result) -> str:
         metrics = {"rows_read": result.counts["input"], "rows_kept": result.counts["kept"],
                    "snapshot_rows": result.n_rows, "n_train": result.n_train, "n_val": result.n_val}
         metrics.update({f"dropped/{r}": n for r, n in result.counts["dropped"].items()})
-        metrics.update({f"seconds/{k.replace(' ', '_')}": v for k, v in result.timings.items()})
+        metrics.update({"seconds/" + k.replace(':', '').replace(' ', '_'): v for k, v in result.timings.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         if result.report_path:
             mlflow.log_artifact(str(result.report_path), artifact_path="curate")

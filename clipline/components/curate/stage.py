@@ -41,7 +41,7 @@ STEPS = ["read metadata and apply rules", "language", "decontamination", "dedupl
 
 #: config fields that do not change which rows are kept (so they never force a rebuild)
 NON_RULE_FIELDS = {"row_group_rows", "file_size_mb", "duckdb_memory_limit", "duckdb_temp_dir", "duckdb_threads",
-                   "contact_sheet_examples", "eval_set", "language_backend", "blocklist_file"}
+                   "contact_sheet_examples", "eval_set", "language_backend", "blocklist_file", "near_dup_engine"}
 
 
 class CurateError(RuntimeError):
@@ -200,7 +200,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     paths = [f.path for f in files]
     schema = sources.union_schema(paths)
     con.register("_files_arrow", pa.table({
-        "filename": [str(f.path) for f in files], "shard_rank": [f.rank for f in files],
+        "filename": [str(f.path) for f in files], "fid": list(range(len(files))), "shard_rank": [f.rank for f in files],
         "shard_id": [f.shard_id for f in files]}))
     con.execute("CREATE TEMP TABLE files AS SELECT * FROM _files_arrow")
     con.unregister("_files_arrow")
@@ -214,9 +214,9 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         ), norm AS (
             SELECT * REPLACE (normalize_caption(caption) AS caption) FROM raw
         )
-        SELECT row_number() OVER (ORDER BY f.shard_rank, {area} DESC NULLS LAST, n.key, n.filename,
+        SELECT row_number() OVER (ORDER BY f.shard_rank, {area} DESC NULLS LAST, n.key, f.fid,
                                   n.file_row_number) AS rid,
-               n.*, {rules.case_expression(sql_rules)} AS reason
+               f.fid, n.* EXCLUDE (filename), {rules.case_expression(sql_rules)} AS reason
         FROM norm n JOIN files f USING (filename)""")
 
     # ---- 2. language (only rows no earlier rule dropped; unique captions only) ----
@@ -275,12 +275,15 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
             CASE WHEN phash IS NULL THEN -1 ELSE dense_rank() OVER (ORDER BY phash) END AS ph_g
         FROM u""")
     pairs = np.zeros((0, 2), dtype=np.int64)
+    t_lsh = time.perf_counter()
     if d >= 0:
         con.execute("CREATE TEMP TABLE _phd AS SELECT DISTINCT ph_g AS gid, phash FROM _d WHERE ph_g >= 0")
-        pairs = dedup.near_pairs(con, "_phd", d)
+        pairs = dedup.near_pairs(con, "_phd", d, engine=c.near_dup_engine)
         con.execute("DROP TABLE _phd")
+    steps.timings["deduplication: phash pair search"] = round(time.perf_counter() - t_lsh, 3)
     cols = ["rid", "is_parent", "url_g", "key_g", "sha_g", "ci_g", "ph_g"] + (["caption"] if c.caption_near_dedup else [])
     arr = con.execute(f"SELECT {', '.join(cols)} FROM _d ORDER BY rid").fetchnumpy()
+    t_keep = time.perf_counter()
     reasons = dedup.keep_first(
         dedup.DedupInput(
             is_parent=np.asarray(arr["is_parent"], bool), url_g=np.asarray(arr["url_g"], np.int64),
@@ -290,6 +293,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         dedup.DedupOptions(same_image=c.exact_image_dedup == "image", near_image=d >= 0,
                            near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
                            minhash_perm=c.caption_minhash_perm, shingle_chars=c.caption_shingle_chars))
+    steps.timings["deduplication: keep-first pass"] = round(time.perf_counter() - t_keep, 3)
     rid_arr = np.asarray(arr["rid"], np.int64)
     for name in dedup_reason_names():
         _mark(con, rid_arr[reasons == name], name)
@@ -339,7 +343,8 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                        k.original_width, k.original_height, k.sha256, k.phash, k.split{carried_sql}
                 FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, filename = true,
                                   file_row_number = true) r
-                JOIN kept k ON r.filename = k.filename AND r.file_row_number = k.file_row_number
+                JOIN files f ON r.filename = f.filename
+                JOIN kept k ON f.fid = k.fid AND r.file_row_number = k.file_row_number
                 ORDER BY md5_number(k.key || ':{snapshot_id}')
             ) TO '{tmp_dir}' (FORMAT parquet, ROW_GROUP_SIZE {int(c.row_group_rows)},
                               FILE_SIZE_BYTES '{int(c.file_size_mb)}MB', FILENAME_PATTERN 'part-{{i}}',
