@@ -260,20 +260,28 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     else:
         con.execute("""CREATE TEMP TABLE parent (rid BIGINT, key VARCHAR, url VARCHAR, caption VARCHAR,
                        sha256 VARCHAR, phash BIGINT, split VARCHAR)""")
+    # group ids: rows sharing a value get the smallest rid of the group; only groups of two or
+    # more rows are materialised (hash aggregates), every other row is its own group
     con.execute("""
         CREATE TEMP TABLE _d AS
         WITH u AS (
             SELECT rid, TRUE AS is_parent, key, url, caption, sha256, phash FROM parent
             UNION ALL
-            SELECT rid, FALSE, key, url, caption, sha256, phash FROM rows WHERE reason IS NULL)
-        SELECT rid, is_parent, caption, phash,
-            CASE WHEN url IS NULL THEN rid ELSE min(rid) OVER (PARTITION BY url) END AS url_g,
-            CASE WHEN key IS NULL THEN rid ELSE min(rid) OVER (PARTITION BY key) END AS key_g,
-            CASE WHEN sha256 IS NULL THEN rid ELSE min(rid) OVER (PARTITION BY sha256) END AS sha_g,
-            CASE WHEN sha256 IS NULL OR caption IS NULL THEN rid
-                 ELSE min(rid) OVER (PARTITION BY caption, sha256) END AS ci_g,
-            CASE WHEN phash IS NULL THEN -1 ELSE dense_rank() OVER (ORDER BY phash) END AS ph_g
-        FROM u""")
+            SELECT rid, FALSE, key, url, caption, sha256, phash FROM rows WHERE reason IS NULL),
+        gu AS (SELECT url, min(rid) AS g FROM u WHERE url IS NOT NULL GROUP BY url HAVING count(*) > 1),
+        gk AS (SELECT key, min(rid) AS g FROM u WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1),
+        gs AS (SELECT sha256, min(rid) AS g FROM u WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1),
+        gc AS (SELECT caption, sha256, min(rid) AS g FROM u WHERE sha256 IS NOT NULL AND caption IS NOT NULL
+               GROUP BY caption, sha256 HAVING count(*) > 1),
+        gp AS (SELECT phash, row_number() OVER (ORDER BY phash) AS g
+               FROM (SELECT DISTINCT phash FROM u WHERE phash IS NOT NULL))
+        SELECT u.rid, u.is_parent, u.caption, u.phash,
+               coalesce(gu.g, u.rid) AS url_g, coalesce(gk.g, u.rid) AS key_g, coalesce(gs.g, u.rid) AS sha_g,
+               coalesce(gc.g, u.rid) AS ci_g, coalesce(gp.g, -1) AS ph_g
+        FROM u LEFT JOIN gu ON u.url = gu.url LEFT JOIN gk ON u.key = gk.key
+               LEFT JOIN gs ON u.sha256 = gs.sha256
+               LEFT JOIN gc ON u.caption = gc.caption AND u.sha256 = gc.sha256
+               LEFT JOIN gp ON u.phash = gp.phash""")
     pairs = np.zeros((0, 2), dtype=np.int64)
     t_lsh = time.perf_counter()
     if d >= 0:
@@ -303,13 +311,13 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     steps.start(STEPS[4])
     vf = int(round(c.val_fraction * 1_000_000))
     con.execute(f"""
-        CREATE TEMP TABLE kept AS
+        CREATE TEMP VIEW kept AS
         SELECT *, CASE WHEN md5_number(key) % 1000000 < {vf} THEN 'val' ELSE 'train' END AS split
         FROM rows WHERE reason IS NULL""")
     order = rules.rule_order(sql_rules)
     dropped_raw = dict(con.execute("SELECT reason, count(*) FROM rows WHERE reason IS NOT NULL GROUP BY 1").fetchall())
     n_input = con.execute("SELECT count(*) FROM rows").fetchall()[0][0]
-    n_kept_new = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
+    n_kept_new = con.execute("SELECT count(*) FROM rows WHERE reason IS NULL").fetchall()[0][0]
     counts = {"input": int(n_input), "kept": int(n_kept_new),
               "dropped": {r: int(dropped_raw.get(r, 0)) for r in order}}
     cnt, lo, hi = con.execute("""
