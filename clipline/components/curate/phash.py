@@ -56,5 +56,6 @@ def phash64(image: Image.Image | bytes) -> int:
         image.load()
     ingest = _ingest_phash64()
     if ingest is not None:
-        return int(ingest(image))
+        value = int(ingest(image))
+        return to_signed64(value) if value >= (1 << 63) else value
     return _own_phash64(image)

@@ -101,7 +101,7 @@ def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Pat
         return {}
     sample = con.sql(f"""
         SELECT reason, f.filename, file_row_number, caption FROM (
-            SELECT *, row_number() OVER (PARTITION BY reason ORDER BY md5(coalesce(key, '')), rid) AS rk
+            SELECT *, row_number() OVER (PARTITION BY reason ORDER BY hash(coalesce(key, '')), rid) AS rk
             FROM rows WHERE reason IS NOT NULL) x JOIN files f USING (fid) WHERE rk <= {int(per_rule)}""").to_arrow_table()
     if sample.num_rows == 0:
         return {}

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from clipline.components.catalog import Catalog
 from clipline.components.config import Config, CurateConfig
-from clipline.components.curate import dedup, language, rules, sources
+from clipline.components.curate import dedup, hashing, language, rules, sources
 from clipline.components.curate.evalset import eval_hashes, fingerprint
 from clipline.components.curate.normalize import normalize_captions
 
@@ -309,24 +309,28 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
 
     # ---- 5. split, counts, content hash ----
     steps.start(STEPS[4])
-    vf = int(round(c.val_fraction * 1_000_000))
-    con.execute(f"""
-        CREATE TEMP VIEW kept AS
-        SELECT *, CASE WHEN md5_number(key) % 1000000 < {vf} THEN 'val' ELSE 'train' END AS split
-        FROM rows WHERE reason IS NULL""")
+    keys = con.sql("SELECT rid, key FROM rows WHERE reason IS NULL").to_arrow_table()
+    con.register("_split", pa.table({"rid": keys.column("rid"),
+                                     "split": pa.array(hashing.split_of(keys.column("key"), c.val_fraction))}))
+    con.execute("""
+        CREATE TEMP TABLE kept AS
+        SELECT r.* EXCLUDE (reason), s.split FROM rows r JOIN _split s USING (rid)""")
+    con.unregister("_split")
     order = rules.rule_order(sql_rules)
     dropped_raw = dict(con.execute("SELECT reason, count(*) FROM rows WHERE reason IS NOT NULL GROUP BY 1").fetchall())
     n_input = con.execute("SELECT count(*) FROM rows").fetchall()[0][0]
-    n_kept_new = con.execute("SELECT count(*) FROM rows WHERE reason IS NULL").fetchall()[0][0]
+    n_kept_new = keys.num_rows
     counts = {"input": int(n_input), "kept": int(n_kept_new),
               "dropped": {r: int(dropped_raw.get(r, 0)) for r in order}}
-    cnt, lo, hi = con.execute("""
-        SELECT count(*), coalesce(bit_xor(md5_number_lower(s)), 0), coalesce(bit_xor(md5_number_upper(s)), 0) FROM (
-            SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) AS s FROM kept
-            UNION ALL
-            SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) FROM parent)""").fetchall()[0]
+    # content hash: every kept row (key, sha256, caption, split) in key order, plus the source shards
+    content = con.sql("""
+        SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) AS s FROM (
+            SELECT key, sha256, caption, split FROM kept UNION ALL SELECT key, sha256, caption, split FROM parent)
+        ORDER BY key, s""").to_arrow_table().column("s")
+    cnt = len(content)
     source_shards = sorted(set(parent["manifest"]["source_shards"] if parent else []) | {f.shard_id for f in files})
-    snapshot_id = hashlib.sha256(json.dumps([int(cnt), str(lo), str(hi), source_shards]).encode()).hexdigest()[:16]
+    snapshot_id = hashlib.sha256(json.dumps([cnt, hashing.digest_strings(content), source_shards]).encode()).hexdigest()[:16]
+    del content
     try:
         existing = cat.get_snapshot(snapshot_id)
     except KeyError:
@@ -343,6 +347,8 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     tmp_dir.mkdir(parents=True)
     new_files: list[str] = []
     if n_kept_new:
+        con.register("_shuffle", pa.table({"rid": keys.column("rid"),
+                                           "shuffle": hashing.shuffle_order(keys.column("key"), snapshot_id)}))
         carried = sources.carried_columns(schema)
         carried_sql = "".join(f", r.{sources.quote_ident(col)}" for col in carried)
         con.execute(f"""
@@ -353,10 +359,12 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                                   file_row_number = true) r
                 JOIN files f ON r.filename = f.filename
                 JOIN kept k ON f.fid = k.fid AND r.file_row_number = k.file_row_number
-                ORDER BY md5_number(k.key || ':{snapshot_id}')
+                JOIN _shuffle sh ON sh.rid = k.rid
+                ORDER BY sh.shuffle
             ) TO '{tmp_dir}' (FORMAT parquet, ROW_GROUP_SIZE {int(c.row_group_rows)},
                               FILE_SIZE_BYTES '{int(c.file_size_mb)}MB', FILENAME_PATTERN 'part-{{i}}',
                               OVERWRITE_OR_IGNORE true)""")
+        con.unregister("_shuffle")
         written = sorted(tmp_dir.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
         new_files = [f"{snapshot_id}/{p.name}" for p in written]
     files_all = (list(parent["manifest"]["files"]) if parent else []) + new_files
