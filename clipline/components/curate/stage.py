@@ -143,7 +143,6 @@ def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | Non
     rules or blocklist file.
     """
     from clipline.components.curate import report as report_mod
-    from clipline.components.curate.evalset import EvalSetError  # noqa: F401 - re-raised as is
 
     c = cfg.curate
     steps = _Steps(progress)
@@ -160,8 +159,11 @@ def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | Non
         if not shards:
             raise CurateError(f"no complete raw shards are registered in {cfg.catalog_path}: "
                               "run `clipline ingest URL_LIST` first")
-        latest = None if from_scratch else cat.latest_snapshot()
-        parent, rebuild_reason = _parent_usable(latest, fp, efp, snapshots_dir)
+        latest = cat.latest_snapshot()
+        if from_scratch:
+            parent, rebuild_reason = None, ("from scratch, as asked" if latest else None)
+        else:
+            parent, rebuild_reason = _parent_usable(latest, fp, efp, snapshots_dir)
         consumed = set(parent["manifest"].get("source_shards", [])) if parent else set()
         new_shards = [s for s in shards if s.shard_id not in consumed]
         if parent is not None and not new_shards:
