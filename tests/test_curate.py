@@ -77,6 +77,26 @@ def test_rules_are_configurable_and_language_switchable(data_dir):
     assert _kept_keys(cfg, res) == {"fr", "two", "small"}
 
 
+def test_rules_file_is_editable_sql(data_dir, tmp_path):
+    from clipline.components.curate.rules import RULES_FILE, parse_rules
+
+    custom = tmp_path / "my_rules.sql"
+    custom.write_text(RULES_FILE.read_text() + "\n-- rule: no_cats\n-- a data person's own rule\n"
+                      "regexp_matches(lower(caption), '\\bcats?\\b')  -- cats are out\n")
+    write_shard(data_dir, "s0", [row("cat", "a photo of two cats on a sofa", seed=1),
+                                 row("dog", "a photo of a dog on a sofa", seed=2)])
+    res = curate(config(data_dir, rules_file=custom), track=False)
+    assert _dropped(res) == {"no_cats": 1}
+    order = res.manifest["rule_order"]
+    assert order.index("blocklisted") < order.index("no_cats") < order.index("language")
+    with pytest.raises(ValueError, match="defined twice"):
+        parse_rules("-- rule: a\nTRUE\n-- rule: a\nFALSE")
+    with pytest.raises(ValueError, match="reserved"):
+        parse_rules("-- rule: language\nTRUE")
+    with pytest.raises(ValueError, match="no SQL expression"):
+        parse_rules("-- rule: empty\n-- only a comment\n")
+
+
 def test_normalisation_applies_before_rules_and_comparison(data_dir):
     img = jpeg(pattern_image(7))
     rows = [row("a", "The caf\u00c3\u00a9 doesn\u00e2\u20ac\u2122t   open\u200b early", image=img, url="http://x.test/a"),

@@ -65,6 +65,7 @@ class IngestConfig(_Section):
 
 
 class CurateConfig(_Section):
+    rules_file: Path | None = Field(None, description="an edited copy of the packaged rules.sql (default: the packaged one)")
     # caption rules (DataComp's basic filter: more than 2 words, more than 5 characters)
     min_caption_words: int = Field(3, ge=0, description="keep captions with at least this many words (DataComp: >2)")
     min_caption_chars: int = Field(6, ge=0, description="keep captions with at least this many characters (DataComp: >5)")

@@ -41,7 +41,7 @@ STEPS = ["read metadata and apply rules", "language", "decontamination", "dedupl
 
 #: config fields that do not change which rows are kept (so they never force a rebuild)
 NON_RULE_FIELDS = {"row_group_rows", "file_size_mb", "duckdb_memory_limit", "duckdb_temp_dir", "duckdb_threads",
-                   "contact_sheet_examples", "eval_set", "language_backend", "blocklist_file", "near_dup_engine"}
+                   "contact_sheet_examples", "eval_set", "language_backend", "blocklist_file", "near_dup_engine", "rules_file"}
 
 
 class CurateError(RuntimeError):
@@ -147,7 +147,7 @@ def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | Non
     c = cfg.curate
     steps = _Steps(progress)
     eval_path = Path(eval_set) if eval_set else (Path(c.eval_set) if c.eval_set else None)
-    sql_rules = rules.sql_rules(c, rules_file)
+    sql_rules = rules.sql_rules(c, rules_file or c.rules_file)
     fp = config_fingerprint(c, sql_rules)
     ehashes = eval_hashes(eval_path) if eval_path else None
     efp = fingerprint(ehashes)
