@@ -385,6 +385,10 @@ def test_report_table_contact_sheet_and_mlflow(data_dir, mlflow_uri):
     res = curate(cfg)
     text = res.report_path.read_text()
     assert "| 1 | failed_download | 1 |" in text and "| dup_image | 1 |" in text.replace("| 17 ", "| ")
+    dropped = pq.read_table(res.report_path.parent / "dropped.parquet").to_pylist()
+    assert {(d["key"], d["shard_id"], d["reason"]) for d in dropped} == {
+        ("short", "s0", "too_few_words"), ("fail", "s0", "failed_download"),
+        ("k1", "s0", "dup_image")}  # same image, same size: the smaller key ("dup") is kept
     sheet = Image.open(res.contact_sheet_path)
     assert sheet.format == "PNG" and sheet.height >= 3 * 128  # one row per rule with drops
     run = mlflow.get_run(res.mlflow_run_id)

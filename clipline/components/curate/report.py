@@ -122,7 +122,8 @@ def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Pat
 
 def write_report(con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dict, schema: dict,
                  paths: list[Path], per_rule: int) -> dict[str, Path]:
-    """Write ``report.md`` and ``contact_sheet.png`` (when any row was dropped) into report_dir."""
+    """Write ``report.md``, ``dropped.parquet`` (every dropped row with its rule) and
+    ``contact_sheet.png`` (when any row was dropped) into report_dir."""
     report_dir.mkdir(parents=True, exist_ok=True)
     md = report_dir / "report.md"
     examples = sample_dropped(con, schema, paths, manifest["rule_order"], per_rule)
@@ -132,8 +133,14 @@ def write_report(con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dic
     text = markdown_table(manifest)
     if sheet is not None:
         text += f"\n![dropped examples per rule]({sheet.name})\n"
+    decisions = report_dir / "dropped.parquet"
+    con.execute(f"""
+        COPY (SELECT r.key, r.url, r.caption, f.shard_id, r.file_row_number AS shard_row, r.reason
+              FROM rows r JOIN files f USING (fid) WHERE r.reason IS NOT NULL ORDER BY r.rid)
+        TO '{str(decisions).replace("'", "''")}' (FORMAT parquet)""")
+    text += (f"\nEvery dropped row (key, url, normalised caption, shard, row, rule): `{decisions.name}`\n")
     md.write_text(text)
-    out = {"markdown": md}
+    out = {"markdown": md, "dropped_rows": decisions}
     if sheet is not None:
         out["contact_sheet"] = sheet
     return out
