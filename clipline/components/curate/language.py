@@ -82,62 +82,69 @@ def classify_langid(texts: Sequence[str | None]) -> tuple[list[str | None], np.n
     return langs, probs
 
 
-def classify_vectorized(texts: Sequence[str | None], batch: int = 4096,
-                        max_bytes: int = 2048) -> tuple[list[str | None], np.ndarray]:
-    """(language, probability) per text, batch-evaluated; same answers as :func:`classify_langid`
-    for texts up to ``max_bytes`` UTF-8 bytes (longer ones are judged on their first max_bytes)."""
-    nextmove, w, prior, classes = _tables()
+def _score_batch(encoded: list[bytes], idx: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(best class index, its probability) for the texts ``idx`` (sorted by length ``lens``)."""
+    nextmove, w, prior, _ = _tables()
+    maxlen = int(lens[-1])
+    # the batch's bytes as a (rows x maxlen) matrix, laid out without a per-row Python loop
+    data = np.frombuffer(b"".join(encoded[i] for i in idx), dtype=np.uint8)
+    rows = np.repeat(np.arange(len(idx)), lens)
+    offsets = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    cols = np.arange(len(data)) - np.repeat(offsets, lens)
+    buf = np.zeros((len(idx), maxlen), dtype=np.int64)
+    buf[rows, cols] = data
+    # step the DFA for every row at once; record the state entered at each position
+    states = np.zeros((len(idx), maxlen), dtype=np.int64)
+    state = np.zeros(len(idx), dtype=np.int64)
+    for p in range(maxlen):
+        state = nextmove[(state << 8) + buf[:, p]]
+        states[:, p] = state
+    # count (row, state) entries over the real bytes only, then score = counts @ W
+    counts = sparse.csr_matrix((np.ones(len(data)), (rows, states[rows, cols])), shape=(len(idx), w.shape[0]))
+    score = counts @ w + prior
+    best = np.argmax(score, axis=1)
+    # langid's norm_probs: P(best) = 1 / sum_l exp(score_l - score_best)
+    with np.errstate(over="ignore"):
+        p_best = 1.0 / np.exp(score - score[np.arange(len(idx)), best][:, None]).sum(axis=1)
+    return best, p_best
+
+
+def classify_vectorized(texts: Sequence[str | None], batch: int = 4096, max_bytes: int = 2048,
+                        threads: int = 2) -> tuple[list[str | None], np.ndarray]:
+    """(language, probability) per text, batch-evaluated on ``threads`` threads (numpy and scipy
+    release the GIL); same answers as :func:`classify_langid` for texts up to ``max_bytes`` UTF-8
+    bytes (longer ones are judged on their first max_bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    classes = _tables()[3]
     n = len(texts)
-    langs: list[str | None] = [None] * n
+    best_all = np.full(n, -1, dtype=np.int64)
     probs = np.zeros(n)
     encoded = [(t or "").encode("utf-8")[:max_bytes] for t in texts]
     lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=n)
     order = np.argsort(lengths, kind="stable")
     order = order[lengths[order] > 0]
-    n_states = w.shape[0]
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        lens = lengths[idx]
-        maxlen = int(lens[-1])
-        # the batch's bytes as a (rows x maxlen) matrix, laid out without a per-row Python loop
-        data = np.frombuffer(b"".join(encoded[i] for i in idx), dtype=np.uint8)
-        rows = np.repeat(np.arange(len(idx)), lens)
-        offsets = np.concatenate(([0], np.cumsum(lens)[:-1]))
-        cols = np.arange(len(data)) - np.repeat(offsets, lens)
-        buf = np.zeros((len(idx), maxlen), dtype=np.int64)
-        buf[rows, cols] = data
-        # step the DFA for every row at once; record the state entered at each position
-        states = np.zeros((len(idx), maxlen), dtype=np.int64)
-        state = np.zeros(len(idx), dtype=np.int64)
-        for p in range(maxlen):
-            state = nextmove[(state << 8) + buf[:, p]]
-            states[:, p] = state
-        # count (row, state) entries over the real bytes only, then score = counts @ W
-        counts = sparse.csr_matrix(
-            (np.ones(len(data)), (rows, states[rows, cols])), shape=(len(idx), n_states))
-        score = counts @ w + prior
-        best = np.argmax(score, axis=1)
-        # langid's norm_probs: P(best) = 1 / sum_l exp(score_l - score_best)
-        with np.errstate(over="ignore"):
-            p_best = 1.0 / np.exp(score - score[np.arange(len(idx)), best][:, None]).sum(axis=1)
-        for r, i in enumerate(idx):
-            langs[i] = classes[best[r]]
-        probs[idx] = p_best
-    return langs, probs
+    batches = [order[s:s + batch] for s in range(0, len(order), batch)]
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for idx, (best, p_best) in zip(batches, pool.map(lambda ix: _score_batch(encoded, ix, lengths[ix]), batches)):
+            best_all[idx] = best
+            probs[idx] = p_best
+    return [classes[j] if j >= 0 else None for j in best_all.tolist()], probs
 
 
-def classify(texts: Sequence[str | None], backend: str = "vectorized") -> tuple[list[str | None], np.ndarray]:
+def classify(texts: Sequence[str | None], backend: str = "vectorized",
+             threads: int = 2) -> tuple[list[str | None], np.ndarray]:
     if backend == "vectorized":
-        return classify_vectorized(texts)
+        return classify_vectorized(texts, threads=threads)
     if backend == "langid":
         return classify_langid(texts)
     raise ValueError(f"unknown language backend {backend!r}: use 'vectorized' or 'langid'")
 
 
 def other_language_mask(texts: Sequence[str | None], language: str, min_confidence: float,
-                        backend: str = "vectorized") -> np.ndarray:
+                        backend: str = "vectorized", threads: int = 2) -> np.ndarray:
     """True where a text is confidently (probability >= min_confidence) in a language other than
     ``language``. Empty texts are never flagged (other rules deal with them)."""
-    langs, probs = classify(texts, backend)
+    langs, probs = classify(texts, backend, threads)
     lang_arr = np.array([lg if lg is not None else language for lg in langs], dtype=object)
     return (lang_arr != language) & (probs >= min_confidence)

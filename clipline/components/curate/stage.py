@@ -230,7 +230,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
 
             uniq = pc.unique(tbl.column("caption"))
             flag_u = language.other_language_mask(uniq.to_pylist(), c.language, c.language_min_confidence,
-                                                  c.language_backend)
+                                                  c.language_backend, c.duckdb_threads)
             pos = pc.index_in(tbl.column("caption"), value_set=uniq).to_numpy(zero_copy_only=False)
             flagged = tbl.column("rid").to_numpy()[flag_u[pos]]
             _mark(con, flagged, "language")
