@@ -229,8 +229,11 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
             import pyarrow.compute as pc
 
             uniq = pc.unique(tbl.column("caption"))
-            flag_u = language.other_language_mask(uniq.to_pylist(), c.language, c.language_min_confidence,
-                                                  c.language_backend, c.duckdb_threads)
+            chunk = 200_000  # bounds the Python-side memory of the pass
+            flag_u = np.concatenate([
+                language.other_language_mask(uniq.slice(s, chunk).to_pylist(), c.language,
+                                             c.language_min_confidence, c.language_backend, c.duckdb_threads)
+                for s in range(0, len(uniq), chunk)])
             pos = pc.index_in(tbl.column("caption"), value_set=uniq).to_numpy(zero_copy_only=False)
             flagged = tbl.column("rid").to_numpy()[flag_u[pos]]
             _mark(con, flagged, "language")
