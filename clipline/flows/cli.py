@@ -118,7 +118,7 @@ def curate_cmd(
     if not res.new:
         console.print(f"nothing new: snapshot [bold]{res.snapshot_id}[/] is unchanged ({res.n_rows} rows)")
         return
-    table = Table(title=f"snapshot {res.snapshot_id} (parent {res.parent_id})")
+    table = Table(title=f"snapshot {res.snapshot_id}", caption=f"parent: {res.parent_id or 'none'}")
     table.add_column("rule")
     table.add_column("dropped", justify="right")
     for rule, n in res.counts["dropped"].items():
