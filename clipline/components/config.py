@@ -80,21 +80,39 @@ class IngestConfig(_Section):
 
 
 class CurateConfig(_Section):
+    rules_file: Path | None = Field(None, description="an edited copy of the packaged rules.sql (default: the packaged one)")
+    # caption rules (DataComp's basic filter: more than 2 words, more than 5 characters)
     min_caption_words: int = Field(3, ge=0, description="keep captions with at least this many words (DataComp: >2)")
     min_caption_chars: int = Field(6, ge=0, description="keep captions with at least this many characters (DataComp: >5)")
     max_caption_chars: int = Field(1000, ge=1)
-    blocklist_file: Path | None = None
+    blocklist_file: Path | None = Field(None, description="one term per line ('#' comments); default: the packaged list")
     language: str | None = Field("en", description="ISO 639-1 code to keep; empty/None switches the rule off")
+    language_min_confidence: float = Field(
+        0.9, ge=0, le=1, description="drop a caption only when langid names another language with at least this probability")
+    language_backend: Literal["vectorized", "langid"] = Field(
+        "vectorized", description="vectorized: numpy pass over langid's own model; langid: langid.classify per caption")
+    # image rules (DataComp: 200 px shorter side of the original)
     min_image_side: int = Field(200, ge=0, description="shorter side of the original image, px")
     max_aspect_ratio: float = Field(3.0, ge=1.0)
-    phash_max_distance: int = Field(6, ge=0, le=64)
+    # deduplication
+    exact_image_dedup: Literal["image", "image_and_caption"] = Field(
+        "image", description="image: one row per stored-image sha256; image_and_caption: only when the caption is the same too")
+    phash_max_distance: int = Field(6, ge=-1, le=32, description="near-duplicate image distance in bits of 64; -1 switches it off")
+    near_dup_engine: Literal["numpy", "sql"] = Field(
+        "numpy", description="where the band join runs: numpy sort-merge (faster) or DuckDB equi-joins; same pairs")
     caption_near_dedup: bool = False
     caption_minhash_threshold: float = Field(0.8, gt=0, le=1)
+    caption_minhash_perm: int = Field(64, ge=16, le=512)
+    caption_shingle_chars: int = Field(5, ge=1, le=32)
     eval_set: Path | None = None
+    # snapshot
     val_fraction: float = Field(0.05, ge=0, lt=1)
-    row_group_rows: int = Field(4096, ge=64)
+    row_group_rows: int = Field(4096, ge=2048, description="rows per Parquet row group (DuckDB writes multiples of 2048)")
+    file_size_mb: int = Field(512, ge=1, description="largest snapshot Parquet file before a new one starts")
     duckdb_memory_limit: str = "2GB"
-    duckdb_temp_dir: Path | None = None
+    duckdb_temp_dir: Path | None = Field(None, description="spill directory (default <data-dir>/tmp/duckdb)")
+    duckdb_threads: int = Field(2, ge=1)
+    contact_sheet_examples: int = Field(4, ge=0, le=32, description="dropped examples shown per rule")
 
 
 class TrainConfig(_Section):

@@ -1,0 +1,175 @@
+"""The per-run curate report: a Markdown table of rules with the rows each dropped, and a PNG
+contact sheet with a few dropped examples per rule so a person can judge whether a rule is right.
+Also logs the run to MLflow (experiment ``cfg.tracking.experiment``, tag ``stage=curate``)."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+
+import duckdb
+from PIL import Image, ImageDraw, ImageFont
+
+from clipline.components.curate import sources
+
+THUMB = 128
+LABEL_W = 190
+CAPTION_H = 44
+
+
+def markdown_table(manifest: dict) -> str:
+    """The report as Markdown: counts of this run per rule, in the order rows are attributed."""
+    counts = manifest["counts"]
+    n_in = max(counts["input"], 1)
+    lines = [
+        f"# Curate report: snapshot `{manifest['snapshot_id']}`",
+        "",
+        f"- parent: `{manifest['parent_id']}`" + (f" (rebuilt: {manifest['rebuild_reason']})"
+                                                    if manifest.get("rebuild_reason") else ""),
+        f"- new shards: {len(manifest['new_shards'])}, rows read: {counts['input']}, "
+        f"kept: {counts['kept']} ({100.0 * counts['kept'] / n_in:.1f}%)",
+        f"- snapshot rows: {manifest['n_rows']} (train {manifest['n_train']}, val {manifest['n_val']})",
+        "",
+        "A row that several rules would drop is counted under the first one, in this order.",
+        "",
+        "| # | rule | dropped | % of rows read |",
+        "|---:|---|---:|---:|",
+    ]
+    for i, rule in enumerate(manifest["rule_order"], 1):
+        n = counts["dropped"].get(rule, 0)
+        lines.append(f"| {i} | {rule} | {n} | {100.0 * n / n_in:.2f} |")
+    lines.append(f"| | **kept** | **{counts['kept']}** | {100.0 * counts['kept'] / n_in:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:  # older Pillow
+        return ImageFont.load_default()
+
+
+def _tile(image_bytes: bytes | None, caption: str | None, font) -> Image.Image:
+    tile = Image.new("RGB", (THUMB, THUMB + CAPTION_H), "white")
+    draw = ImageDraw.Draw(tile)
+    img = None
+    if image_bytes:
+        try:
+            img = Image.open(io.BytesIO(image_bytes))
+            img.draft("RGB", (THUMB, THUMB))
+            img = img.convert("RGB")
+            img.thumbnail((THUMB, THUMB))
+        except Exception:  # noqa: BLE001 - shown as "undecodable"
+            img = None
+    if img is not None:
+        tile.paste(img, ((THUMB - img.width) // 2, (THUMB - img.height) // 2))
+    else:
+        draw.rectangle([0, 0, THUMB - 1, THUMB - 1], fill=(235, 235, 235))
+        draw.text((8, THUMB // 2 - 6), "no image" if not image_bytes else "undecodable", fill="gray", font=font)
+    text = "\n".join(textwrap.wrap((caption or "(no caption)")[:80], 22)[:3])
+    draw.multiline_text((2, THUMB + 2), text, fill="black", font=font, spacing=1)
+    return tile
+
+
+def contact_sheet(examples: dict[str, list[tuple[bytes | None, str | None]]], out: Path, per_rule: int) -> Path | None:
+    """A PNG with one row per rule (in the given order) and up to ``per_rule`` examples each."""
+    rows = [(r, ex) for r, ex in examples.items() if ex]
+    if not rows or per_rule <= 0:
+        return None
+    font = _font()
+    w = LABEL_W + per_rule * (THUMB + 6)
+    h = len(rows) * (THUMB + CAPTION_H + 8) + 8
+    sheet = Image.new("RGB", (w, h), (250, 250, 250))
+    draw = ImageDraw.Draw(sheet)
+    y = 6
+    for rule, ex in rows:
+        draw.multiline_text((6, y + THUMB // 2 - 8), rule, fill="black", font=font)
+        for j, (b, cap) in enumerate(ex[:per_rule]):
+            sheet.paste(_tile(b, cap, font), (LABEL_W + j * (THUMB + 6), y))
+        y += THUMB + CAPTION_H + 8
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, format="PNG")
+    return out
+
+
+def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Path], order: list[str],
+                   per_rule: int) -> dict[str, list[tuple[bytes | None, str | None]]]:
+    """Up to ``per_rule`` dropped rows per rule (deterministic: smallest md5 of the key), with
+    their image bytes read from the shards for just those rows."""
+    if per_rule <= 0:
+        return {}
+    sample = con.sql(f"""
+        SELECT reason, f.filename, file_row_number, caption FROM (
+            SELECT *, row_number() OVER (PARTITION BY reason ORDER BY hash(coalesce(key, '')), rid) AS rk
+            FROM rows WHERE reason IS NOT NULL) x JOIN files f USING (fid) WHERE rk <= {int(per_rule)}""").to_arrow_table()
+    if sample.num_rows == 0:
+        return {}
+    con.register("_sample", sample)
+    files = sorted(set(sample.column("filename").to_pylist()))
+    imgs = con.execute(f"""
+        SELECT s.reason, s.file_row_number, s.caption, {sources.image_expr(schema)} AS image
+        FROM read_parquet({sources.sql_list([Path(f) for f in files])}, union_by_name = true, filename = true,
+                          file_row_number = true) r
+        JOIN _sample s ON r.filename = s.filename AND r.file_row_number = s.file_row_number
+        ORDER BY s.reason, s.filename, s.file_row_number""").fetchall()
+    con.unregister("_sample")
+    out: dict[str, list] = {r: [] for r in order}
+    for reason, _, caption, image in imgs:
+        out.setdefault(reason, []).append((bytes(image) if image is not None else None, caption))
+    return out
+
+
+def write_report(con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dict, schema: dict,
+                 paths: list[Path], per_rule: int) -> dict[str, Path]:
+    """Write ``report.md``, ``dropped.parquet`` (every dropped row with its rule) and
+    ``contact_sheet.png`` (when any row was dropped) into report_dir."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    md = report_dir / "report.md"
+    examples = sample_dropped(con, schema, paths, manifest["rule_order"], per_rule)
+    dropped = manifest["counts"]["dropped"]
+    labelled = {f"{rule}\n{dropped.get(rule, 0)} dropped": ex for rule, ex in examples.items()}
+    sheet = contact_sheet(labelled, report_dir / "contact_sheet.png", per_rule)
+    text = markdown_table(manifest)
+    if sheet is not None:
+        text += f"\n![dropped examples per rule]({sheet.name})\n"
+    decisions = report_dir / "dropped.parquet"
+    con.execute(f"""
+        COPY (SELECT r.key, r.url, r.caption, f.shard_id, r.file_row_number AS shard_row, r.reason
+              FROM rows r JOIN files f USING (fid) WHERE r.reason IS NOT NULL ORDER BY r.rid)
+        TO '{str(decisions).replace("'", "''")}' (FORMAT parquet)""")
+    text += (f"\nEvery dropped row (key, url, normalised caption, shard, row, rule): `{decisions.name}`\n")
+    md.write_text(text)
+    out = {"markdown": md, "dropped_rows": decisions}
+    if sheet is not None:
+        out["contact_sheet"] = sheet
+    return out
+
+
+def log_to_mlflow(cfg, result) -> str:
+    """Log a curate run to MLflow; returns the run id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    m = result.manifest
+    with mlflow.start_run(run_name=f"curate-{result.snapshot_id}",
+                          tags={"stage": "curate", "snapshot_id": result.snapshot_id,
+                                "parent_id": str(result.parent_id)}) as run:
+        params = {f"curate.{k}": v for k, v in m["config"].items()}
+        params.update({"new_shards": len(m["new_shards"]), "parent_id": str(result.parent_id)})
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        metrics = {"rows_read": result.counts["input"], "rows_kept": result.counts["kept"],
+                   "snapshot_rows": result.n_rows, "n_train": result.n_train, "n_val": result.n_val}
+        metrics.update({f"dropped/{r}": n for r, n in result.counts["dropped"].items()})
+        metrics.update({"seconds/" + k.replace(':', '').replace(' ', '_'): v for k, v in result.timings.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        if result.report_path:
+            mlflow.log_artifact(str(result.report_path), artifact_path="curate")
+        if result.contact_sheet_path:
+            mlflow.log_artifact(str(result.contact_sheet_path), artifact_path="curate")
+        mlflow.log_dict(m, "curate/manifest.json")
+        return run.info.run_id
+
+
+__all__ = ["markdown_table", "contact_sheet", "write_report", "log_to_mlflow", "sample_dropped"]

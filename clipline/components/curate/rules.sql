@@ -1,0 +1,56 @@
+-- clipline curation rules. Edit freely: this file is the rule set.
+--
+-- Each rule is a block that starts with a line "-- rule: <name>" followed by ONE SQL boolean
+-- expression (DuckDB dialect) that is TRUE when the row must be DROPPED. A NULL result keeps the
+-- row. Rules are tried in the order of this file, and a row that several rules would drop is
+-- counted under the FIRST one. After these rules come, in this order, the rules that need more
+-- than one row or a model (see clipline/components/curate/stage.py):
+--   language            langid names another language than [curate] language, confidently
+--   eval_contamination  the image is within phash_max_distance bits of an eval-set image
+--   dup_url             same URL as a row kept earlier
+--   dup_key             same sample key as a row kept earlier (keys must be unique in a snapshot)
+--   dup_image           same stored-image sha256 as a row kept earlier
+--   dup_caption_image   same normalised caption AND same sha256 as a row kept earlier
+--   near_dup_image      perceptual hash within phash_max_distance bits of a row kept earlier
+--   near_dup_caption    caption MinHash-similar to a caption kept earlier (off by default)
+--
+-- Columns available: key, url, caption (already normalised: NFC, mojibake repaired, whitespace
+-- collapsed, control characters removed), status, width, height, original_width,
+-- original_height (NULL when unknown), sha256, phash.
+-- {placeholders} are filled from the [curate] config section; {blocklist_regex} is built from
+-- the blocklist file (one term per line, matched as whole words, case-insensitive).
+
+-- rule: failed_download
+status IS DISTINCT FROM 'success'
+
+-- rule: missing_key
+key IS NULL OR key = ''
+
+-- rule: image_too_small
+least(coalesce(original_width, width), coalesce(original_height, height)) < {min_image_side}
+
+-- rule: aspect_ratio
+greatest(coalesce(original_width, width), coalesce(original_height, height))
+  > {max_aspect_ratio} * least(coalesce(original_width, width), coalesce(original_height, height))
+
+-- rule: missing_caption
+caption IS NULL OR caption = ''
+
+-- rule: caption_is_pattern
+regexp_full_match(lower(caption),
+  '(https?://|www\.)\S+'                                              -- only a URL
+  || '|[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)'     -- only a file name
+  || '|(img|dsc|dscn|dscf|pxl|dcim|photo|image|pic|screenshot)[_\- ]?[\d_\- ]+'  -- camera name
+  || '|[\d\W_]+')                                                     -- only digits/punctuation
+
+-- rule: too_few_words
+len(string_split(caption, ' ')) < {min_caption_words}
+
+-- rule: too_few_chars
+length(caption) < {min_caption_chars}
+
+-- rule: too_long
+length(caption) > {max_caption_chars}
+
+-- rule: blocklisted
+regexp_matches(lower(caption), {blocklist_regex})

@@ -1,0 +1,435 @@
+"""The curate stage: raw shards in the catalog -> the next versioned snapshot.
+
+Steps (each timed and reported): read metadata of the new shards (no image bytes) -> normalise
+captions -> SQL rules (rules.sql) -> language -> decontamination -> keep-first deduplication
+against the parent snapshot and within the new rows -> split and content hash -> write the accepted
+rows with their image bytes (the only read of image bytes) -> manifest, catalog record, report.
+
+Incremental rule: the next snapshot is the latest snapshot plus the newly accepted rows from shards
+it has not consumed, deduplicated against it. It is rebuilt from all shards instead when the rule
+configuration, the rules file, the blocklist or the eval set changed since the latest snapshot
+(or with ``from_scratch``), because its rows were chosen under other rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from clipline.components.catalog import Catalog
+from clipline.components.config import Config, CurateConfig
+from clipline.components.curate import dedup, hashing, language, rules, sources
+from clipline.components.curate.evalset import eval_hashes, fingerprint
+from clipline.components.curate.normalize import normalize_captions
+
+ProgressFn = Callable[[str, int, int], None]
+"""progress(step_description, steps_done, steps_total)"""
+
+STEPS = ["read metadata and apply rules", "language", "decontamination", "deduplication",
+         "split and content hash", "write snapshot", "report"]
+
+#: config fields that do not change which rows are kept (so they never force a rebuild)
+NON_RULE_FIELDS = {"row_group_rows", "file_size_mb", "duckdb_memory_limit", "duckdb_temp_dir", "duckdb_threads",
+                   "contact_sheet_examples", "eval_set", "language_backend", "blocklist_file", "near_dup_engine", "rules_file"}
+
+
+class CurateError(RuntimeError):
+    """The stage cannot run; the message says why and what to do."""
+
+
+@dataclass
+class CurateResult:
+    snapshot_id: str
+    parent_id: str | None
+    path: Path                      # the snapshot directory
+    n_rows: int                     # rows in the whole snapshot (parent's included)
+    n_train: int
+    n_val: int
+    counts: dict                    # this run: {"input", "kept", "dropped": {rule: n}}
+    report_path: Path | None
+    contact_sheet_path: Path | None
+    new: bool                       # False: nothing new, the existing snapshot is returned
+    manifest: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+def connect(cfg: Config) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the configured memory limit, spill directory and threads."""
+    c = cfg.curate
+    temp = Path(c.duckdb_temp_dir) if c.duckdb_temp_dir else cfg.data_dir / "tmp" / "duckdb"
+    temp.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"memory_limit": c.duckdb_memory_limit, "temp_directory": str(temp),
+                                 "threads": int(c.duckdb_threads), "preserve_insertion_order": True})
+    con.create_function("normalize_caption", normalize_captions, [duckdb.sqltype("VARCHAR")],
+                        duckdb.sqltype("VARCHAR"), type="arrow")
+    return con
+
+
+def config_fingerprint(c: CurateConfig, sql: list[rules.Rule]) -> str:
+    """Hash of everything that decides which rows are kept (rules text with values filled in)."""
+    data = {k: v for k, v in c.model_dump(mode="json").items() if k not in NON_RULE_FIELDS}
+    data["rules"] = [(r.name, r.sql) for r in sql]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Steps:
+    def __init__(self, progress: ProgressFn | None):
+        self.progress, self.done, self.timings = progress, 0, {}
+        self._t = time.perf_counter()
+        self._name = None
+
+    def start(self, name: str) -> None:
+        self._close()
+        self._name, self._t = name, time.perf_counter()
+        if self.progress:
+            self.progress(name, self.done, len(STEPS))
+
+    def _close(self) -> None:
+        if self._name is not None:
+            self.timings[self._name] = round(time.perf_counter() - self._t, 3)
+            self.done += 1
+            self._name = None
+
+    def finish(self) -> None:
+        self._close()
+        if self.progress:
+            self.progress("done", len(STEPS), len(STEPS))
+
+
+def _result_from_record(rec: dict, snapshots_dir: Path, new: bool) -> CurateResult:
+    m = rec["manifest"]
+    rep = m.get("report", {})
+    return CurateResult(
+        snapshot_id=rec["snapshot_id"], parent_id=rec["parent_id"], path=snapshots_dir / rec["snapshot_id"],
+        n_rows=int(rec["n_rows"]), n_train=int(m.get("n_train", 0)), n_val=int(m.get("n_val", 0)),
+        counts=m.get("counts", {}), report_path=Path(rep["markdown"]) if rep.get("markdown") else None,
+        contact_sheet_path=Path(rep["contact_sheet"]) if rep.get("contact_sheet") else None,
+        new=new, manifest=m, timings=m.get("timings", {}))
+
+
+def _parent_usable(parent: dict | None, fp: str, efp: str | None, snapshots_dir: Path) -> tuple[dict | None, str | None]:
+    if parent is None:
+        return None, None
+    m = parent["manifest"]
+    if m.get("config_fingerprint") != fp:
+        return None, f"the curate rules changed since snapshot {parent['snapshot_id']}"
+    if m.get("eval_fingerprint") != efp:
+        return None, f"the eval set changed since snapshot {parent['snapshot_id']}"
+    missing = [f for f in m.get("files", []) if not (snapshots_dir / f).exists()]
+    if missing:
+        return None, f"snapshot {parent['snapshot_id']} misses file(s) {missing[:3]}"
+    return parent, None
+
+
+def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | None = None, *,
+           from_scratch: bool = False, track: bool = True, rules_file: Path | None = None) -> CurateResult:
+    """Build the next snapshot from the raw shards registered in the catalog (see module doc).
+
+    Returns the existing latest snapshot (``new=False``) when no shard is new and the rules are
+    unchanged, or when the rows it would write equal an existing snapshot's. Raises CurateError
+    when there is nothing to curate, EvalSetError for an unreadable eval set, ValueError for a bad
+    rules or blocklist file.
+    """
+    from clipline.components.curate import report as report_mod
+
+    c = cfg.curate
+    steps = _Steps(progress)
+    eval_path = Path(eval_set) if eval_set else (Path(c.eval_set) if c.eval_set else None)
+    sql_rules = rules.sql_rules(c, rules_file or c.rules_file)
+    fp = config_fingerprint(c, sql_rules)
+    ehashes = eval_hashes(eval_path) if eval_path else None
+    efp = fingerprint(ehashes)
+    snapshots_dir = cfg.snapshots_dir
+    snapshots_dir.mkdir(parents=True, exist_ok=True)
+
+    with Catalog(cfg.catalog_path) as cat, cat.lock("curate", f"clipline curate (pid {os.getpid()})"):
+        shards = cat.shards(kind=None)
+        if not shards:
+            raise CurateError(f"no complete raw shards are registered in {cfg.catalog_path}: "
+                              "run `clipline ingest URL_LIST` first")
+        latest = cat.latest_snapshot()
+        if from_scratch:
+            parent, rebuild_reason = None, ("from scratch, as asked" if latest else None)
+        else:
+            parent, rebuild_reason = _parent_usable(latest, fp, efp, snapshots_dir)
+        consumed = set(parent["manifest"].get("source_shards", [])) if parent else set()
+        new_shards = [s for s in shards if s.shard_id not in consumed]
+        if parent is not None and not new_shards:
+            steps.finish()
+            return _result_from_record(parent, snapshots_dir, new=False)
+        files = [sources.ShardFile(s.shard_id, Path(s.path), i) for i, s in enumerate(new_shards)]
+        con = connect(cfg)
+        try:
+            res = _build(cfg, con, cat, files, parent, sql_rules, fp, ehashes, efp, rebuild_reason, steps,
+                         report_mod, all_shards=[s.shard_id for s in shards])
+        finally:
+            con.close()
+    steps.finish()
+    res.timings = steps.timings
+    if res.new:
+        _finalise_manifest_timings(res, snapshots_dir)
+        if track:
+            res.mlflow_run_id = report_mod.log_to_mlflow(cfg, res)
+    return res
+
+
+def _finalise_manifest_timings(res: CurateResult, snapshots_dir: Path) -> None:
+    res.manifest["timings"] = res.timings
+    (snapshots_dir / res.snapshot_id / "manifest.json").write_text(json.dumps(res.manifest, indent=2, default=str))
+
+
+def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: list[sources.ShardFile],
+           parent: dict | None, sql_rules: list[rules.Rule], fp: str, ehashes: np.ndarray | None,
+           efp: str | None, rebuild_reason: str | None, steps: _Steps, report_mod, all_shards: list[str]) -> CurateResult:
+    c = cfg.curate
+    snapshots_dir = cfg.snapshots_dir
+    d = c.phash_max_distance
+
+    # ---- 1. metadata of the new shards + SQL rules (first matching rule wins) ----
+    steps.start(STEPS[0])
+    paths = [f.path for f in files]
+    schema = sources.union_schema(paths)
+    con.register("_files_arrow", pa.table({
+        "filename": [str(f.path) for f in files], "fid": list(range(len(files))), "shard_rank": [f.rank for f in files],
+        "shard_id": [f.shard_id for f in files]}))
+    con.execute("CREATE TEMP TABLE files AS SELECT * FROM _files_arrow")
+    con.unregister("_files_arrow")
+    area = ("coalesce(original_width, width)::BIGINT * coalesce(original_height, height)::BIGINT")
+    con.execute(f"""
+        CREATE TEMP TABLE rows AS
+        WITH raw AS (
+            SELECT filename, file_row_number, {sources.meta_select(schema)}
+            FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, filename = true,
+                              file_row_number = true) r
+        ), norm AS (
+            SELECT * REPLACE (normalize_caption(caption) AS caption) FROM raw
+        )
+        SELECT row_number() OVER (ORDER BY f.shard_rank, {area} DESC NULLS LAST, n.key, f.fid,
+                                  n.file_row_number) AS rid,
+               f.fid, n.* EXCLUDE (filename), {rules.case_expression(sql_rules)} AS reason
+        FROM norm n JOIN files f USING (filename)""")
+
+    # ---- 2. language (only rows no earlier rule dropped; unique captions only) ----
+    steps.start(STEPS[1])
+    if c.language:
+        tbl = con.sql("SELECT rid, caption FROM rows WHERE reason IS NULL").to_arrow_table()
+        if tbl.num_rows:
+            import pyarrow.compute as pc
+
+            uniq = pc.unique(tbl.column("caption"))
+            chunk = 200_000  # bounds the Python-side memory of the pass
+            flag_u = np.concatenate([
+                language.other_language_mask(uniq.slice(s, chunk).to_pylist(), c.language,
+                                             c.language_min_confidence, c.language_backend, c.duckdb_threads)
+                for s in range(0, len(uniq), chunk)])
+            pos = pc.index_in(tbl.column("caption"), value_set=uniq).to_numpy(zero_copy_only=False)
+            flagged = tbl.column("rid").to_numpy()[flag_u[pos]]
+            _mark(con, flagged, "language")
+
+    # ---- 3. decontamination against the eval set ----
+    steps.start(STEPS[2])
+    if ehashes is not None and len(ehashes):
+        con.execute("""CREATE TEMP TABLE _ph AS SELECT min(rid) AS gid, phash FROM rows
+                       WHERE reason IS NULL AND phash IS NOT NULL GROUP BY phash""")
+        con.register("_eval", pa.table({"phash": pa.array(ehashes, pa.int64())}))
+        hit = dedup.near_any(con, "_ph", "_eval", max(d, 0))
+        con.unregister("_eval")
+        if len(hit):
+            con.register("_hit", pa.table({"gid": pa.array(hit, pa.int64())}))
+            con.execute("""UPDATE rows SET reason = 'eval_contamination' WHERE reason IS NULL AND phash IN
+                           (SELECT phash FROM _ph WHERE gid IN (SELECT gid FROM _hit))""")
+            con.unregister("_hit")
+        con.execute("DROP TABLE _ph")
+
+    # ---- 4. keep-first deduplication (parent rows first, all kept) ----
+    steps.start(STEPS[3])
+    parent_files = [snapshots_dir / f for f in parent["manifest"]["files"]] if parent else []
+    if parent_files:
+        con.execute(f"""
+            CREATE TEMP TABLE parent AS
+            SELECT row_number() OVER (ORDER BY key) - (SELECT count(*) FROM read_parquet({sources.sql_list(parent_files)})) - 1 AS rid,
+                   key, url, caption, sha256, phash, split
+            FROM read_parquet({sources.sql_list(parent_files)}, union_by_name = true)""")
+    else:
+        con.execute("""CREATE TEMP TABLE parent (rid BIGINT, key VARCHAR, url VARCHAR, caption VARCHAR,
+                       sha256 VARCHAR, phash BIGINT, split VARCHAR)""")
+    # group ids: rows sharing a value get the smallest rid of the group; only groups of two or
+    # more rows are materialised (hash aggregates), every other row is its own group
+    con.execute("""
+        CREATE TEMP TABLE _d AS
+        WITH u AS (
+            SELECT rid, TRUE AS is_parent, key, url, caption, sha256, phash FROM parent
+            UNION ALL
+            SELECT rid, FALSE, key, url, caption, sha256, phash FROM rows WHERE reason IS NULL),
+        gu AS (SELECT url, min(rid) AS g FROM u WHERE url IS NOT NULL GROUP BY url HAVING count(*) > 1),
+        gk AS (SELECT key, min(rid) AS g FROM u WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1),
+        gs AS (SELECT sha256, min(rid) AS g FROM u WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1),
+        gc AS (SELECT caption, sha256, min(rid) AS g FROM u WHERE sha256 IS NOT NULL AND caption IS NOT NULL
+               GROUP BY caption, sha256 HAVING count(*) > 1),
+        gp AS (SELECT phash, row_number() OVER (ORDER BY phash) AS g
+               FROM (SELECT DISTINCT phash FROM u WHERE phash IS NOT NULL))
+        SELECT u.rid, u.is_parent, u.caption, u.phash,
+               coalesce(gu.g, u.rid) AS url_g, coalesce(gk.g, u.rid) AS key_g, coalesce(gs.g, u.rid) AS sha_g,
+               coalesce(gc.g, u.rid) AS ci_g, coalesce(gp.g, -1) AS ph_g
+        FROM u LEFT JOIN gu ON u.url = gu.url LEFT JOIN gk ON u.key = gk.key
+               LEFT JOIN gs ON u.sha256 = gs.sha256
+               LEFT JOIN gc ON u.caption = gc.caption AND u.sha256 = gc.sha256
+               LEFT JOIN gp ON u.phash = gp.phash""")
+    pairs = np.zeros((0, 2), dtype=np.int64)
+    t_lsh = time.perf_counter()
+    if d >= 0:
+        con.execute("CREATE TEMP TABLE _phd AS SELECT DISTINCT ph_g AS gid, phash FROM _d WHERE ph_g >= 0")
+        pairs = dedup.near_pairs(con, "_phd", d, engine=c.near_dup_engine)
+        con.execute("DROP TABLE _phd")
+    steps.timings["deduplication: phash pair search"] = round(time.perf_counter() - t_lsh, 3)
+    cols = ["rid", "is_parent", "url_g", "key_g", "sha_g", "ci_g", "ph_g"] + (["caption"] if c.caption_near_dedup else [])
+    arr = con.execute(f"SELECT {', '.join(cols)} FROM _d ORDER BY rid").fetchnumpy()
+    t_keep = time.perf_counter()
+    reasons = dedup.keep_first(
+        dedup.DedupInput(
+            is_parent=np.asarray(arr["is_parent"], bool), url_g=np.asarray(arr["url_g"], np.int64),
+            key_g=np.asarray(arr["key_g"], np.int64), sha_g=np.asarray(arr["sha_g"], np.int64),
+            capimg_g=np.asarray(arr["ci_g"], np.int64), ph_g=np.asarray(arr["ph_g"], np.int64), ph_pairs=pairs,
+            captions=list(arr["caption"]) if c.caption_near_dedup else None),
+        dedup.DedupOptions(same_image=c.exact_image_dedup == "image", near_image=d >= 0,
+                           near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
+                           minhash_perm=c.caption_minhash_perm, shingle_chars=c.caption_shingle_chars))
+    steps.timings["deduplication: keep-first pass"] = round(time.perf_counter() - t_keep, 3)
+    rid_arr = np.asarray(arr["rid"], np.int64)
+    for name in dedup_reason_names():
+        _mark(con, rid_arr[reasons == name], name)
+    con.execute("DROP TABLE _d")
+
+    # ---- 5. split, counts, content hash ----
+    steps.start(STEPS[4])
+    keys = con.sql("SELECT rid, key FROM rows WHERE reason IS NULL").to_arrow_table()
+    con.register("_split", pa.table({"rid": keys.column("rid"),
+                                     "split": pa.array(hashing.split_of(keys.column("key"), c.val_fraction))}))
+    con.execute("""
+        CREATE TEMP TABLE kept AS
+        SELECT r.* EXCLUDE (reason), s.split FROM rows r JOIN _split s USING (rid)""")
+    con.unregister("_split")
+    order = rules.rule_order(sql_rules)
+    dropped_raw = dict(con.execute("SELECT reason, count(*) FROM rows WHERE reason IS NOT NULL GROUP BY 1").fetchall())
+    n_input = con.execute("SELECT count(*) FROM rows").fetchall()[0][0]
+    n_kept_new = keys.num_rows
+    counts = {"input": int(n_input), "kept": int(n_kept_new),
+              "dropped": {r: int(dropped_raw.get(r, 0)) for r in order}}
+    # content hash: every kept row (key, sha256, caption, split) in key order, plus the source shards
+    content = con.sql("""
+        SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) AS s FROM (
+            SELECT key, sha256, caption, split FROM kept UNION ALL SELECT key, sha256, caption, split FROM parent)
+        ORDER BY key, s""").to_arrow_table().column("s")
+    cnt = len(content)
+    source_shards = sorted(set(parent["manifest"]["source_shards"] if parent else []) | {f.shard_id for f in files})
+    snapshot_id = hashlib.sha256(json.dumps([cnt, hashing.digest_strings(content), source_shards]).encode()).hexdigest()[:16]
+    del content
+    try:
+        existing = cat.get_snapshot(snapshot_id)
+    except KeyError:
+        existing = None
+    if existing is not None and (snapshots_dir / snapshot_id / "manifest.json").exists():
+        return _result_from_record(existing, snapshots_dir, new=False)
+    split_counts = dict(con.execute("SELECT split, count(*) FROM (SELECT split FROM kept UNION ALL SELECT split FROM parent) GROUP BY 1").fetchall())
+
+    # ---- 6. write the accepted rows (the only read of image bytes) ----
+    steps.start(STEPS[5])
+    tmp_dir = snapshots_dir / f".{snapshot_id}.tmp"
+    final_dir = snapshots_dir / snapshot_id
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    new_files: list[str] = []
+    if n_kept_new:
+        con.register("_shuffle", pa.table({"rid": keys.column("rid"),
+                                           "shuffle": hashing.shuffle_order(keys.column("key"), snapshot_id)}))
+        carried = sources.carried_columns(schema)
+        carried_sql = "".join(f", r.{sources.quote_ident(col)}" for col in carried)
+        con.execute(f"""
+            COPY (
+                SELECT k.key, k.url, k.caption, {sources.image_expr(schema)} AS image, k.width, k.height,
+                       k.original_width, k.original_height, k.sha256, k.phash, k.split{carried_sql}
+                FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, filename = true,
+                                  file_row_number = true) r
+                JOIN files f ON r.filename = f.filename
+                JOIN kept k ON f.fid = k.fid AND r.file_row_number = k.file_row_number
+                JOIN _shuffle sh ON sh.rid = k.rid
+                ORDER BY sh.shuffle
+            ) TO '{tmp_dir}' (FORMAT parquet, ROW_GROUP_SIZE {int(c.row_group_rows)},
+                              FILE_SIZE_BYTES '{int(c.file_size_mb)}MB', FILENAME_PATTERN 'part-{{i}}',
+                              OVERWRITE_OR_IGNORE true)""")
+        con.unregister("_shuffle")
+        written = sorted(tmp_dir.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
+        new_files = [f"{snapshot_id}/{p.name}" for p in written]
+    files_all = (list(parent["manifest"]["files"]) if parent else []) + new_files
+    parent_id = parent["snapshot_id"] if parent else None
+    cumulative = _cumulative(parent["manifest"].get("cumulative_counts") if parent else None, counts)
+    manifest = {
+        "snapshot_id": snapshot_id,
+        "parent_id": parent_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "config": c.model_dump(mode="json"),
+        "config_fingerprint": fp,
+        "eval_fingerprint": efp,
+        "rebuild_reason": rebuild_reason,
+        "source_shards": source_shards,
+        "new_shards": [f.shard_id for f in files],
+        "rule_order": order,
+        "counts": counts,
+        "cumulative_counts": cumulative,
+        "n_rows": int(cnt),
+        "n_train": int(split_counts.get("train", 0)),
+        "n_val": int(split_counts.get("val", 0)),
+        "files": files_all,
+        "new_files": new_files,
+    }
+
+    # ---- 7. report (table + contact sheet), then publish atomically ----
+    steps.start(STEPS[6])
+    report_dir = cfg.reports_dir / "curate" / snapshot_id
+    rep = report_mod.write_report(con, report_dir, manifest, schema, paths, c.contact_sheet_examples)
+    manifest["report"] = {k: str(v) for k, v in rep.items()}
+    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if final_dir.exists():
+        shutil.rmtree(final_dir)  # a leftover of a run that crashed before recording it
+    tmp_dir.rename(final_dir)
+    cat.record_snapshot(snapshot_id, parent_id, final_dir, int(cnt), manifest, source_shards)
+    return CurateResult(snapshot_id=snapshot_id, parent_id=parent_id, path=final_dir, n_rows=int(cnt),
+                        n_train=manifest["n_train"], n_val=manifest["n_val"], counts=counts,
+                        report_path=rep.get("markdown"), contact_sheet_path=rep.get("contact_sheet"),
+                        new=True, manifest=manifest)
+
+
+def dedup_reason_names() -> list[str]:
+    return ["dup_url", "dup_key", "dup_image", "dup_caption_image", "near_dup_image", "near_dup_caption"]
+
+
+def _mark(con: duckdb.DuckDBPyConnection, rids: np.ndarray, reason: str) -> None:
+    rids = np.asarray(rids, dtype=np.int64)
+    rids = rids[rids > 0]  # parent rows (rid <= 0) are never dropped
+    if not len(rids):
+        return
+    con.register("_mark", pa.table({"rid": rids}))
+    con.execute(f"UPDATE rows SET reason = '{reason}' FROM _mark WHERE rows.rid = _mark.rid AND rows.reason IS NULL")
+    con.unregister("_mark")
+
+
+def _cumulative(prev: dict | None, counts: dict) -> dict:
+    if not prev:
+        return json.loads(json.dumps(counts))
+    out = {"input": prev.get("input", 0) + counts["input"], "kept": prev.get("kept", 0) + counts["kept"],
+           "dropped": dict(prev.get("dropped", {}))}
+    for r, n in counts["dropped"].items():
+        out["dropped"][r] = out["dropped"].get(r, 0) + n
+    return out
