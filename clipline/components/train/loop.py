@@ -177,72 +177,80 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
             ctx.on_checkpoint(metrics, path)
         return path
 
-    model.train()
-    t_start, samples, loss_val = time.perf_counter(), 0, float("nan")
-    t_window, n_window = time.perf_counter(), 0
-    bad_images = 0
-    while step < spec.total_steps:
-        stream = SnapshotStream(spec.snapshot, decoder, local_batch, seed=cfg["seed"], epoch=epoch,
-                                rank=ctx.rank, world_size=ctx.world_size,
-                                num_workers=max(1, cfg["loader_workers"]), skip_batches=batch_in_epoch)
-        if stream.batches_per_epoch() == 0:
-            raise ValueError(f"snapshot {spec.snapshot.snapshot_id} has {spec.snapshot.n_train} train rows, fewer "
-                             f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size")
-        loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=cfg["loader_workers"],
-            persistent_workers=False, prefetch_factor=4 if cfg["loader_workers"] else None)
-        for batch in loader:
-            if step >= spec.total_steps:
-                break
-            if cfg.get("fail_at_step") and step == cfg["fail_at_step"]:
-                marker = spec.run_dir / f".failure-injected-{step}"
-                if not marker.exists():
-                    marker.touch()
-                    raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
-            bad_images += batch["n_bad"]
-            images = batch["image"].to(device, non_blocking=True)
-            texts = batch["text"].to(device, non_blocking=True)
-            n = images.shape[0]
-            if n < 2:
+    if rank0 and logger and resume is not None:
+        logger.log(step, {"train/resumed_from_step": step})
+        logger.flush()
+    try:
+        model.train()
+        t_start, samples, loss_val = time.perf_counter(), 0, float("nan")
+        t_window, n_window = time.perf_counter(), 0
+        bad_images = 0
+        while step < spec.total_steps:
+            stream = SnapshotStream(spec.snapshot, decoder, local_batch, seed=cfg["seed"], epoch=epoch,
+                                    rank=ctx.rank, world_size=ctx.world_size,
+                                    num_workers=max(1, cfg["loader_workers"]), skip_batches=batch_in_epoch)
+            if stream.batches_per_epoch() == 0:
+                raise ValueError(f"snapshot {spec.snapshot.snapshot_id} has {spec.snapshot.n_train} train rows, fewer "
+                                 f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size")
+            loader = torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=cfg["loader_workers"],
+                persistent_workers=False, prefetch_factor=4 if cfg["loader_workers"] else None)
+            for batch in loader:
+                if step >= spec.total_steps:
+                    break
+                if cfg.get("fail_at_step") and step == cfg["fail_at_step"] and rank0:
+                    marker = spec.run_dir / f".failure-injected-{step}"
+                    if not marker.exists():
+                        marker.touch()
+                        raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
+                bad_images += batch["n_bad"]
+                images = batch["image"].to(device, non_blocking=True)
+                texts = batch["text"].to(device, non_blocking=True)
+                n = images.shape[0]
+                if n < 2:
+                    batch_in_epoch += 1
+                    continue
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = ddp(images, texts)
+                    loss = loss_fn(out["image_features"].float(), out["text_features"].float(), model.logit_scale)
+                loss_val = float(loss.detach())
+                if not math.isfinite(loss_val):
+                    save(f"step-{step:08d}", {"loss": loss_val, "step": step})
+                    raise TrainingDiverged(
+                        f"loss became {loss_val} at step {step} of run {spec.run_name!r}; the last good state was "
+                        f"saved to {spec.run_dir}/step-{step:08d}. Lower train.lr or raise train.warmup_steps, "
+                        "then rerun with the same run name to continue from there")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg["grad_clip"] > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                opt.step()
+                sched.step()
+                clamp_logit_scale_(model)
+                step += 1
                 batch_in_epoch += 1
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = ddp(images, texts)
-                loss = loss_fn(out["image_features"].float(), out["text_features"].float(), model.logit_scale)
-            loss_val = float(loss.detach())
-            if not math.isfinite(loss_val):
-                save(f"step-{step:08d}", {"loss": loss_val, "step": step})
-                raise TrainingDiverged(
-                    f"loss became {loss_val} at step {step} of run {spec.run_name!r}; the last good state was "
-                    f"saved to {spec.run_dir}/step-{step:08d}. Lower train.lr or raise train.warmup_steps, "
-                    "then rerun with the same run name to continue from there")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            opt.step()
-            sched.step()
-            clamp_logit_scale_(model)
-            step += 1
-            batch_in_epoch += 1
-            samples += n * ctx.world_size
-            n_window += n * ctx.world_size
-            if rank0:
-                now = time.perf_counter()
-                metrics = {"train/loss": loss_val, "train/lr": opt.param_groups[0]["lr"],
-                           "train/temperature": 1.0 / float(model.logit_scale.exp()),
-                           "train/logit_scale": float(model.logit_scale.exp()),
-                           "train/samples_per_s": n_window / max(1e-9, now - t_window)}
-                if step % cfg["log_every"] == 0:
-                    t_window, n_window = now, 0
-                if logger:
-                    logger.log(step, metrics)
-                if ctx.progress:
-                    ctx.progress(step, spec.total_steps, metrics)
-            if step % cfg["checkpoint_every"] == 0 and step < spec.total_steps:
-                save(f"step-{step:08d}", {"loss": loss_val, "step": step})
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
+                samples += n * ctx.world_size
+                n_window += n * ctx.world_size
+                if rank0:
+                    now = time.perf_counter()
+                    metrics = {"train/loss": loss_val, "train/lr": opt.param_groups[0]["lr"],
+                               "train/temperature": 1.0 / float(model.logit_scale.detach().exp()),
+                               "train/logit_scale": float(model.logit_scale.detach().exp()),
+                               "train/samples_per_s": n_window / max(1e-9, now - t_window)}
+                    if step % cfg["log_every"] == 0:
+                        t_window, n_window = now, 0
+                    if logger:
+                        logger.log(step, metrics)
+                    if ctx.progress:
+                        ctx.progress(step, spec.total_steps, metrics)
+                if step % cfg["checkpoint_every"] == 0 and step < spec.total_steps:
+                    save(f"step-{step:08d}", {"loss": loss_val, "step": step})
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+    except BaseException:
+        if logger:
+            logger.flush()  # keep the metrics up to the failure
+        raise
 
     train_seconds = time.perf_counter() - t_start
     summary_metrics = {"loss": loss_val, "step": step}

@@ -83,6 +83,9 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
     factory.model_config(model_name)  # unknown names fail here, before any work
     tc.model = model_name
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * info.n_train / tc.batch_size))
+    if info.n_train < tc.batch_size:
+        raise ValueError(f"snapshot {info.snapshot_id} has {info.n_train} train rows, fewer than one batch "
+                         f"(train.batch_size {tc.batch_size}): lower train.batch_size")
     if tc.batch_size % tc.workers:
         raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by train.workers {tc.workers}")
 
@@ -134,7 +137,7 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
                 try:
                     summary = run_loop(spec, WorkerContext(device=device, progress=progress))
                     break
-                except TrainingDiverged:
+                except (TrainingDiverged, ValueError):  # retrying cannot fix these
                     raise
                 except Exception as e:  # noqa: BLE001 - same contract as Ray's FailureConfig
                     attempt += 1
