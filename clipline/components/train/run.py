@@ -152,3 +152,32 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
                        snapshot_id=info.snapshot_id, model_name=model_name, steps=summary.steps,
                        samples_per_s=summary.samples_per_s, train_seconds=summary.train_seconds,
                        final_loss=summary.final_loss, run_name=run_name)
+
+
+def resolve_from_model(cfg: Config, value: str) -> Path:
+    """``--from-model``: a local checkpoint directory/file, or a registered model version or alias
+    (``3``, ``champion``, ``models:/<name>/3``, ``models:/<name>@champion``) of
+    ``cfg.tracking.registered_model``, whose source run's ``checkpoint/`` artifacts are downloaded."""
+    p = Path(value).expanduser()
+    if p.exists():
+        return p
+    from mlflow.tracking import MlflowClient
+
+    name, ref = cfg.tracking.registered_model, value
+    if value.startswith("models:/"):
+        rest = value[len("models:/"):]
+        name, ref = (rest.split("@", 1) if "@" in rest else rest.rsplit("/", 1)) if ("@" in rest or "/" in rest) \
+            else (rest, "champion")
+    client = MlflowClient(cfg.mlflow_uri)
+    try:
+        mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
+    except Exception as e:  # noqa: BLE001 - say what was looked for
+        raise FileNotFoundError(f"--from-model {value!r} is neither an existing path nor a version/alias of the "
+                                f"registered model {name!r} in {cfg.mlflow_uri}: {str(e).splitlines()[0]}") from e
+    if not mv.run_id:
+        raise FileNotFoundError(f"model version {name}/{mv.version} has no source run to take a checkpoint from")
+    dest = cfg.checkpoints_dir / "_registry" / f"{name}-v{mv.version}"
+    if not (dest / "checkpoint").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        client.download_artifacts(mv.run_id, "checkpoint", str(dest))
+    return dest / "checkpoint"
