@@ -122,19 +122,6 @@ def test_resume_is_exact(data_dir, snapshot, mlflow_uri):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_worker_failure_is_recovered_by_ray_train(data_dir, snapshot, mlflow_uri, ray_local):
-    cfg = _cfg(data_dir, steps=8, checkpoint_every=3, fail_at_step=5, max_failures=1, workers=2,
-               backend="ray", run_name="ray-failure")
-    res = train(cfg, snapshot)
-    assert res.steps == 8
-    run_dir = cfg.checkpoints_dir / "ray-failure"
-    assert (run_dir / ".failure-injected-5").exists()
-    assert [v for _, v in _history(res.run_id, "train/resumed_from_step")] == [3.0]
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{res.checkpoint_dir}")
-    assert isinstance(model, open_clip.CLIP)
-    assert json.loads((res.checkpoint_dir / "clipline.json").read_text())["step"] == 8
-
-
 def test_nan_loss_stops_with_a_clear_message_after_saving(data_dir, snapshot, mlflow_uri):
     cfg = _cfg(data_dir, steps=30, lr=1e9, grad_clip=0, warmup_steps=0, run_name="diverges", checkpoint_every=100)
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*saved to"):

@@ -194,3 +194,39 @@ class SnapshotStream(torch.utils.data.IterableDataset):
                     n_pending -= self.local_batch
             if taken >= limit:
                 return
+
+
+class RayDecode:
+    """Ray Data ``map_batches`` callable: the same decoding as :class:`BatchDecoder`, built once per
+    Ray Data worker from the model's name (transforms and tokenizer only; no model weights)."""
+
+    def __init__(self, model_name: str, crop_scale_min: float):
+        import open_clip
+
+        from clipline.components.model import factory
+
+        cfg = factory.model_config(model_name)
+        size = cfg["vision_cfg"]["image_size"]
+        tf = open_clip.image_transform(size, is_train=True, aug_cfg={"scale": (crop_scale_min, 1.0)})
+        self.decoder = BatchDecoder(tf, open_clip.get_tokenizer(model_name), int(size))
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        batch = batch.filter(pa.compute.equal(batch.column("split"), "train"))
+        out = self.decoder(batch)
+        if out["image"].numel() == 0:
+            return {"image": np.zeros((0, 3, 1, 1), np.float32), "text": np.zeros((0, 1), np.int64)}
+        return {"image": out["image"].numpy(), "text": out["text"].numpy()}
+
+
+def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, decode_concurrency: int | None = None):
+    """A Ray Dataset of decoded train rows (``image`` float32 (3,S,S), ``text`` int64 (L,)): read the
+    snapshot's files, decode on Ray Data's CPU workers. Hand it to ``TorchTrainer(datasets={"train": ds})``
+    and Ray Train splits it across workers with ``streaming_split``. Row order is shuffled per epoch
+    at the block level; resume restarts the current epoch (no exact data position, unlike SnapshotStream)."""
+    import ray.data
+
+    ds = ray.data.read_parquet([str(f) for f in info.files], columns=COLUMNS + ["split"])
+    ds = ds.randomize_block_order()
+    return ds.map_batches(RayDecode, fn_constructor_kwargs={"model_name": model_name,
+                                                            "crop_scale_min": crop_scale_min},
+                          batch_format="pyarrow", batch_size=256, concurrency=decode_concurrency or (1, 4))

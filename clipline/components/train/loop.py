@@ -50,6 +50,8 @@ class WorkerContext:
     on_checkpoint: Callable[[dict[str, float], Path | None], None] | None = None
     resume_from: Path | None = None  # e.g. Ray Train's restored checkpoint
     progress: Callable[[int, int, dict[str, float]], None] | None = None
+    # an alternative feed (Ray Data): (epoch, batches to skip) -> iterable of {"image", "text"} batches
+    batches: Callable[[int, int], Any] | None = None
 
 
 @dataclass
@@ -203,10 +205,16 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                     if not marker.exists():
                         marker.touch()
                         raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
-                bad_images += batch["n_bad"]
+                bad_images += batch.get("n_bad", 0)
                 images = batch["image"].to(device, non_blocking=True)
                 texts = batch["text"].to(device, non_blocking=True)
                 n = images.shape[0]
+                if ctx.world_size > 1:
+                    # undecodable images make local batches shorter; the gather needs equal sizes
+                    n_t = torch.tensor([n], device=device)
+                    torch.distributed.all_reduce(n_t, op=torch.distributed.ReduceOp.MIN)
+                    n = int(n_t)
+                    images, texts = images[:n], texts[:n]
                 if n < 2:
                     batch_in_epoch += 1
                     continue

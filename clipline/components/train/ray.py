@@ -42,14 +42,22 @@ def _train_func(config: dict[str, Any]) -> None:
         ck = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
         ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=path.name if path is not None else None)
 
-    summary = run_loop(spec, WorkerContext(rank=rank, world_size=world, device=device,
+    batches = None
+    if config.get("ray_data"):
+        shard = ray.train.get_dataset_shard("train")
+        local_batch = spec.train["batch_size"] // world
+
+        def batches(epoch: int, skip: int):  # one pass over the stream per call (= one epoch)
+            return shard.iter_torch_batches(batch_size=local_batch, drop_last=True, prefetch_batches=4)
+
+    summary = run_loop(spec, WorkerContext(rank=rank, world_size=world, device=device, batches=batches,
                                            on_checkpoint=on_checkpoint, resume_from=resume_dir))
     if summary is not None:
         Path(spec.run_dir / "summary.json").write_text(__import__("json").dumps(summary.__dict__, default=str))
 
 
 def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int, storage_path: Path,
-                 threads: int = 0) -> LoopSummary:
+                 threads: int = 0, ray_data: bool = False) -> LoopSummary:
     """Run the loop on ``workers`` Ray Train workers; returns rank 0's summary.
 
     Connects to ``RAY_ADDRESS`` when set, else starts (or reuses) a local Ray. Raises the workers'
@@ -64,9 +72,15 @@ def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int,
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     storage_path.mkdir(parents=True, exist_ok=True)
+    datasets = None
+    if ray_data:
+        from clipline.components.train.data import ray_dataset
+
+        datasets = {"train": ray_dataset(spec.snapshot, spec.train["model"], spec.train["crop_scale_min"])}
     trainer = TorchTrainer(
         _train_func,
-        train_loop_config={"spec": spec, "threads": threads, "use_gpu": use_gpu},
+        datasets=datasets,
+        train_loop_config={"spec": spec, "threads": threads, "use_gpu": use_gpu, "ray_data": ray_data},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(

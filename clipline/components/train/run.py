@@ -127,8 +127,9 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
         if use_ray(cfg):
             from clipline.components.train.ray import run_with_ray
 
+            ray_data = tc.data_feed == "ray" or (tc.data_feed == "auto" and bool(os.environ.get("RAY_ADDRESS")))
             summary = run_with_ray(spec, tc.workers, use_gpu, tc.max_failures, cfg.checkpoints_dir / "_ray",
-                                   threads=threads)
+                                   threads=threads, ray_data=ray_data)
         else:
             torch.set_num_threads(threads)
             device = "cuda" if use_gpu else "cpu"
