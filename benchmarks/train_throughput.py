@@ -48,6 +48,30 @@ def ours(args, data_dir: Path, sid: str) -> float:
     return sps
 
 
+def loader_alone(args, data_dir: Path, sid: str) -> float:
+    """clipline's feed with no training: samples/s the DataLoader delivers (same workers/threads)."""
+    import torch
+
+    from clipline.components.model import factory
+    from clipline.components.train.data import BatchDecoder, SnapshotStream, resolve_snapshot
+
+    torch.set_num_threads(args.threads)
+    info = resolve_snapshot(data_dir / "snapshots", None, sid)
+    b = factory.create(args.model, aug={"scale": (0.5, 1.0)})
+    stream = SnapshotStream(info, BatchDecoder(b.train_transform, b.tokenizer, b.image_size), args.batch_size,
+                            num_workers=max(1, args.loader_workers))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.loader_workers,
+                                         prefetch_factor=4 if args.loader_workers else None)
+    it = iter(loader)
+    next(it)  # worker start-up
+    t0, n = time.perf_counter(), 0
+    for batch in it:
+        n += batch["image"].shape[0]
+    sps = n / (time.perf_counter() - t0)
+    print(f"clipline loader alone: {sps:.1f} samples/s ({n} samples)")
+    return sps
+
+
 def write_csv(data_dir: Path, sid: str) -> Path:
     import pyarrow.parquet as pq
 
@@ -122,7 +146,9 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; model {args.model}, "
               f"batch {args.batch_size}, {args.images} JPEGs of {args.image_px} px, {args.loader_workers} loader "
               f"worker(s), {args.threads} torch threads")
+        feed = loader_alone(args, data_dir, sid)
         a = ours(args, data_dir, sid)
+        print(f"loader alone / trainer: {feed / a:.2f}x")
         b = theirs(args, data_dir, csv_path)
         print(f"clipline_samples_per_s: {a:.1f}")
         print(f"open_clip_train_samples_per_s: {b:.1f}")

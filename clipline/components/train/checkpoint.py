@@ -56,7 +56,7 @@ def latest(run_dir: Path) -> Path | None:
     cands = step_dirs(run_dir)
     final = run_dir / "final"
     if (final / STATE_FILE).is_file():
-        cands.append((torch.load(final / STATE_FILE, weights_only=False)["step"], final))
+        cands.append((int(factory.read_checkpoint_meta(final).get("step", 0)), final))
         cands.sort()
     return cands[-1][1] if cands else None
 

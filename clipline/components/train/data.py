@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -87,7 +88,7 @@ def resolve_snapshot(snapshots_dir: Path, catalog_path: Path | None, snapshot_id
             raise SnapshotError(f"snapshot file {f} lacks columns {sorted(lacking)} (snapshot contract)")
         for rg in range(pf.num_row_groups):
             split = pf.read_row_group(rg, columns=["split"]).column("split")
-            n = int(pa.compute.sum(pa.compute.equal(split, "train")).as_py() or 0)
+            n = int(pc.sum(pc.equal(split, "train")).as_py() or 0)
             if n:
                 row_groups.append((i, rg, n))
                 n_train += n
@@ -184,7 +185,7 @@ class SnapshotStream(torch.utils.data.IterableDataset):
                 if fi not in pfs:
                     pfs[fi] = pq.ParquetFile(self.info.files[fi])
                 t = pfs[fi].read_row_group(rg, columns=COLUMNS + ["split"])
-                t = t.filter(pa.compute.equal(t.column("split"), "train")).select(COLUMNS)
+                t = t.filter(pc.equal(t.column("split"), "train")).select(COLUMNS)
                 pieces.append(t.take(pa.array(mine[start:stop])))
                 n_pending += stop - start
                 while n_pending >= self.local_batch:
@@ -211,7 +212,7 @@ class RayDecode:
         self.decoder = BatchDecoder(tf, open_clip.get_tokenizer(model_name), int(size))
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        batch = batch.filter(pa.compute.equal(batch.column("split"), "train"))
+        batch = batch.filter(pc.equal(batch.column("split"), "train"))
         out = self.decoder(batch)
         if out["image"].numel() == 0:
             return {"image": np.zeros((0, 3, 1, 1), np.float32), "text": np.zeros((0, 1), np.int64)}
