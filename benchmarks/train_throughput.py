@@ -100,7 +100,8 @@ def theirs(args, data_dir: Path, csv_path: Path) -> float:
     cmd = [sys.executable, "-c", code, str(factory.CONFIG_DIR),
            "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", "\t",
            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", args.model,
-           "--batch-size", str(args.batch_size), "--epochs", "1", "--train-num-samples", str(n_rows),
+           "--batch-size", str(args.batch_size), "--epochs", str(args.steps * args.batch_size // max(1, n_rows) + 2),
+           "--train-num-samples", str(n_rows),
            "--workers", str(args.loader_workers), "--precision", "fp32", "--lr", "5e-4", "--warmup", "10",
            "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(data_dir / "oc_logs"),
            "--name", "bench", "--report-to", "", "--seed", "0"]

@@ -104,6 +104,7 @@ class TrainConfig(_Section):
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False
+    channels_last: bool = Field(True, description="channels-last image tower (faster convolutions)")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -86,6 +86,14 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
+def _lower_priority(_worker_id: int) -> None:
+    """DataLoader workers yield the CPU to the training step (the feed has ample headroom)."""
+    try:
+        os.nice(5)
+    except OSError:
+        pass
+
+
 def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state()}
 
@@ -137,6 +145,8 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     model = bundle.model
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
+    memory_format = torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
+    model.visual.to(memory_format=memory_format)  # ~20% faster convolutions on CPU (oneDNN) and GPU
     use_bf16 = device.type == "cuda" and cfg["precision"] in ("auto", "bf16")
     opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -206,7 +216,7 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                         marker.touch()
                         raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
                 bad_images += batch.get("n_bad", 0)
-                images = batch["image"].to(device, non_blocking=True)
+                images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 texts = batch["text"].to(device, non_blocking=True)
                 n = images.shape[0]
                 if ctx.world_size > 1:
