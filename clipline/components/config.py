@@ -116,23 +116,36 @@ class CurateConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: str = "clipline-tiny"
-    pretrained: Path | None = None
-    batch_size: int = Field(128, ge=2, description="global batch size")
+    model: str = Field("clipline-tiny", description="a config in components/model/configs or an open_clip name")
+    pretrained: Path | None = Field(None, description="checkpoint dir or weights file to fine-tune from")
+    batch_size: int = Field(128, ge=2, description="global batch size (split evenly over workers)")
     steps: int = Field(0, ge=0, description="0 = derive from epochs")
     epochs: float = Field(5.0, gt=0)
     lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule floor, as a share of lr")
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 switches clipping off")
+    crop_scale_min: float = Field(0.5, gt=0, le=1, description="RandomResizedCrop's smallest area share")
     workers: int = Field(1, ge=1, description="Ray Train workers")
+    backend: Literal["auto", "local", "ray"] = Field(
+        "auto", description="auto: Ray Train when workers > 1 or RAY_ADDRESS is set, else in-process")
+    data_feed: Literal["auto", "torch", "ray"] = Field(
+        "auto", description="auto: Ray Data on a Ray cluster (RAY_ADDRESS), else a torch IterableDataset")
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per trainer")
+    threads: int = Field(0, ge=0, description="torch threads per trainer (0 = cores / trainers)")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False
+    channels_last: bool = Field(True, description="channels-last image tower (faster convolutions)")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1, description="flush per-step metrics to MLflow every N steps")
+    system_metrics: bool = True
     max_failures: int = Field(2, ge=0)
-    run_name: str | None = None
+    fail_at_step: int | None = Field(None, ge=1, description="testing: raise once at this step (failure injection)")
+    run_name: str | None = Field(None, description="same name again = resume that run from its last checkpoint")
 
 
 class EvaluateConfig(_Section):

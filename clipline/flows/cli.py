@@ -382,6 +382,56 @@ def curate_cmd(
     console.print(f"snapshot {res.path}: {res.n_rows} rows (train {res.n_train}, val {res.n_val})")
     console.print(f"report: {res.report_path}" + (f"  contact sheet: {res.contact_sheet_path}" if res.contact_sheet_path else ""))
 
+# ---- train ----
+@app.command()
+def train(
+    snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="ID", help="Snapshot to train on (default: the latest)."),
+    from_model: Optional[str] = typer.Option(
+        None, "--from-model", metavar="VERSION|PATH",
+        help="Fine-tune from a checkpoint directory/file, or a registered version or alias (e.g. 3, champion)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model config (default: train.model, clipline-tiny)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: from train.epochs)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (more than 1 uses Ray)."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Name of the run; an unfinished run of that name is resumed."),
+) -> None:
+    """Train a CLIP model on a snapshot; shows samples/s and loss, ends with the checkpoint and MLflow run."""
+    flags = {"model": model, "steps": steps, "batch_size": batch_size, "workers": workers, "run_name": run_name}
+    cfg = get_config(train={k: v for k, v in flags.items() if v is not None})
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from clipline.components.model.factory import ModelError
+    from clipline.components.train.data import SnapshotError
+    from clipline.components.train.loop import TrainingDiverged
+    from clipline.components.train.run import resolve_from_model, train as run_train, use_ray
+
+    try:
+        start = resolve_from_model(cfg, from_model) if from_model else None
+    except FileNotFoundError as e:
+        fail(str(e))
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("train", total=None, info="starting" + (" Ray Train" if use_ray(cfg) else ""))
+
+            def progress(step: int, total: int, m: dict[str, float]) -> None:
+                bar.update(task, completed=step, total=total,
+                           info=f"{m['train/samples_per_s']:.0f} samples/s  loss {m['train/loss']:.3f}")
+
+            result = run_train(cfg, snapshot_id=snapshot, from_model=start, progress=progress)
+    except (SnapshotError, ModelError, TrainingDiverged, ValueError) as e:
+        fail(str(e))
+        return
+    t = Table(title="train", show_header=False)
+    for k, v in [("model", result.model_name), ("snapshot", result.snapshot_id), ("steps", f"{result.steps:,}"),
+                 ("final loss", f"{result.final_loss:.4f}"), ("throughput", f"{result.samples_per_s:,.1f} samples/s"),
+                 ("training time", f"{result.train_seconds:.1f} s"), ("checkpoint", str(result.checkpoint_dir)),
+                 ("MLflow run", str(result.run_id)), ("logged model", str(result.model_uri))]:
+        t.add_row(k, v)
+    console.print(t)
+
 
 def main() -> None:
     """Entry point: any uncaught error becomes a one-line reason and exit code 1

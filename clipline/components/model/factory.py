@@ -1,0 +1,183 @@
+"""Models, tokenizers and transforms, all built by open_clip from JSON configs.
+
+Our own configs live in ``configs/*.json`` (open_clip's format) and are registered into open_clip
+on import, so ``open_clip.create_model("clipline-tiny")`` works anywhere this module was imported.
+open_clip's built-in names (``ViT-B-32``, ``ViT-B-16``, ``RN50``...) are accepted unchanged.
+
+Checkpoint directory layout (the contract read by evaluate/export):
+  ``open_clip_config.json`` = {"model_cfg": ..., "preprocess_cfg": ...}
+  ``open_clip_model.safetensors`` = the model's state_dict
+  ``clipline.json`` = model_name, snapshot_id, step, run_id, train config
+Loadable with plain open_clip: ``create_model_and_transforms("local-dir:<dir>")`` or
+``create_model_and_transforms(<name>, pretrained="<dir>/open_clip_model.safetensors")``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+META_FILE = "clipline.json"
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class ModelError(ValueError):
+    """A model name or checkpoint that cannot be used; the message says which and what to do."""
+
+
+@dataclass
+class ModelBundle:
+    """A model with everything needed to feed it."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    train_transform: Callable
+    val_transform: Callable
+    model_cfg: dict[str, Any]
+    preprocess_cfg: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg["size"]
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model_cfg["text_cfg"].get("context_length", 77))
+
+
+def list_models() -> list[str]:
+    """Every model name accepted: ours first, then open_clip's built-ins."""
+    ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    return ours + [m for m in open_clip.list_models() if m not in ours]
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The open_clip model config for ``name`` (a deep copy). Raises ModelError naming the choices."""
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise ModelError(
+            f"unknown model {name!r}: use one of ours ({', '.join(ours)}) or an open_clip name such as "
+            "ViT-B-32, ViT-B-16, RN50 (see open_clip.list_models())")
+    return copy.deepcopy(cfg)
+
+
+def resolve_weights(path: str | os.PathLike) -> Path:
+    """The weights file for a checkpoint given as a directory (our layout or any open_clip local
+    dir) or as a file. Raises ModelError when nothing loadable is there."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (WEIGHTS_FILE, "open_clip_pytorch_model.bin", "open_clip_model.bin", "model.pt"):
+            if (p / cand).is_file():
+                return p / cand
+        raise ModelError(f"checkpoint directory {p} holds no {WEIGHTS_FILE}: give a directory written by "
+                         "`clipline train` or a weights file")
+    if p.is_file():
+        return p
+    raise ModelError(f"pretrained checkpoint {p} does not exist: give a checkpoint directory or a weights file")
+
+
+def create(name: str, pretrained: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+           aug: dict[str, Any] | None = None) -> ModelBundle:
+    """Build model ``name`` (fp32, on ``device``) with its tokenizer and transforms.
+
+    ``pretrained``: a local checkpoint directory or weights file to start from (fine-tuning); it
+    must match the architecture. Nothing is downloaded: timm towers are built without ImageNet
+    weights and the tokenizer vocabulary ships in the open_clip wheel.
+    """
+    cfg = model_config(name)
+    weights = None
+    if pretrained is not None:
+        weights = resolve_weights(pretrained)
+    model, train_tf, val_tf = open_clip.create_model_and_transforms(
+        name, pretrained=None, device=device, aug_cfg=aug or {}, output_dict=True)
+    if weights is not None:
+        try:
+            open_clip.load_checkpoint(model, str(weights))
+        except RuntimeError as e:
+            raise ModelError(f"checkpoint {weights} does not fit model {name!r}: {str(e).splitlines()[0]}; "
+                             "train with the model the checkpoint was made with") from e
+    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    return ModelBundle(name=name, model=model, tokenizer=open_clip.get_tokenizer(name),
+                       train_transform=train_tf, val_transform=val_tf, model_cfg=cfg,
+                       preprocess_cfg=preprocess_cfg)
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``clipline.json`` of a checkpoint directory ({} when absent)."""
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP/compile wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint_dir(out_dir: str | os.PathLike, model: torch.nn.Module, model_cfg: dict[str, Any],
+                        preprocess_cfg: dict[str, Any], meta: dict[str, Any],
+                        extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically: everything goes into a temporary sibling that is
+    renamed into place, so a reader sees either the whole directory or none of it.
+
+    ``extra_files`` maps file names to objects saved with ``torch.save`` (optimiser state...).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(
+            {"model_cfg": model_cfg, "preprocess_cfg": _jsonable(preprocess_cfg)}, indent=2))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        for fname, obj in (extra_files or {}).items():
+            torch.save(obj, tmp / fname)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def load_checkpoint_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a checkpoint directory with plain open_clip (``local-dir:``), as any consumer would."""
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        raise ModelError(f"{p} is not a checkpoint directory (no {CONFIG_FILE})")
+    cfg = json.loads((p / CONFIG_FILE).read_text())
+    model, train_tf, val_tf = open_clip.create_model_and_transforms(f"local-dir:{p}", device=device)
+    name = read_checkpoint_meta(p).get("model_name", f"local-dir:{p}")
+    return ModelBundle(name=name, model=model, tokenizer=open_clip.get_tokenizer(f"local-dir:{p}"),
+                       train_transform=train_tf, val_transform=val_tf, model_cfg=cfg["model_cfg"],
+                       preprocess_cfg=dict(model.visual.preprocess_cfg))

@@ -1,0 +1,233 @@
+"""The data feed: snapshot Parquet files -> batches of (image tensor, token ids).
+
+One plain function does the work (:func:`BatchDecoder.__call__`: an Arrow batch of ``image`` bytes and
+``caption`` strings -> normalised, augmented image tensors and token ids). Two ways to run it:
+
+* :class:`SnapshotStream`, a torch ``IterableDataset`` over the snapshot's files, for one process with
+  DataLoader workers (the default on one machine);
+* :func:`ray_dataset`, Ray Data applying the same function on CPU workers and streaming to the
+  trainers with ``streaming_split`` (on a cluster).
+
+Order is deterministic given (seed, epoch): row groups are visited in a seeded permutation, rows
+within a row group in a seeded permutation, and row ``i`` of that stream belongs to shard
+``i % n_shards`` where a shard is one (rank, DataLoader worker) pair. Every shard therefore gets the
+same number of full batches, DataLoader's round robin over workers is exact, and a resumed run can
+skip the batches it already trained on without decoding them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+
+COLUMNS = ["image", "caption"]
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be trained on; the message says which and what to do."""
+
+
+@dataclass
+class SnapshotInfo:
+    snapshot_id: str
+    manifest: dict[str, Any]
+    files: list[Path]
+    n_train: int
+    row_groups: list[tuple[int, int, int]] = field(default_factory=list)  # (file index, row group, rows)
+
+
+def resolve_snapshot(snapshots_dir: Path, catalog_path: Path | None, snapshot_id: str | None) -> SnapshotInfo:
+    """Find a snapshot's manifest and data files.
+
+    ``snapshot_id=None`` takes the catalog's latest snapshot. A snapshot directory with a
+    ``manifest.json`` is accepted even when the catalog does not know it. Reads exactly
+    ``manifest["files"]`` (relative to ``snapshots_dir``), counting the rows with ``split == 'train'``.
+    """
+    if snapshot_id is None:
+        latest = None
+        if catalog_path is not None and Path(catalog_path).exists():
+            from clipline.components.catalog import Catalog
+
+            with Catalog(catalog_path, read_only=True) as cat:
+                latest = cat.latest_snapshot()
+        if latest is None:
+            raise SnapshotError(f"no snapshot in the catalog {catalog_path}: run `clipline curate` first, "
+                                "or pass --snapshot ID")
+        snapshot_id = latest["snapshot_id"]
+    mpath = Path(snapshots_dir) / snapshot_id / "manifest.json"
+    if not mpath.is_file():
+        raise SnapshotError(f"snapshot {snapshot_id!r} has no manifest at {mpath}: give an id from "
+                            "`clipline curate` (directories under the snapshots dir)")
+    manifest = json.loads(mpath.read_text())
+    rel = manifest.get("files")
+    if not rel:
+        raise SnapshotError(f"snapshot {snapshot_id!r}: manifest {mpath} lists no 'files'")
+    files = [Path(snapshots_dir) / f for f in rel]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SnapshotError(f"snapshot {snapshot_id!r}: data files listed in {mpath} are missing: {missing[:3]}")
+    row_groups: list[tuple[int, int, int]] = []
+    n_train = 0
+    for i, f in enumerate(files):
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        lacking = {"image", "caption", "split"} - names
+        if lacking:
+            raise SnapshotError(f"snapshot file {f} lacks columns {sorted(lacking)} (snapshot contract)")
+        for rg in range(pf.num_row_groups):
+            split = pf.read_row_group(rg, columns=["split"]).column("split")
+            n = int(pc.sum(pc.equal(split, "train")).as_py() or 0)
+            if n:
+                row_groups.append((i, rg, n))
+                n_train += n
+    if n_train == 0:
+        raise SnapshotError(f"snapshot {snapshot_id!r} has no rows with split == 'train'")
+    return SnapshotInfo(snapshot_id, manifest, files, n_train, row_groups)
+
+
+class BatchDecoder:
+    """Arrow batch (``image`` bytes, ``caption``) -> {"image": float (B,3,S,S), "text": long (B,L)}.
+
+    Undecodable images are skipped and counted in ``out["n_bad"]`` (never a crash). JPEGs are decoded
+    at reduced scale (PIL ``draft``) when much larger than the model's input, which is exact for the
+    model (it sees ``image_size`` pixels) and several times faster.
+    """
+
+    def __init__(self, transform: Callable, tokenizer: Callable, image_size: int):
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.draft_size = (int(image_size * 1.25),) * 2
+
+    def decode(self, data: bytes) -> Image.Image:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":
+            img.draft("RGB", self.draft_size)
+        return img.convert("RGB")
+
+    def __call__(self, batch: pa.RecordBatch | pa.Table | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(batch, (pa.RecordBatch, pa.Table)):
+            images, captions = batch.column("image").to_pylist(), batch.column("caption").to_pylist()
+        else:
+            images, captions = list(batch["image"]), list(batch["caption"])
+        tensors, texts, bad = [], [], 0
+        for data, cap in zip(images, captions):
+            try:
+                if data is None:
+                    raise ValueError("no image bytes")
+                tensors.append(self.transform(self.decode(data)))
+                texts.append(str(cap or ""))
+            except (UnidentifiedImageError, OSError, ValueError):
+                bad += 1
+        if not tensors:
+            return {"image": torch.empty(0), "text": torch.empty(0, dtype=torch.long), "n_bad": bad}
+        return {"image": torch.stack(tensors), "text": self.tokenizer(texts), "n_bad": bad}
+
+
+class SnapshotStream(torch.utils.data.IterableDataset):
+    """Yields ready batches (dicts of tensors, local batch size) of one epoch's train rows for one
+    rank; split further across DataLoader workers. Use with ``DataLoader(batch_size=None)``.
+
+    ``skip_batches``: batches of this epoch already trained on (for resume); they are skipped
+    without decoding. Partial batches at the end of an epoch are dropped.
+    """
+
+    def __init__(self, info: SnapshotInfo, decoder: BatchDecoder, local_batch: int, *, seed: int = 0,
+                 epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
+                 skip_batches: int = 0):
+        self.info, self.decoder, self.local_batch = info, decoder, local_batch
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.skip_batches = skip_batches
+
+    def batches_per_epoch(self) -> int:
+        """Full local batches each rank gets per epoch (the same on every rank)."""
+        n_shards = self.world_size * self.num_workers
+        return (self.info.n_train // n_shards // self.local_batch) * self.num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wi = torch.utils.data.get_worker_info()
+        worker = wi.id if wi is not None else 0
+        n_workers = wi.num_workers if wi is not None else 1
+        if n_workers != self.num_workers:
+            raise RuntimeError(f"SnapshotStream built for {self.num_workers} workers, run with {n_workers}")
+        n_shards = self.world_size * n_workers
+        shard = self.rank * n_workers + worker
+        per_shard = self.info.n_train // n_shards // self.local_batch  # full batches per shard
+        # DataLoader round-robins workers: global batch k comes from worker k % n_workers.
+        skip = len(range(worker, self.skip_batches, n_workers)) * self.local_batch
+        limit = per_shard * self.local_batch
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.info.row_groups))
+        pfs: dict[int, pq.ParquetFile] = {}
+        taken, pos = 0, 0  # rows of this shard's stream passed so far; rows of the epoch passed so far
+        pieces: list[pa.Table] = []
+        n_pending = 0
+        for j in order:
+            fi, rg, n = self.info.row_groups[j]
+            perm = rng.permutation(n)  # drawn for every row group so all shards share one order
+            mine = perm[(shard - pos) % n_shards::n_shards]
+            pos += n
+            before, taken = taken, min(limit, taken + len(mine))
+            start, stop = max(0, skip - before), min(len(mine), limit - before)
+            if start < stop:
+                if fi not in pfs:
+                    pfs[fi] = pq.ParquetFile(self.info.files[fi])
+                t = pfs[fi].read_row_group(rg, columns=COLUMNS + ["split"])
+                t = t.filter(pc.equal(t.column("split"), "train")).select(COLUMNS)
+                pieces.append(t.take(pa.array(mine[start:stop])))
+                n_pending += stop - start
+                while n_pending >= self.local_batch:
+                    whole = pa.concat_tables(pieces).combine_chunks()
+                    yield self.decoder(whole.slice(0, self.local_batch))
+                    pieces = [whole.slice(self.local_batch)]
+                    n_pending -= self.local_batch
+            if taken >= limit:
+                return
+
+
+class RayDecode:
+    """Ray Data ``map_batches`` callable: the same decoding as :class:`BatchDecoder`, built once per
+    Ray Data worker from the model's name (transforms and tokenizer only; no model weights)."""
+
+    def __init__(self, model_name: str, crop_scale_min: float):
+        import open_clip
+
+        from clipline.components.model import factory
+
+        cfg = factory.model_config(model_name)
+        size = cfg["vision_cfg"]["image_size"]
+        tf = open_clip.image_transform(size, is_train=True, aug_cfg={"scale": (crop_scale_min, 1.0)})
+        self.decoder = BatchDecoder(tf, open_clip.get_tokenizer(model_name), int(size))
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        batch = batch.filter(pc.equal(batch.column("split"), "train"))
+        out = self.decoder(batch)
+        if out["image"].numel() == 0:
+            return {"image": np.zeros((0, 3, 1, 1), np.float32), "text": np.zeros((0, 1), np.int64)}
+        return {"image": out["image"].numpy(), "text": out["text"].numpy()}
+
+
+def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, decode_concurrency: int | None = None):
+    """A Ray Dataset of decoded train rows (``image`` float32 (3,S,S), ``text`` int64 (L,)): read the
+    snapshot's files, decode on Ray Data's CPU workers. Hand it to ``TorchTrainer(datasets={"train": ds})``
+    and Ray Train splits it across workers with ``streaming_split``. Row order is shuffled per epoch
+    at the block level; resume restarts the current epoch (no exact data position, unlike SnapshotStream)."""
+    import ray.data
+
+    ds = ray.data.read_parquet([str(f) for f in info.files], columns=COLUMNS + ["split"])
+    ds = ds.randomize_block_order()
+    return ds.map_batches(RayDecode, fn_constructor_kwargs={"model_name": model_name,
+                                                            "crop_scale_min": crop_scale_min},
+                          batch_format="pyarrow", batch_size=256, concurrency=decode_concurrency or (1, 4))

@@ -1,0 +1,97 @@
+"""Thin Ray Train wrapper: the same ``run_loop`` inside a ``TorchTrainer`` (Ray Train V2).
+
+ScalingConfig comes from the train config (workers, GPU per worker); the torch backend is NCCL on
+GPU and gloo on CPU. Each checkpoint the loop writes is reported with ``ray.train.report`` so that a
+worker failure is restarted by ``FailureConfig`` from the last reported checkpoint
+(``ray.train.get_checkpoint()``). MLflow logging happens on rank 0 inside the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from clipline.components.train.loop import LoopSpec, LoopSummary
+
+
+def _train_func(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    from clipline.components.train.loop import WorkerContext, run_loop
+
+    spec: LoopSpec = config["spec"]
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    device = "cpu"
+    if torch.cuda.is_available() and config.get("use_gpu"):
+        local = tctx.get_local_rank()
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    restored = ray.train.get_checkpoint()
+    resume_dir = None
+    if restored is not None:
+        # Ray hands back the checkpoint directory it persisted; use it in place (local storage) or
+        # download it (remote storage).
+        resume_dir = Path(restored.to_directory())
+
+    def on_checkpoint(metrics: dict[str, float], path: Path | None) -> None:
+        ck = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
+        ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=path.name if path is not None else None)
+
+    batches = None
+    if config.get("ray_data"):
+        shard = ray.train.get_dataset_shard("train")
+        local_batch = spec.train["batch_size"] // world
+
+        def batches(epoch: int, skip: int):  # one pass over the stream per call (= one epoch)
+            return shard.iter_torch_batches(batch_size=local_batch, drop_last=True, prefetch_batches=4)
+
+    summary = run_loop(spec, WorkerContext(rank=rank, world_size=world, device=device, batches=batches,
+                                           on_checkpoint=on_checkpoint, resume_from=resume_dir))
+    if summary is not None:
+        Path(spec.run_dir / "summary.json").write_text(__import__("json").dumps(summary.__dict__, default=str))
+
+
+def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int, storage_path: Path,
+                 threads: int = 0, ray_data: bool = False) -> LoopSummary:
+    """Run the loop on ``workers`` Ray Train workers; returns rank 0's summary.
+
+    Connects to ``RAY_ADDRESS`` when set, else starts (or reuses) a local Ray. Raises the workers'
+    error when a run fails more than ``max_failures`` times.
+    """
+    import json
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    storage_path.mkdir(parents=True, exist_ok=True)
+    datasets = None
+    if ray_data:
+        from clipline.components.train.data import ray_dataset
+
+        datasets = {"train": ray_dataset(spec.snapshot, spec.train["model"], spec.train["crop_scale_min"])}
+    trainer = TorchTrainer(
+        _train_func,
+        datasets=datasets,
+        train_loop_config={"spec": spec, "threads": threads, "use_gpu": use_gpu, "ray_data": ray_data},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=spec.run_name,
+            storage_path=str(storage_path.resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train["keep_checkpoints"]),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary = json.loads((spec.run_dir / "summary.json").read_text())
+    return LoopSummary(**summary)

@@ -1,0 +1,184 @@
+"""The train stage's entry point: snapshot -> checkpoint directory + MLflow run.
+
+``train(cfg, snapshot_id=None, from_model=None, progress=None) -> TrainResult``. In one process by
+default; on Ray Train when ``train.workers > 1``, ``train.backend = "ray"`` or ``RAY_ADDRESS`` is set.
+A run is named (``train.run_name``, default derived from model, snapshot and time); starting a run
+with the name of an unfinished one continues it from its last checkpoint in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from clipline.components.config import Config
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    model_uri: str | None
+    checkpoint_dir: Path
+    snapshot_id: str
+    model_name: str
+    steps: int
+    samples_per_s: float
+    train_seconds: float
+    final_loss: float
+    run_name: str = ""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:500]
+    return out
+
+
+def use_ray(cfg: Config) -> bool:
+    t = cfg.train
+    return t.backend == "ray" or (t.backend == "auto" and (t.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))))
+
+
+def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None = None,
+          progress: ProgressFn | None = None) -> TrainResult:
+    """Train ``cfg.train.model`` on a snapshot's train split (latest snapshot when None).
+
+    ``from_model``: a local checkpoint directory or weights file to fine-tune from (overrides
+    ``train.pretrained``); a checkpoint directory's own model name wins over ``train.model`` so
+    that its weights fit. Writes ``<checkpoints_dir>/<run_name>/final`` (open_clip-loadable), logs
+    the MLflow run (params, per-step metrics, checkpoint artifacts, a pytorch model tagged with the
+    snapshot id) and returns where everything is. Raises ``TrainingDiverged`` on NaN/inf loss
+    (after saving), ``SnapshotError``/``ModelError`` on unusable input.
+    """
+    import mlflow
+    import torch
+
+    from clipline.components.model import factory
+    from clipline.components.train import checkpoint as ckpt
+    from clipline.components.train.data import resolve_snapshot
+    from clipline.components.train.loop import LoopSpec, TrainingDiverged, WorkerContext, run_loop
+
+    tc = cfg.train.model_copy()
+    info = resolve_snapshot(cfg.snapshots_dir, cfg.catalog_path, snapshot_id)
+    pretrained = from_model if from_model is not None else tc.pretrained
+    model_name = tc.model
+    if pretrained is not None:
+        weights = factory.resolve_weights(pretrained)  # fails early with a clear message
+        meta_name = factory.read_checkpoint_meta(weights.parent).get("model_name")
+        if meta_name and meta_name != model_name:
+            model_name = meta_name
+        pretrained = weights
+    factory.model_config(model_name)  # unknown names fail here, before any work
+    tc.model = model_name
+    total_steps = tc.steps or max(1, math.ceil(tc.epochs * info.n_train / tc.batch_size))
+    if info.n_train < tc.batch_size:
+        raise ValueError(f"snapshot {info.snapshot_id} has {info.n_train} train rows, fewer than one batch "
+                         f"(train.batch_size {tc.batch_size}): lower train.batch_size")
+    if tc.batch_size % tc.workers:
+        raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by train.workers {tc.workers}")
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_name = tc.run_name or f"{model_name}-{info.snapshot_id[:12]}-{stamp}"
+    run_dir = cfg.checkpoints_dir / run_name
+    previous = ckpt.read_run(run_dir)
+    if previous and previous.get("snapshot_id") != info.snapshot_id:
+        raise ValueError(f"run {run_name!r} was trained on snapshot {previous.get('snapshot_id')}, not "
+                         f"{info.snapshot_id}: choose another train.run_name")
+
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    sysmetrics = tc.system_metrics and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() != "false"
+    run_id = previous.get("run_id")
+    if run_id:
+        try:
+            mlflow.tracking.MlflowClient().get_run(run_id)
+        except Exception:  # noqa: BLE001 - a different tracking store: start afresh in this one
+            run_id = None
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                              log_system_metrics=sysmetrics or None)
+    run_id = active.info.run_id
+    ckpt.write_run(run_dir, {"run_id": run_id, "snapshot_id": info.snapshot_id, "model_name": model_name,
+                             "total_steps": total_steps, "mlflow_uri": cfg.mlflow_uri})
+    status = "FAILED"
+    try:
+        if not previous:
+            mlflow.log_params(_flat({"train": tc.model_dump(mode="json")}))
+            mlflow.log_params({"snapshot_id": info.snapshot_id, "n_train": info.n_train,
+                               "total_steps": total_steps, "pretrained": str(pretrained) if pretrained else "",
+                               "torch": torch.__version__})
+            mlflow.set_tags({"snapshot_id": info.snapshot_id, "stage": "train", "model_name": model_name})
+        spec = LoopSpec(train=tc.model_dump(mode="json"), snapshot=info, run_dir=run_dir, run_name=run_name,
+                        total_steps=total_steps, mlflow_uri=cfg.mlflow_uri, mlflow_run_id=run_id,
+                        pretrained=str(pretrained) if pretrained else None)
+        use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and torch.cuda.is_available())
+        threads = tc.threads or max(1, (os.cpu_count() or 1) // tc.workers)
+        if use_ray(cfg):
+            from clipline.components.train.ray import run_with_ray
+
+            ray_data = tc.data_feed == "ray" or (tc.data_feed == "auto" and bool(os.environ.get("RAY_ADDRESS")))
+            summary = run_with_ray(spec, tc.workers, use_gpu, tc.max_failures, cfg.checkpoints_dir / "_ray",
+                                   threads=threads, ray_data=ray_data)
+        else:
+            torch.set_num_threads(threads)
+            device = "cuda" if use_gpu else "cpu"
+            attempt = 0
+            while True:
+                try:
+                    summary = run_loop(spec, WorkerContext(device=device, progress=progress))
+                    break
+                except (TrainingDiverged, ValueError):  # retrying cannot fix these
+                    raise
+                except Exception as e:  # noqa: BLE001 - same contract as Ray's FailureConfig
+                    attempt += 1
+                    if attempt > tc.max_failures:
+                        raise
+                    mlflow.set_tag(f"restart_{attempt}", f"{type(e).__name__}: {e}"[:500])
+        assert summary is not None
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+    return TrainResult(run_id=run_id, model_uri=summary.model_uri, checkpoint_dir=Path(summary.final_dir),
+                       snapshot_id=info.snapshot_id, model_name=model_name, steps=summary.steps,
+                       samples_per_s=summary.samples_per_s, train_seconds=summary.train_seconds,
+                       final_loss=summary.final_loss, run_name=run_name)
+
+
+def resolve_from_model(cfg: Config, value: str) -> Path:
+    """``--from-model``: a local checkpoint directory/file, or a registered model version or alias
+    (``3``, ``champion``, ``models:/<name>/3``, ``models:/<name>@champion``) of
+    ``cfg.tracking.registered_model``, whose source run's ``checkpoint/`` artifacts are downloaded."""
+    p = Path(value).expanduser()
+    if p.exists():
+        return p
+    from mlflow.tracking import MlflowClient
+
+    name, ref = cfg.tracking.registered_model, value
+    if value.startswith("models:/"):
+        rest = value[len("models:/"):]
+        name, ref = (rest.split("@", 1) if "@" in rest else rest.rsplit("/", 1)) if ("@" in rest or "/" in rest) \
+            else (rest, "champion")
+    client = MlflowClient(cfg.mlflow_uri)
+    try:
+        mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
+    except Exception as e:  # noqa: BLE001 - say what was looked for
+        raise FileNotFoundError(f"--from-model {value!r} is neither an existing path nor a version/alias of the "
+                                f"registered model {name!r} in {cfg.mlflow_uri}: {str(e).splitlines()[0]}") from e
+    if not mv.run_id:
+        raise FileNotFoundError(f"model version {name}/{mv.version} has no source run to take a checkpoint from")
+    dest = cfg.checkpoints_dir / "_registry" / f"{name}-v{mv.version}"
+    if not (dest / "checkpoint").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        client.download_artifacts(mv.run_id, "checkpoint", str(dest))
+    return dest / "checkpoint"
