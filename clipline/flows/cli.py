@@ -289,6 +289,9 @@ def demo(
     with console.status("writing the held-out and seen-combination evaluation sets"):
         heldout = write_heldout_set(eval_dir, seed=cfg.demo.seed)
         seen = write_seen_set(eval_dir, seed=cfg.demo.seed)
+    # the toy web's `timeout` fault hangs for a minute: a short deadline keeps the demo brisk
+    cfg.ingest.read_timeout = min(cfg.ingest.read_timeout, 4.0)
+    cfg.ingest.total_timeout = min(cfg.ingest.total_timeout, 8.0)
     with serve_toy_web(cfg.demo, cfg.data_dir / "toyweb") as web:
         cfg.ingest.allow_hosts = [*cfg.ingest.allow_hosts, web.allow_host]
         console.print(f"toy web: {len(web.items):,} URLs at {web.base_url} (list: {web.url_list})")
@@ -438,6 +441,10 @@ def main() -> None:
     (set CLIPLINE_DEBUG=1 for the traceback)."""
     import os
 
+    # nothing leaves the machine unasked: no Prefect/Ray usage telemetry
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:
