@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import io
 import os
 import signal
@@ -268,3 +269,21 @@ def test_ingest_flow_makes_artifact(prefect_harness, data_dir, server, tmp_path)
 
     arts = [a for a in asyncio.run(latest()) if a.key == "ingest-report"]
     assert arts and "| success | 10 |" in arts[0].data
+
+
+def test_shards_run_as_ray_tasks_when_ray_address_is_set(ray_local, data_dir, server, tmp_path, monkeypatch):
+    """With RAY_ADDRESS set, each shard is downloaded and written by a Ray task; the driver records
+    them. (The session's local Ray stands in for the cluster: ingest joins the running one.)"""
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    cfg = _cfg(data_dir, server)
+    urls = [server.url(i) for i in range(90)] + [f"http://{server.host}/img/none.jpg"]
+    r = ingest(cfg, [str(_write_list(tmp_path / "l.parquet", urls))])
+    assert (r.n_fetched, r.n_success, r.failures) == (91, 90, {"http_404": 1})
+    assert len(r.shards) == 3
+    rows = _all_rows(cfg.raw_dir)
+    assert sorted(rows.column("url").to_pylist()) == sorted(urls)
+    with Catalog(cfg.catalog_path) as cat:
+        assert cat.url_counts() == {"success": 90, "failed_to_download": 1}
+    # the work really ran in Ray worker processes, not in this one
+    writers = {json.loads(p.with_suffix(".stats.json").read_text())["written_by"] for p in r.shards}
+    assert writers and all(not w.endswith(f":{os.getpid()}") for w in writers)

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -197,6 +198,7 @@ async def _ingest_shard_async(rows: pa.Table, fetcher: Fetcher, processor: _Pool
     table = build_shard_table(_rows_from_results(rows, results), rows.select(carried_names) if carried_names else None)
     stats = shard_stats(table, time.perf_counter() - t0, bytes_dl)
     stats["shard_id"] = shard_id
+    stats["written_by"] = f"{socket.gethostname()}:{os.getpid()}"  # which node/process (a cluster has many)
     path = await asyncio.to_thread(write_shard, table, out_dir, shard_id, stats)
     return path, stats, table
 
