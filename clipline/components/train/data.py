@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
