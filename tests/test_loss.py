@@ -84,6 +84,7 @@ def _worker(config):
     ray.train.report({"loss": float(loss)})
 
 
+@pytest.mark.slow
 def test_two_ray_workers_equal_one_worker_on_the_concatenated_batch(ray_local, tmp_path):
     """2 workers x 6 samples (gloo, DDP, all_gather with gradients) == 1 process x 12 samples."""
     from ray.train import RunConfig, ScalingConfig

@@ -124,7 +124,7 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule floor, as a share of lr")
     weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="linear warmup, capped at 10% of the run's steps")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 switches clipping off")
     crop_scale_min: float = Field(0.5, gt=0, le=1, description="RandomResizedCrop's smallest area share")
     workers: int = Field(1, ge=1, description="Ray Train workers")

@@ -10,7 +10,7 @@ One plain function does the work (:func:`BatchDecoder.__call__`: an Arrow batch 
 
 Order is deterministic given (seed, epoch): row groups are visited in a seeded permutation, rows
 within a row group in a seeded permutation, and row ``i`` of that stream belongs to shard
-``i % n_shards`` where a shard is one (rank, DataLoader worker) pair. Every shard therefore gets the
+``i % n_shards`` where a shard is one (rank, worker role) pair. Every shard therefore gets the
 same number of full batches, DataLoader's round robin over workers is exact, and a resumed run can
 skip the batches it already trained on without decoding them.
 """
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -163,10 +161,13 @@ class SnapshotStream(torch.utils.data.IterableDataset):
         if n_workers != self.num_workers:
             raise RuntimeError(f"SnapshotStream built for {self.num_workers} workers, run with {n_workers}")
         n_shards = self.world_size * n_workers
-        shard = self.rank * n_workers + worker
+        # DataLoader round-robins workers starting at worker 0, and batch k of the epoch belongs to role
+        # k % n_workers; after skipping s batches, worker w plays role (w + s) % n_workers so that the
+        # first batch yielded is batch s of the uninterrupted order.
+        role = (worker + self.skip_batches) % n_workers
+        shard = self.rank * n_workers + role
         per_shard = self.info.n_train // n_shards // self.local_batch  # full batches per shard
-        # DataLoader round-robins workers: global batch k comes from worker k % n_workers.
-        skip = len(range(worker, self.skip_batches, n_workers)) * self.local_batch
+        skip = len(range(role, self.skip_batches, n_workers)) * self.local_batch
         limit = per_shard * self.local_batch
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.info.row_groups))

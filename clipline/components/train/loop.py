@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -150,7 +150,7 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     use_bf16 = device.type == "cuda" and cfg["precision"] in ("auto", "bf16")
     opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg["warmup_steps"], spec.total_steps, cfg["min_lr_ratio"]))
+        opt, lr_lambda(min(cfg["warmup_steps"], max(1, spec.total_steps // 10)), spec.total_steps, cfg["min_lr_ratio"]))
 
     step, epoch, batch_in_epoch = 0, 0, 0
     resume = ctx.resume_from or ckpt.latest(spec.run_dir)

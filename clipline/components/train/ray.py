@@ -31,12 +31,12 @@ def _train_func(config: dict[str, Any]) -> None:
         local = tctx.get_local_rank()
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+    from contextlib import nullcontext
+
     restored = ray.train.get_checkpoint()
-    resume_dir = None
-    if restored is not None:
-        # Ray hands back the checkpoint directory it persisted; use it in place (local storage) or
-        # download it (remote storage).
-        resume_dir = Path(restored.to_directory())
+    # as_directory() reads a checkpoint on local/shared storage in place (to_directory() would have
+    # the ranks of one node re-download into one temp dir while another rank reads it).
+    restored_dir = restored.as_directory() if restored is not None else nullcontext(None)
 
     def on_checkpoint(metrics: dict[str, float], path: Path | None) -> None:
         ck = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
@@ -50,8 +50,9 @@ def _train_func(config: dict[str, Any]) -> None:
         def batches(epoch: int, skip: int):  # one pass over the stream per call (= one epoch)
             return shard.iter_torch_batches(batch_size=local_batch, drop_last=True, prefetch_batches=4)
 
-    summary = run_loop(spec, WorkerContext(rank=rank, world_size=world, device=device, batches=batches,
-                                           on_checkpoint=on_checkpoint, resume_from=resume_dir))
+    with restored_dir as d:
+        summary = run_loop(spec, WorkerContext(rank=rank, world_size=world, device=device, batches=batches,
+                                               on_checkpoint=on_checkpoint, resume_from=Path(d) if d else None))
     if summary is not None:
         Path(spec.run_dir / "summary.json").write_text(__import__("json").dumps(summary.__dict__, default=str))
 

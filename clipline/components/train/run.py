@@ -8,10 +8,8 @@ with the name of an unfinished one continues it from its last checkpoint in the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
