@@ -30,6 +30,7 @@ class _Server:
 
     def __init__(self, n_images: int, delay_s: float = 0.0):
         self.hits: Counter = Counter()
+        self.lock = threading.Lock()
         self.delay_s = delay_s
         self.images = {}
         for i in range(n_images):
@@ -46,7 +47,8 @@ class _Server:
                 pass
 
             def do_GET(self):
-                outer.hits[self.path] += 1
+                with outer.lock:  # handler threads run at once; Counter += is not atomic
+                    outer.hits[self.path] += 1
                 if outer.delay_s:
                     time.sleep(outer.delay_s)
                 body = outer.images.get(self.path)

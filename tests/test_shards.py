@@ -155,11 +155,16 @@ def test_kill_9_never_leaves_a_partial_shard(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         if attempt % 2:  # let at least one shard finish, then kill mid-way through another
             proc.stdout.readline()
-        time.sleep(rng.uniform(0.0, 0.4))
+        if attempt % 3 == 0:  # kill the moment a write is under way, whatever the machine's speed
+            deadline = time.time() + 20
+            while not list(out.glob(f"s{attempt:02d}*.tmp")) and time.time() < deadline:
+                pass
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL  # killed, not crashed
         proc.stdout.close()
-        killed_mid_write += bool(list(out.glob("*.tmp")))
+        killed_mid_write += bool(list(out.glob(f"s{attempt:02d}*.tmp")))  # this attempt's own write
     assert killed_mid_write, "no kill landed during a write; the test proves nothing"
     files = sorted(out.glob("*.parquet"))
     assert files, "the writer never finished a shard; the test proves nothing"
