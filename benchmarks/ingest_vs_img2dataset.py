@@ -34,6 +34,7 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("CLIPLINE_BENCH_CACHE", Path.home() / ".cache" / "clipline-bench"))
 I2D_VERSION = "1.47.0"
+IMAGES_VERSION = "images40kb"  # change when _make_image changes, so a stale cache is not reused
 
 
 # ----------------------------------------------------------------------------- data
@@ -49,9 +50,9 @@ def _make_image(i: int) -> bytes:
         x, y = rnd.randrange(640), rnd.randrange(480)
         r = rnd.randrange(20, 160)
         d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rnd.randrange(256) for _ in range(3)))
-    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    img = img.filter(ImageFilter.GaussianBlur(0.6))
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
+    img.save(buf, "JPEG", quality=86)  # about 40 KB, as the issue specifies
     return buf.getvalue()
 
 
@@ -63,10 +64,10 @@ def _write_one(args: tuple[int, str]) -> int:
 
 
 def ensure_images(n: int) -> Path:
-    for have in sorted(CACHE.glob("images-*")):  # a larger generated set serves too
-        if (have / ".complete").exists() and int(have.name.split("-")[1]) >= n:
+    for have in sorted(CACHE.glob(f"{IMAGES_VERSION}-*")):  # a larger generated set serves too
+        if (have / ".complete").exists() and int(have.name.rsplit("-", 1)[1]) >= n:
             return have
-    d = CACHE / f"images-{n}"
+    d = CACHE / f"{IMAGES_VERSION}-{n}"
     done = d / ".complete"
     if done.exists():
         return d
