@@ -73,35 +73,44 @@ def _global(
 # Commands are defined in the blocks below, one block per stage.
 
 
-# ---- ingest ----
+# ---- pipeline ----
 @app.command()
-def ingest(
-    url_lists: list[str] = typer.Argument(..., help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs.",
-                                          metavar="URL_LIST..."),
-    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
-                                         help="Exempt HOST:PORT from the SSRF guard (loopback/private addresses are refused otherwise)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Fetch again the URLs whose last attempt failed."),
-    url_col: Optional[str] = typer.Option(None, "--url-col", help="Column holding the URL (default: url)."),
-    caption_col: Optional[str] = typer.Option(None, "--caption-col", help="Column holding the caption (default: caption)."),
+def demo(
+    n: Optional[int] = typer.Option(None, "--n", help="Toy-web size (default: demo.n_images)."),
 ) -> None:
-    """Download the images of URL lists into raw Parquet shards (only URLs never seen before)."""
-    overrides: dict[str, Any] = {}
-    if allow_host:
-        overrides["allow_hosts"] = list(allow_host)
-    if retry_failed:
-        overrides["retry_failed"] = True
-    if url_col:
-        overrides["url_col"] = url_col
-    if caption_col:
-        overrides["caption_col"] = caption_col
-    cfg = get_config(ingest=overrides)
-    from clipline.flows.progress import ingest_progress, print_ingest_result
+    """The main job: serve the toy web, run the whole pipeline on it, print a summary."""
+    overrides: dict[str, Any] = {"demo": {"n_images": n} if n else {}}
+    cfg = get_config(**overrides)
+    from clipline.components.demo import serve_toy_web, write_heldout_set, write_seen_set
+    from clipline.flows.pipeline import pipeline_flow, summary_rows
 
-    with ingest_progress(console) as progress:
-        from clipline.components.ingest.runner import ingest as run_ingest
+    eval_dir = cfg.data_dir / "eval"
+    with console.status("writing the held-out and seen-combination evaluation sets"):
+        heldout = write_heldout_set(eval_dir, seed=cfg.demo.seed)
+        seen = write_seen_set(eval_dir, seed=cfg.demo.seed)
+    # the toy web's `timeout` fault hangs for a minute: a short deadline keeps the demo brisk
+    cfg.ingest.read_timeout = min(cfg.ingest.read_timeout, 4.0)
+    cfg.ingest.total_timeout = min(cfg.ingest.total_timeout, 8.0)
+    with serve_toy_web(cfg.demo, cfg.data_dir / "toyweb") as web:
+        cfg.ingest.allow_hosts = [*cfg.ingest.allow_hosts, web.allow_host]
+        console.print(f"toy web: {len(web.items):,} URLs at {web.base_url} (list: {web.url_list})")
+        result = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data), str(seen.data)],
+                               decontaminate=str(heldout.data))
+    _print_summary(cfg, summary_rows(result), extra=[
+        ("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
+    ])
 
-        result = run_ingest(cfg, url_lists, progress=progress)
-    print_ingest_result(console, result)
+
+def _print_summary(cfg: Config, rows: list[tuple[str, str]], extra: list[tuple[str, str]] = ()) -> None:
+    from rich.table import Table
+
+    t = Table(title="clipline summary", show_header=False)
+    for k, v in [*rows, *extra]:
+        t.add_row(k, v)
+    console.print(t)
+    console.print(f"MLflow UI:  clipline --data-dir {cfg.data_dir} ui    (tracking URI {cfg.mlflow_uri})")
+    console.print("Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
+
 
 # ---- demo-web ----
 @app.command("demo-web")
@@ -169,6 +178,145 @@ def demo_web(
                 time.sleep(3600)
         except KeyboardInterrupt:
             console.print("toy web stopped")
+
+
+# ---- ingest ----
+@app.command()
+def ingest(
+    url_lists: list[str] = typer.Argument(..., help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs.",
+                                          metavar="URL_LIST..."),
+    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
+                                         help="Exempt HOST:PORT from the SSRF guard (loopback/private addresses are refused otherwise)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Fetch again the URLs whose last attempt failed."),
+    url_col: Optional[str] = typer.Option(None, "--url-col", help="Column holding the URL (default: url)."),
+    caption_col: Optional[str] = typer.Option(None, "--caption-col", help="Column holding the caption (default: caption)."),
+) -> None:
+    """Download the images of URL lists into raw Parquet shards (only URLs never seen before)."""
+    overrides: dict[str, Any] = {}
+    if allow_host:
+        overrides["allow_hosts"] = list(allow_host)
+    if retry_failed:
+        overrides["retry_failed"] = True
+    if url_col:
+        overrides["url_col"] = url_col
+    if caption_col:
+        overrides["caption_col"] = caption_col
+    cfg = get_config(ingest=overrides)
+    from clipline.flows.progress import ingest_progress, print_ingest_result
+
+    with ingest_progress(console) as progress:
+        from clipline.components.ingest.runner import ingest as run_ingest
+
+        result = run_ingest(cfg, url_lists, progress=progress)
+    print_ingest_result(console, result)
+
+
+# ---- curate ----
+
+
+@app.command("curate")
+def curate_cmd(
+    eval_set: Optional[Path] = typer.Option(
+        None, "--eval-set", metavar="PATH",
+        help="Evaluation images to decontaminate against: Parquet with an 'image' column or a directory of images."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Rebuild from all shards instead of adding to the latest snapshot."),
+    language: Optional[str] = typer.Option(None, "--language", help="ISO 639-1 code to keep ('none' switches the rule off)."),
+    phash_max_distance: Optional[int] = typer.Option(None, "--phash-max-distance", min=-1, max=32,
+                                                     help="Near-duplicate distance in bits (-1: off)."),
+) -> None:
+    """Build the next snapshot from the raw shards: rules, dedup, decontamination, split."""
+    overrides: dict = {}
+    if language is not None:
+        overrides["language"] = None if language.lower() in ("none", "off", "") else language
+    if phash_max_distance is not None:
+        overrides["phash_max_distance"] = phash_max_distance
+    cfg = get_config(curate=overrides)
+    if eval_set is not None and not eval_set.exists():
+        fail(f"--eval-set {eval_set} does not exist: give a Parquet file with an 'image' column or a directory of images")
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from clipline.components.curate import CurateError
+    from clipline.components.curate.evalset import EvalSetError
+    from clipline.flows.curate import curate_flow, progress_to
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]curate[/] {task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console) as bar:
+        tid = bar.add_task("starting", total=7)
+
+        def progress(step: str, done: int, total: int) -> None:
+            bar.update(tid, description=step, completed=done, total=total)
+
+        try:
+            with progress_to(progress):
+                res = curate_flow(eval_set=str(eval_set) if eval_set else None, from_scratch=from_scratch, cfg=cfg)
+        except (CurateError, EvalSetError, FileNotFoundError, ValueError) as e:
+            fail(str(e))
+            return
+    if not res.new:
+        console.print(f"nothing new: snapshot [bold]{res.snapshot_id}[/] is unchanged ({res.n_rows} rows)")
+        return
+    table = Table(title=f"snapshot {res.snapshot_id}", caption=f"parent: {res.parent_id or 'none'}")
+    table.add_column("rule")
+    table.add_column("dropped", justify="right")
+    for rule, n in res.counts["dropped"].items():
+        table.add_row(rule, str(n))
+    table.add_row("[bold]kept[/]", f"[bold]{res.counts['kept']}[/] of {res.counts['input']}")
+    console.print(table)
+    console.print(f"snapshot {res.path}: {res.n_rows} rows (train {res.n_train}, val {res.n_val})")
+    console.print(f"report: {res.report_path}" + (f"  contact sheet: {res.contact_sheet_path}" if res.contact_sheet_path else ""))
+
+
+# ---- train ----
+@app.command()
+def train(
+    snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="ID", help="Snapshot to train on (default: the latest)."),
+    from_model: Optional[str] = typer.Option(
+        None, "--from-model", metavar="VERSION|PATH",
+        help="Fine-tune from a checkpoint directory/file, or a registered version or alias (e.g. 3, champion)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model config (default: train.model, clipline-tiny)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: from train.epochs)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (more than 1 uses Ray)."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Name of the run; an unfinished run of that name is resumed."),
+) -> None:
+    """Train a CLIP model on a snapshot; shows samples/s and loss, ends with the checkpoint and MLflow run."""
+    flags = {"model": model, "steps": steps, "batch_size": batch_size, "workers": workers, "run_name": run_name}
+    cfg = get_config(train={k: v for k, v in flags.items() if v is not None})
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from clipline.components.model.factory import ModelError
+    from clipline.components.train.data import SnapshotError
+    from clipline.components.train.loop import TrainingDiverged
+    from clipline.components.train.run import resolve_from_model, train as run_train, use_ray
+
+    try:
+        start = resolve_from_model(cfg, from_model) if from_model else None
+    except FileNotFoundError as e:
+        fail(str(e))
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("train", total=None, info="starting" + (" Ray Train" if use_ray(cfg) else ""))
+
+            def progress(step: int, total: int, m: dict[str, float]) -> None:
+                bar.update(task, completed=step, total=total,
+                           info=f"{m['train/samples_per_s']:.0f} samples/s  loss {m['train/loss']:.3f}")
+
+            result = run_train(cfg, snapshot_id=snapshot, from_model=start, progress=progress)
+    except (SnapshotError, ModelError, TrainingDiverged, ValueError) as e:
+        fail(str(e))
+        return
+    t = Table(title="train", show_header=False)
+    for k, v in [("model", result.model_name), ("snapshot", result.snapshot_id), ("steps", f"{result.steps:,}"),
+                 ("final loss", f"{result.final_loss:.4f}"), ("throughput", f"{result.samples_per_s:,.1f} samples/s"),
+                 ("training time", f"{result.train_seconds:.1f} s"), ("checkpoint", str(result.checkpoint_dir)),
+                 ("MLflow run", str(result.run_id)), ("logged model", str(result.model_uri))]:
+        t.add_row(k, v)
+    console.print(t)
+
 
 # ---- evaluate ----
 
@@ -274,45 +422,7 @@ def compare_cmd(
         console.print(f"logged to MLflow run {comp.mlflow_run_id}")
 
 
-# ---- pipeline ----
-@app.command()
-def demo(
-    n: Optional[int] = typer.Option(None, "--n", help="Toy-web size (default: demo.n_images)."),
-) -> None:
-    """The main job: serve the toy web, run the whole pipeline on it, print a summary."""
-    overrides: dict[str, Any] = {"demo": {"n_images": n} if n else {}}
-    cfg = get_config(**overrides)
-    from clipline.components.demo import serve_toy_web, write_heldout_set, write_seen_set
-    from clipline.flows.pipeline import pipeline_flow, summary_rows
-
-    eval_dir = cfg.data_dir / "eval"
-    with console.status("writing the held-out and seen-combination evaluation sets"):
-        heldout = write_heldout_set(eval_dir, seed=cfg.demo.seed)
-        seen = write_seen_set(eval_dir, seed=cfg.demo.seed)
-    # the toy web's `timeout` fault hangs for a minute: a short deadline keeps the demo brisk
-    cfg.ingest.read_timeout = min(cfg.ingest.read_timeout, 4.0)
-    cfg.ingest.total_timeout = min(cfg.ingest.total_timeout, 8.0)
-    with serve_toy_web(cfg.demo, cfg.data_dir / "toyweb") as web:
-        cfg.ingest.allow_hosts = [*cfg.ingest.allow_hosts, web.allow_host]
-        console.print(f"toy web: {len(web.items):,} URLs at {web.base_url} (list: {web.url_list})")
-        result = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data), str(seen.data)],
-                               decontaminate=str(heldout.data))
-    _print_summary(cfg, summary_rows(result), extra=[
-        ("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
-    ])
-
-
-def _print_summary(cfg: Config, rows: list[tuple[str, str]], extra: list[tuple[str, str]] = ()) -> None:
-    from rich.table import Table
-
-    t = Table(title="clipline summary", show_header=False)
-    for k, v in [*rows, *extra]:
-        t.add_row(k, v)
-    console.print(t)
-    console.print(f"MLflow UI:  clipline --data-dir {cfg.data_dir} ui    (tracking URI {cfg.mlflow_uri})")
-    console.print("Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
-
-
+# ---- ui ----
 @app.command()
 def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
@@ -329,111 +439,6 @@ def ui(
                         "--host", host, "--port", str(port)], check=False)
     except KeyboardInterrupt:
         pass
-
-# ---- curate ----
-
-
-@app.command("curate")
-def curate_cmd(
-    eval_set: Optional[Path] = typer.Option(
-        None, "--eval-set", metavar="PATH",
-        help="Evaluation images to decontaminate against: Parquet with an 'image' column or a directory of images."),
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="Rebuild from all shards instead of adding to the latest snapshot."),
-    language: Optional[str] = typer.Option(None, "--language", help="ISO 639-1 code to keep ('none' switches the rule off)."),
-    phash_max_distance: Optional[int] = typer.Option(None, "--phash-max-distance", min=-1, max=32,
-                                                     help="Near-duplicate distance in bits (-1: off)."),
-) -> None:
-    """Build the next snapshot from the raw shards: rules, dedup, decontamination, split."""
-    overrides: dict = {}
-    if language is not None:
-        overrides["language"] = None if language.lower() in ("none", "off", "") else language
-    if phash_max_distance is not None:
-        overrides["phash_max_distance"] = phash_max_distance
-    cfg = get_config(curate=overrides)
-    if eval_set is not None and not eval_set.exists():
-        fail(f"--eval-set {eval_set} does not exist: give a Parquet file with an 'image' column or a directory of images")
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from clipline.components.curate import CurateError
-    from clipline.components.curate.evalset import EvalSetError
-    from clipline.flows.curate import curate_flow, progress_to
-
-    with Progress(SpinnerColumn(), TextColumn("[bold]curate[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console) as bar:
-        tid = bar.add_task("starting", total=7)
-
-        def progress(step: str, done: int, total: int) -> None:
-            bar.update(tid, description=step, completed=done, total=total)
-
-        try:
-            with progress_to(progress):
-                res = curate_flow(eval_set=str(eval_set) if eval_set else None, from_scratch=from_scratch, cfg=cfg)
-        except (CurateError, EvalSetError, FileNotFoundError, ValueError) as e:
-            fail(str(e))
-            return
-    if not res.new:
-        console.print(f"nothing new: snapshot [bold]{res.snapshot_id}[/] is unchanged ({res.n_rows} rows)")
-        return
-    table = Table(title=f"snapshot {res.snapshot_id}", caption=f"parent: {res.parent_id or 'none'}")
-    table.add_column("rule")
-    table.add_column("dropped", justify="right")
-    for rule, n in res.counts["dropped"].items():
-        table.add_row(rule, str(n))
-    table.add_row("[bold]kept[/]", f"[bold]{res.counts['kept']}[/] of {res.counts['input']}")
-    console.print(table)
-    console.print(f"snapshot {res.path}: {res.n_rows} rows (train {res.n_train}, val {res.n_val})")
-    console.print(f"report: {res.report_path}" + (f"  contact sheet: {res.contact_sheet_path}" if res.contact_sheet_path else ""))
-
-# ---- train ----
-@app.command()
-def train(
-    snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="ID", help="Snapshot to train on (default: the latest)."),
-    from_model: Optional[str] = typer.Option(
-        None, "--from-model", metavar="VERSION|PATH",
-        help="Fine-tune from a checkpoint directory/file, or a registered version or alias (e.g. 3, champion)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model config (default: train.model, clipline-tiny)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: from train.epochs)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (more than 1 uses Ray)."),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="Name of the run; an unfinished run of that name is resumed."),
-) -> None:
-    """Train a CLIP model on a snapshot; shows samples/s and loss, ends with the checkpoint and MLflow run."""
-    flags = {"model": model, "steps": steps, "batch_size": batch_size, "workers": workers, "run_name": run_name}
-    cfg = get_config(train={k: v for k, v in flags.items() if v is not None})
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    from clipline.components.model.factory import ModelError
-    from clipline.components.train.data import SnapshotError
-    from clipline.components.train.loop import TrainingDiverged
-    from clipline.components.train.run import resolve_from_model, train as run_train, use_ray
-
-    try:
-        start = resolve_from_model(cfg, from_model) if from_model else None
-    except FileNotFoundError as e:
-        fail(str(e))
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    try:
-        with Progress(*columns, console=console) as bar:
-            task = bar.add_task("train", total=None, info="starting" + (" Ray Train" if use_ray(cfg) else ""))
-
-            def progress(step: int, total: int, m: dict[str, float]) -> None:
-                bar.update(task, completed=step, total=total,
-                           info=f"{m['train/samples_per_s']:.0f} samples/s  loss {m['train/loss']:.3f}")
-
-            result = run_train(cfg, snapshot_id=snapshot, from_model=start, progress=progress)
-    except (SnapshotError, ModelError, TrainingDiverged, ValueError) as e:
-        fail(str(e))
-        return
-    t = Table(title="train", show_header=False)
-    for k, v in [("model", result.model_name), ("snapshot", result.snapshot_id), ("steps", f"{result.steps:,}"),
-                 ("final loss", f"{result.final_loss:.4f}"), ("throughput", f"{result.samples_per_s:,.1f} samples/s"),
-                 ("training time", f"{result.train_seconds:.1f} s"), ("checkpoint", str(result.checkpoint_dir)),
-                 ("MLflow run", str(result.run_id)), ("logged model", str(result.model_uri))]:
-        t.add_row(k, v)
-    console.print(t)
 
 
 def main() -> None:

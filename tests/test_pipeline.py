@@ -1,0 +1,41 @@
+"""The pipeline flow end to end at a small scale: toy web -> ingest -> curate -> train -> evaluate
+-> registry, then a rerun with no new data that does no new work."""
+
+from __future__ import annotations
+
+from clipline.components.catalog import Catalog
+from clipline.components.config import load_config
+from clipline.components.demo import serve_toy_web, write_heldout_set
+
+
+def test_pipeline_registers_a_champion_and_a_rerun_does_no_new_work(prefect_harness, mlflow_uri, tmp_path):
+    from clipline.components.tracking.runs import client
+    from clipline.flows.pipeline import pipeline_flow, summary_rows
+
+    heldout = write_heldout_set(tmp_path / "eval", n_per_class=3)
+    cfg = load_config(None, {
+        "data_dir": tmp_path / "data",
+        "demo": {"n_images": 240, "seed": 1},
+        "ingest": {"read_timeout": 3.0, "total_timeout": 5.0, "processes": 1},
+        "curate": {"min_image_side": 64},
+        "train": {"model": "clipline-nano", "steps": 8, "batch_size": 16, "warmup_steps": 1,
+                  "system_metrics": False},
+    })
+    with serve_toy_web(cfg.demo, tmp_path / "web") as web:
+        cfg.ingest.allow_hosts = [web.allow_host]
+        first = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data)])
+        again = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data)])
+
+    assert first.ingest.n_fetched == 240 and first.curate.new and first.train.steps == 8
+    m = first.evaluation.eval.metrics
+    assert "zeroshot/heldout/acc1" in m and "retrieval/val/image_to_text_R5" in m
+    reg = first.evaluation.registry
+    assert reg.alias == "champion"
+    v = client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "champion")
+    assert str(v.version) == reg.version and v.tags["snapshot_id"] == first.curate.snapshot_id
+    with Catalog(cfg.catalog_path, read_only=True) as cat:
+        assert cat.get_snapshot(first.curate.snapshot_id)["n_rows"] == first.curate.n_rows
+
+    assert again.ingest.n_fetched == 0 and not again.curate.new
+    assert again.train is None and again.skipped and "nothing new" in again.skipped
+    assert any(label == "training" and "nothing new" in value for label, value in summary_rows(again))
