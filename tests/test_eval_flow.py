@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zeroshot_set, simulate_training_run
+from flowkit import run_flow_with_artifact
 
 from clipline.components.config import load_config
 from clipline.components.evaluate.datasets import load_eval_dataset
@@ -48,27 +49,17 @@ def test_stage_logs_stable_metric_names_and_reports(setup):
 
 
 def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
-    from prefect.client.orchestration import get_client
 
     from clipline.flows.evaluate import evaluate_flow
 
     cfg, sid, heldout, ckpt, run_id, uri = setup
-    out = evaluate_flow(model=str(ckpt), datasets=[str(heldout)], register_model=True, cfg=cfg)
+    out, md = run_flow_with_artifact(evaluate_flow, "evaluation", model=str(ckpt), datasets=[str(heldout)],
+                                     register_model=True, cfg=cfg)
     assert out.registry is not None and out.registry.version == "1" and out.registry.alias == "champion"
     assert out.registry.model_uri == uri  # the model the train stage logged, found from the run
     mv = client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert mv.run_id == run_id and mv.tags["snapshot_id"] == sid
 
-    async def latest_artifact():
-        async with get_client() as c:
-            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation"])))
-            return arts[-1].data
-
-    import asyncio
-
-    md = asyncio.run(latest_artifact())
     assert "zeroshot/heldout/acc1" in md and "**champion**" in md
 
 

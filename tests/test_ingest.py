@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from flowkit import run_flow_with_artifact
 
 from clipline.components.catalog import Catalog
 from clipline.components.config import load_config
@@ -257,23 +258,14 @@ def test_cli_ingest_prints_table_and_fails_clearly_on_bad_list(data_dir, server,
 
 
 def test_ingest_flow_makes_artifact(prefect_harness, data_dir, server, tmp_path):
-    from prefect.client.orchestration import get_client
 
     from clipline.flows.ingest import ingest_flow
 
     cfg = _cfg(data_dir, server)
     lst = _write_list(tmp_path / "l.parquet", [server.url(i) for i in range(10)])
-    result = ingest_flow([str(lst)], cfg)
+    result, md = run_flow_with_artifact(ingest_flow, "ingest-report", [str(lst)], cfg)
     assert result.n_success == 10
-
-    import asyncio
-
-    async def latest():
-        async with get_client() as c:
-            return await c.read_artifacts()
-
-    arts = [a for a in asyncio.run(latest()) if a.key == "ingest-report"]
-    assert arts and "| success | 10 |" in arts[0].data
+    assert "| success | 10 |" in md
 
 
 def test_shards_run_as_ray_tasks_when_ray_address_is_set(ray_local, data_dir, server, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from clipline.components.train import synthetic
+from flowkit import run_flow_with_artifact
 from clipline.flows.cli import app
 
 FAST = ["--model", "clipline-nano", "--batch-size", "16"]
@@ -36,21 +37,12 @@ def test_cli_train_prints_the_run_and_errors_in_one_line(data_dir: Path, mlflow_
 
 def test_train_flow_returns_the_result_and_an_artifact(data_dir: Path, mlflow_uri, monkeypatch, prefect_harness):
     _env(monkeypatch)
-    from prefect.client.orchestration import get_client
 
     from clipline.components.config import load_config
     from clipline.flows.train import train_flow
 
     sid = synthetic.write_snapshot(data_dir / "snapshots", n=120, size=64)
     cfg = load_config(None, {"data_dir": data_dir, "train": {"model": "clipline-nano", "batch_size": 16, "steps": 2}})
-    res = train_flow(cfg, snapshot_id=sid)
+    res, md = run_flow_with_artifact(train_flow, "train-report", cfg, snapshot_id=sid)
     assert res.snapshot_id == sid and res.steps == 2 and res.checkpoint_dir.is_dir()
-
-    import asyncio
-
-    async def artifacts():
-        async with get_client() as c:
-            return await c.read_artifacts()
-
-    arts = [a for a in asyncio.run(artifacts()) if a.key == "train-report"]
-    assert arts and sid in arts[0].data and res.run_id in arts[0].data
+    assert sid in md and res.run_id in md
