@@ -8,7 +8,7 @@ USER root
 WORKDIR /opt/clipline
 COPY pyproject.toml README.md ./
 COPY clipline ./clipline
-RUN pip install --no-cache-dir . && python -c "import clipline.flows.cli"
+RUN pip install --no-cache-dir . s3fs && python -c "import clipline.flows.cli"
 # data, checkpoints and the catalog live on a volume shared by every node at the same path
 ENV CLIPLINE_DATA_DIR=/data/clipline
 WORKDIR /data
