@@ -184,12 +184,12 @@ def prefect_call(api: str, fn):
     return asyncio.run(go())
 
 
-def mlflow_get(url: str, path: str, **params: Any) -> dict:
+def mlflow_get(url: str, endpoint: str, **params: Any) -> dict:
     """GET an MLflow REST endpoint (``/api/2.0/mlflow/...``) and return its JSON."""
     import urllib.parse
 
     q = urllib.parse.urlencode(params)
-    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}" + (f"?{q}" if q else ""), timeout=30) as r:
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{endpoint}" + (f"?{q}" if q else ""), timeout=30) as r:
         return json.loads(r.read())
 
 

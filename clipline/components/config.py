@@ -187,6 +187,8 @@ class RefreshConfig(_Section):
     train_steps: int = Field(0, ge=0, description="optimiser steps of a fine-tune (0 = train.steps / train.epochs)")
     eval_sets: list[Path] = Field(default_factory=list, description="zero-shot sets a refresh evaluates on (default: evaluate.datasets)")
     decontaminate: Path | None = Field(None, description="eval set whose near-duplicates curate drops (default: curate.eval_set)")
+    lock_wait_s: float = Field(
+        0.0, ge=0, description="how long a pipeline/refresh run waits for another one on the same data dir (0: fail at once)")
     pipeline_deployment: str = Field("pipeline", description="deployment name of the pipeline flow under `clipline serve`")
     refresh_deployment: str = Field("refresh", description="deployment name of the refresh flow under `clipline serve`")
 
