@@ -120,9 +120,7 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def mlflow_server(work: Path) -> Iterator[str]:
-    """``mlflow server`` on SQLite + a local artifact store, on a free loopback port; yields its URL."""
+def _start_mlflow(work: Path) -> tuple[subprocess.Popen, str, Path]:
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = work / "mlflow-server.log"
@@ -132,18 +130,10 @@ def mlflow_server(work: Path) -> Iterator[str]:
              "--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"],
             cwd=work, env=base_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", proc, 120, log)
-        yield url
-    finally:
-        stop(proc)
+    return proc, f"http://127.0.0.1:{port}", log
 
 
-@contextmanager
-def prefect_server(work: Path) -> Iterator[str]:
-    """``prefect server start`` with its own home and SQLite database, on a free loopback port;
-    yields its API URL."""
+def _start_prefect(work: Path) -> tuple[subprocess.Popen, str, Path]:
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = work / "prefect-server.log"
@@ -156,12 +146,27 @@ def prefect_server(work: Path) -> Iterator[str]:
         proc = subprocess.Popen(
             [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}/api", log
+
+
+@contextmanager
+def servers(work: Path, mlflow: bool = True, prefect: bool = True) -> Iterator[dict[str, str]]:
+    """``mlflow server`` (SQLite + a local artifact store) and ``prefect server start`` (its own
+    home and SQLite database), started together on free loopback ports and stopped with all their
+    children at the end; yields {"mlflow": URL, "prefect": API URL}."""
+    started: dict[str, tuple[subprocess.Popen, str, Path]] = {}
     try:
-        api = f"http://127.0.0.1:{port}/api"
-        wait_http(f"{api}/health", proc, 180, log)
-        yield api
+        if mlflow:
+            started["mlflow"] = _start_mlflow(work / "mlflow")
+        if prefect:
+            started["prefect"] = _start_prefect(work / "prefect")
+        health = {"mlflow": "/health", "prefect": "/health"}
+        for name, (proc, url, log) in started.items():
+            wait_http(url + health[name], proc, 180, log)
+        yield {name: url for name, (_, url, _) in started.items()}
     finally:
-        stop(proc)
+        for proc, _, _ in started.values():
+            stop(proc)
 
 
 def clipline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600,

@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.pipelinekit import (
-    SMALL, base_env, clipline, deep_merge, mlflow_get, mlflow_post, mlflow_server, prefect_call, prefect_server,
-    stop, write_toml,
+    SMALL, base_env, clipline, deep_merge, mlflow_get, mlflow_post, prefect_call, servers, stop, write_toml,
 )
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     work = tmp_path_factory.mktemp("services")
-    with mlflow_server(work / "mlflow") as mlflow_url, prefect_server(work / "prefect") as prefect_api:
-        yield work, mlflow_url, prefect_api
+    with servers(work) as up:
+        yield work, up["mlflow"], up["prefect"]
 
 
 @pytest.fixture(scope="module")
