@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import fsspec
 import pytest
@@ -15,7 +16,7 @@ from clipline.components.catalog import Catalog
 from clipline.components.config import load_config
 from clipline.components.refresh import Inbox, RunBusy, exclusive_run
 from clipline.components.refresh.lock import RUN_LOCK
-from tests.pipelinekit import slice_url_list, small_overrides
+from tests.pipelinekit import base_env, clipline, slice_url_list, small_overrides
 
 
 # ----------------------------------------------------------------------------- inbox rules
@@ -130,3 +131,45 @@ def test_refresh_ingests_only_new_urls_and_fine_tunes_the_champion(prefect_harne
     assert again.lists == [] and again.ingest is None and not again.curate.new and again.train is None
     assert "nothing new" in again.skipped
     assert len(c.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_a_run_waits_for_the_holder_when_asked(tmp_path):
+    cfg = load_config(None, {"data_dir": tmp_path, "refresh": {"lock_wait_s": 60}})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    threading.Thread(target=holder.wait, daemon=True).start()  # reap it when it ends (no zombie)
+    try:
+        with Catalog(cfg.catalog_path) as cat:
+            cat.con.execute("INSERT INTO locks VALUES (?, 'a short run', ?, ?, now())",
+                            [RUN_LOCK, holder.pid, __import__("socket").gethostname()])
+        with exclusive_run(cfg, "patient"):  # waits until the holder is gone, then takes the lock
+            assert holder.poll() is not None
+            with Catalog(cfg.catalog_path, read_only=True) as cat:
+                assert cat.con.execute("SELECT holder FROM locks").fetchall() == [("patient",)]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ------------------------------------------------------------------------------ the command
+def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_when_busy(prefect_harness, tmp_path,
+                                                                                         mlflow_uri):
+    from prefect.settings import PREFECT_API_URL
+
+    env = base_env(PREFECT_API_URL=PREFECT_API_URL.value(), MLFLOW_TRACKING_URI=mlflow_uri)
+    args = ["--data-dir", str(tmp_path / "data"), "refresh"]
+    res = clipline(args, env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "nothing to do" in res.stdout and (tmp_path / "data" / "inbox").is_dir()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with Catalog(tmp_path / "data" / "catalog.duckdb") as cat:
+            cat.con.execute("INSERT INTO locks VALUES (?, 'clipline refresh (pid 1)', ?, ?, now())",
+                            [RUN_LOCK, holder.pid, __import__("socket").gethostname()])
+        res = clipline(args, env, cwd=tmp_path, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "is held by clipline refresh" in last and "try again later" in last

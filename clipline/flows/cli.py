@@ -453,8 +453,23 @@ def _deployment_summary(flow_run_id: Any, key: str) -> str | None:
     return arts[0].data if arts else None
 
 
+def _need_prefect_server(what: str) -> str:
+    """PREFECT_API_URL, or a one-line failure: deployments live on a Prefect server, not on the
+    temporary in-process one that in-process runs use."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if not url:
+        fail(f"{what} needs a Prefect server: start one (`prefect server start`, or infra/) and set "
+             "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
 def _trigger(deployment_name: str, parameters: dict[str, Any], timeout: Optional[float], summary_key: str) -> None:
     """Run a served deployment through the Prefect API, wait, print its summary artifact; fail unless Completed."""
+    _need_prefect_server("--deployment")
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
@@ -573,13 +588,12 @@ def serve(
 ) -> None:
     """Deployments: `pipeline` on demand, `refresh` on schedule (until Ctrl-C).
 
-    Uses PREFECT_API_URL when set, else a temporary local Prefect server. Each deployment runs one
-    flow run at a time; more are queued."""
+    Needs a Prefect server (PREFECT_API_URL). Each deployment runs one flow run at a time; more
+    are queued. Trigger the pipeline with `clipline run URL_LIST... --deployment`."""
     flags = {"cron": cron, "interval_s": interval}
     cfg = get_config(refresh={k: v for k, v in flags.items() if v is not None},
                      ingest={"allow_hosts": list(allow_host)} if allow_host else {})
-    import os
-
+    api = _need_prefect_server("clipline serve")
     from prefect import serve as prefect_serve
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
     from prefect.deployments.runner import EntrypointType
@@ -610,7 +624,6 @@ def serve(
         name=rc.refresh_deployment, parameters=params, schedule=schedule, concurrency_limit=1,
         entrypoint_type=EntrypointType.MODULE_PATH, tags=["clipline"],
         description=f"clipline refresh of the inbox {rc.inbox}, {when}")
-    api = os.environ.get("PREFECT_API_URL") or "a temporary local Prefect server (set PREFECT_API_URL to use yours)"
     console.print(f"serving pipeline/{rc.pipeline_deployment} (on demand) and refresh/{rc.refresh_deployment} "
                   f"({when}) on {api}; data dir {cfg.data_dir.resolve()}", highlight=False, soft_wrap=True)
     prefect_serve(pipe, ref, print_starting_message=False)
