@@ -13,6 +13,7 @@ import sys
 import time
 
 import duckdb
+import pytest
 import pyarrow.parquet as pq
 
 from clipline.components.config import DEMO_FAULTS, DemoConfig
@@ -22,6 +23,7 @@ N_URLS = 160
 SHARD = 20
 
 
+@pytest.mark.slow
 def test_kill_9_during_ingestion_then_a_rerun_completes_with_every_url_once(tmp_path):
     from clipline.components.demo import serve_toy_web
 

@@ -78,6 +78,7 @@ def test_a_second_run_fails_at_once_naming_the_holder_and_a_dead_holders_lock_is
 
 
 # ------------------------------------------------------------------------- refresh, end to end
+@pytest.mark.slow
 def test_refresh_ingests_only_new_urls_and_fine_tunes_the_champion(prefect_harness, mlflow_uri, tmp_path):
     from clipline.components.demo import serve_toy_web, write_heldout_set
     from clipline.components.tracking.runs import client
@@ -173,3 +174,15 @@ def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "is held by clipline refresh" in last and "try again later" in last
+
+
+def test_serve_refuses_without_a_prefect_server_and_a_bad_schedule_in_one_line(tmp_path):
+    res = clipline(["--data-dir", str(tmp_path), "serve"], base_env(), cwd=tmp_path, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("error: clipline serve needs a Prefect server")
+    # a schedule Prefect cannot read is refused before anything is served (no server is reached)
+    res = clipline(["--data-dir", str(tmp_path), "serve", "--cron", "61 * * * *"],
+                   base_env(PREFECT_API_URL="http://127.0.0.1:9/api"), cwd=tmp_path, timeout=120)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: refresh schedule:") and "61 * * * *" in last

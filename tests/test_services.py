@@ -67,6 +67,7 @@ def _artifact(api: str, flow_run_id, key: str):
     return arts[0].data if arts else None
 
 
+@pytest.mark.slow
 def test_clipline_run_appears_in_the_mlflow_server_and_the_prefect_server(first_run):
     url, api = first_run["mlflow"], first_run["prefect"]
     assert "model version" in first_run["proc"].stdout and "champion" in first_run["proc"].stdout
@@ -98,6 +99,7 @@ def test_clipline_run_appears_in_the_mlflow_server_and_the_prefect_server(first_
     assert _artifact(api, runs_by_flow["train"].id, "train-report")
 
 
+@pytest.mark.slow
 def test_served_deployments_run_on_schedule_and_on_demand(first_run):
     work, api, env = first_run["work"], first_run["prefect"], first_run["env"]
     log = work / "serve.log"

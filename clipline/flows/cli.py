@@ -612,8 +612,10 @@ def serve(
         else:
             schedule = CronSchedule(cron=rc.cron, timezone=rc.timezone)
             when = f"cron '{rc.cron}' ({rc.timezone})"
-    except ValueError as e:
-        fail(f"refresh schedule: {e}; set refresh.cron to a 5-field cron expression or refresh.interval_s")
+    except ValueError as e:  # pydantic's ValidationError: keep its messages, one line
+        why = "; ".join(err["msg"] for err in e.errors()) if hasattr(e, "errors") else str(e)
+        fail(f"refresh schedule: {why} (cron {rc.cron!r}, timezone {rc.timezone!r}); set refresh.cron to a "
+             "5-field cron expression and refresh.timezone to an IANA name, or use refresh.interval_s")
         return
     params = deployment_parameters(state.config_file, cfg)
     pipe = pipeline_flow.to_deployment(

@@ -134,8 +134,9 @@ def refresh_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
             result.curate = cur = curate_flow(eval_set=decontaminate, cfg=cfg)
             trained = _versions_trained_on(cfg, cur.snapshot_id)
             if not cur.new and trained:
-                result.skipped = (f"nothing new: {len(result.lists)} new list(s) in the inbox, snapshot "
-                                  f"{cur.snapshot_id[:12]} unchanged and already trained on (version "
+                fetched = result.ingest.n_fetched if result.ingest is not None else 0
+                result.skipped = (f"nothing new: {len(result.lists)} list(s) in the inbox, {fetched} URLs fetched, "
+                                  f"snapshot {cur.snapshot_id[:12]} unchanged and already trained on (version "
                                   f"{', '.join(trained)}); no training")
         if result.skipped:
             logger.info(result.skipped)
