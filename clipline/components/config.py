@@ -177,9 +177,28 @@ class TrackingConfig(_Section):
 
 
 class RefreshConfig(_Section):
-    inbox: str = "inbox"
-    cron: str = "0 3 * * *"
-    from_scratch: bool = False
+    inbox: str = Field("inbox", description="folder of new URL lists: a path (relative = under the data dir) or an fsspec URL")
+    archive: Literal["move", "keep"] = Field(
+        "move", description="move: ingested lists go to <inbox>/done/; keep: leave them (read-only sources)")
+    cron: str = Field("0 3 * * *", description="schedule of the served `refresh` deployment")
+    interval_s: float | None = Field(None, gt=0, description="run the served refresh every N seconds instead of on cron")
+    timezone: str = Field("UTC", description="time zone the cron schedule is read in")
+    from_scratch: bool = Field(False, description="train each refresh from scratch instead of fine-tuning the champion")
+    train_steps: int = Field(0, ge=0, description="optimiser steps of a fine-tune (0 = train.steps / train.epochs)")
+    eval_sets: list[Path] = Field(default_factory=list, description="zero-shot sets a refresh evaluates on (default: evaluate.datasets)")
+    decontaminate: Path | None = Field(None, description="eval set whose near-duplicates curate drops (default: curate.eval_set)")
+    lock_wait_s: float = Field(
+        0.0, ge=0, description="how long a pipeline/refresh run waits for another one on the same data dir (0: fail at once)")
+    pipeline_deployment: str = Field("pipeline", description="deployment name of the pipeline flow under `clipline serve`")
+    refresh_deployment: str = Field("refresh", description="deployment name of the refresh flow under `clipline serve`")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        # the shape only; `clipline serve` checks the fields with Prefect's own cron parser
+        if len(v.split()) not in (5, 6):
+            raise ValueError(f"{v!r} is not a cron expression of 5 fields (for example '0 3 * * *': 03:00 every day)")
+        return v
 
 
 #: the toy web's faults (see clipline.components.demo.faults for what each one does)

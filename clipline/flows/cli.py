@@ -422,6 +422,215 @@ def compare_cmd(
         console.print(f"logged to MLflow run {comp.mlflow_run_id}")
 
 
+# ---- orchestration ----
+def _abs_location(loc: str) -> str:
+    """A local path as an absolute one (a served run may start elsewhere); URLs unchanged."""
+    return loc if "://" in loc else str(Path(loc).expanduser().resolve())
+
+
+def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+def _deployment_summary(flow_run_id: Any, key: str) -> str | None:
+    """The markdown of artifact ``key`` published by a flow run (via the Prefect API)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    async def read() -> list:
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    arts = asyncio.run(read())
+    return arts[0].data if arts else None
+
+
+def _need_prefect_server(what: str) -> str:
+    """PREFECT_API_URL, or a one-line failure: deployments live on a Prefect server, not on the
+    temporary in-process one that in-process runs use."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if not url:
+        fail(f"{what} needs a Prefect server: start one (`prefect server start`, or infra/) and set "
+             "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
+def _trigger(deployment_name: str, parameters: dict[str, Any], timeout: Optional[float], summary_key: str) -> None:
+    """Run a served deployment through the Prefect API, wait, print its summary artifact; fail unless Completed."""
+    _need_prefect_server("--deployment")
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        fr = run_deployment(deployment_name, parameters=parameters, timeout=timeout, poll_interval=2, as_subflow=False)
+    except ObjectNotFound:
+        fail(f"no deployment {deployment_name!r} on the Prefect API: start `clipline serve` first "
+             "(with the same PREFECT_API_URL)")
+        return
+    state = fr.state
+    console.print(f"flow run {fr.name} ({fr.id}) of {deployment_name}: {state.name if state else 'unknown'}")
+    if state is None or not state.is_completed():
+        if state is not None and not state.is_final():
+            fail(f"flow run {fr.name} is still {state.name} after {timeout} s; follow it in the Prefect UI")
+        fail(f"flow run {fr.name} ended {state.name if state else 'in an unknown state'}: "
+             f"{(state.message if state else '') or 'see its logs in the Prefect UI'}")
+    md = _deployment_summary(fr.id, summary_key)
+    if md:
+        console.print(md, highlight=False, soft_wrap=True)
+
+
+@app.command("run")
+def run_cmd(
+    url_lists: list[str] = typer.Argument(..., metavar="URL_LIST...",
+                                          help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs."),
+    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
+                                         help="Exempt HOST:PORT from the SSRF guard."),
+    eval_set: list[Path] = typer.Option([], "--eval-set", metavar="PATH",
+                                        help="Zero-shot set to evaluate on (repeatable; default: evaluate.datasets)."),
+    decontaminate: Optional[Path] = typer.Option(None, "--decontaminate", metavar="PATH",
+                                                 help="Eval set whose near-duplicates are dropped from the training data."),
+    from_model: Optional[str] = typer.Option(None, "--from-model", metavar="VERSION|PATH",
+                                             help="Fine-tune from a checkpoint, or a registered version or alias."),
+    force: bool = typer.Option(False, "--force", help="Train even when the snapshot did not change."),
+    deployment: bool = typer.Option(False, "--deployment",
+                                    help="Run it as the served `pipeline` deployment (PREFECT_API_URL, `clipline serve`) "
+                                         "instead of in this process, and wait for it."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0,
+                                            help="With --deployment: seconds to wait (default: until it ends)."),
+) -> None:
+    """Run the whole pipeline once: ingest -> curate -> train -> evaluate -> register."""
+    cfg = get_config(ingest={"allow_hosts": list(allow_host)} if allow_host else {})
+    from clipline.components.refresh import RunBusy
+
+    start = None
+    if from_model:
+        from clipline.components.train.run import resolve_from_model
+
+        try:
+            start = str(resolve_from_model(cfg, from_model))
+        except FileNotFoundError as e:
+            fail(str(e))
+    for p in [*eval_set, *([decontaminate] if decontaminate else [])]:
+        if not p.exists():
+            fail(f"evaluation set {p} does not exist: give a Parquet file (image,label) or an ImageFolder directory")
+    evals = [str(p.resolve()) for p in eval_set] or None
+    decon = str(decontaminate.resolve()) if decontaminate else None
+    if deployment:
+        from clipline.components.refresh.params import deployment_parameters
+
+        params = {**deployment_parameters(state.config_file, cfg), "url_lists": [_abs_location(u) for u in url_lists],
+                  "eval_sets": evals, "decontaminate": decon, "from_model": start, "force": force}
+        _trigger(f"pipeline/{cfg.refresh.pipeline_deployment}", params, timeout, "pipeline-summary")
+        return
+    from clipline.flows.pipeline import pipeline_flow, summary_rows
+
+    try:
+        result = pipeline_flow(list(url_lists), cfg, eval_sets=evals, decontaminate=decon, from_model=start, force=force)
+    except RunBusy as e:
+        fail(str(e))
+        return
+    _print_rows("clipline run", summary_rows(result))
+
+
+@app.command("refresh")
+def refresh_cmd(
+    inbox: Optional[str] = typer.Option(None, "--inbox", metavar="DIR|URL",
+                                        help="Folder or fsspec URL of new URL lists (default: refresh.inbox, DATA_DIR/inbox)."),
+    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
+                                         help="Exempt HOST:PORT from the SSRF guard."),
+    eval_set: list[Path] = typer.Option([], "--eval-set", metavar="PATH",
+                                        help="Zero-shot set to evaluate on (repeatable; default: refresh.eval_sets)."),
+    decontaminate: Optional[Path] = typer.Option(None, "--decontaminate", metavar="PATH",
+                                                 help="Eval set whose near-duplicates are dropped (default: refresh.decontaminate)."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Train from scratch instead of fine-tuning the champion."),
+) -> None:
+    """Incremental refresh once: inbox -> new URLs -> child snapshot -> fine-tuned champion.
+
+    The new version is evaluated, registered with the champion as its parent, and promoted by the
+    registry's rule. Nothing new in the inbox: no training, and it says so."""
+    cfg = get_config(refresh={"inbox": inbox} if inbox else {},
+                     ingest={"allow_hosts": list(allow_host)} if allow_host else {})
+    for p in [*eval_set, *([decontaminate] if decontaminate else [])]:
+        if not p.exists():
+            fail(f"evaluation set {p} does not exist: give a Parquet file (image,label) or an ImageFolder directory")
+    from clipline.components.refresh import InboxError, RunBusy
+    from clipline.flows.refresh import refresh_flow, summary_rows
+
+    try:
+        result = refresh_flow(cfg=cfg, eval_sets=[str(p) for p in eval_set] or None,
+                              decontaminate=str(decontaminate) if decontaminate else None,
+                              from_scratch=True if from_scratch else None)
+    except (RunBusy, InboxError) as e:
+        fail(str(e))
+        return
+    _print_rows("clipline refresh", summary_rows(result))
+
+
+@app.command()
+def serve(
+    cron: Optional[str] = typer.Option(None, "--cron", help="Refresh schedule (default: refresh.cron)."),
+    interval: Optional[float] = typer.Option(None, "--interval", min=1, metavar="SECONDS",
+                                             help="Refresh every N seconds instead of on cron (refresh.interval_s)."),
+    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
+                                         help="Exempt HOST:PORT from the SSRF guard in served runs."),
+) -> None:
+    """Deployments: `pipeline` on demand, `refresh` on schedule (until Ctrl-C).
+
+    Needs a Prefect server (PREFECT_API_URL). Each deployment runs one flow run at a time; more
+    are queued. Trigger the pipeline with `clipline run URL_LIST... --deployment`."""
+    flags = {"cron": cron, "interval_s": interval}
+    cfg = get_config(refresh={k: v for k, v in flags.items() if v is not None},
+                     ingest={"allow_hosts": list(allow_host)} if allow_host else {})
+    api = _need_prefect_server("clipline serve")
+    from prefect import serve as prefect_serve
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from prefect.deployments.runner import EntrypointType
+
+    from clipline.components.refresh.params import deployment_parameters
+    from clipline.flows.pipeline import pipeline_flow
+    from clipline.flows.refresh import refresh_flow
+
+    rc = cfg.refresh
+    try:
+        if rc.interval_s:
+            from datetime import timedelta
+
+            schedule = IntervalSchedule(interval=timedelta(seconds=rc.interval_s))
+            when = f"every {rc.interval_s:g} s"
+        else:
+            schedule = CronSchedule(cron=rc.cron, timezone=rc.timezone)
+            when = f"cron '{rc.cron}' ({rc.timezone})"
+    except ValueError as e:  # pydantic's ValidationError: keep its messages, one line
+        why = "; ".join(err["msg"] for err in e.errors()) if hasattr(e, "errors") else str(e)
+        fail(f"refresh schedule: {why} (cron {rc.cron!r}, timezone {rc.timezone!r}); set refresh.cron to a "
+             "5-field cron expression and refresh.timezone to an IANA name, or use refresh.interval_s")
+        return
+    params = deployment_parameters(state.config_file, cfg)
+    pipe = pipeline_flow.to_deployment(
+        name=rc.pipeline_deployment, parameters=params, concurrency_limit=1,
+        entrypoint_type=EntrypointType.MODULE_PATH, tags=["clipline"],
+        description="clipline pipeline, run on demand: `clipline run URL_LIST... --deployment`")
+    ref = refresh_flow.to_deployment(
+        name=rc.refresh_deployment, parameters=params, schedule=schedule, concurrency_limit=1,
+        entrypoint_type=EntrypointType.MODULE_PATH, tags=["clipline"],
+        description=f"clipline refresh of the inbox {rc.inbox}, {when}")
+    console.print(f"serving pipeline/{rc.pipeline_deployment} (on demand) and refresh/{rc.refresh_deployment} "
+                  f"({when}) on {api}; data dir {cfg.data_dir.resolve()}", highlight=False, soft_wrap=True)
+    prefect_serve(pipe, ref, print_starting_message=False)
+
+
 # ---- ui ----
 @app.command()
 def ui(

@@ -3,12 +3,18 @@
 Each stage runs as a subflow and hands its typed result to the next. A run whose curate step
 finds nothing new (the snapshot is unchanged) and whose registry already has a champion does no
 training and says so.
+
+The flow takes its configuration either as a ready ``cfg`` (in-process calls) or, as a served
+deployment passes it, as ``config_file`` + ``overrides`` (JSON). A run holds the data dir's run
+lock (``clipline.components.refresh.lock``): a second pipeline or refresh on the same data dir
+fails at once, naming the holder; a lock left by a killed run is taken over.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -16,6 +22,8 @@ from prefect.artifacts import create_markdown_artifact
 from clipline.components.config import Config
 from clipline.components.curate import CurateResult
 from clipline.components.ingest.runner import IngestResult
+from clipline.components.refresh.lock import exclusive_run, holder_name
+from clipline.components.refresh.params import run_config
 from clipline.components.train.run import TrainResult
 from clipline.flows.curate import curate_flow
 from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
@@ -43,29 +51,33 @@ def _has_champion(cfg: Config) -> bool:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(url_lists: list[str], cfg: Config, eval_sets: list[str] | None = None,
+def pipeline_flow(url_lists: list[str], cfg: Config | None = None, eval_sets: list[str] | None = None,
                   decontaminate: str | None = None, from_model: str | None = None,
-                  force: bool = False) -> PipelineResult:
+                  force: bool = False, config_file: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> PipelineResult:
     """Run every stage once over ``url_lists``.
 
     ``eval_sets``: zero-shot sets for evaluation (default ``evaluate.datasets``); ``decontaminate``:
     an evaluation set whose near-duplicates are dropped from training data; ``from_model``: a
     checkpoint to fine-tune from; ``force``: train even when the snapshot did not change.
+    ``config_file``/``overrides``: the configuration when ``cfg`` is not given (served deployments).
     """
     logger = get_run_logger()
-    ing = ingest_flow(url_lists, cfg)
-    cur = curate_flow(eval_set=decontaminate, cfg=cfg)
-    if not cur.new and not force and _has_champion(cfg):
-        why = (f"nothing new: {ing.n_already_seen} URLs already ingested, snapshot {cur.snapshot_id} unchanged, "
-               f"and a champion is registered; no training (use force to train anyway)")
-        logger.info(why)
-        result = PipelineResult(ingest=ing, curate=cur, skipped=why)
-    else:
-        tr = train_flow(cfg, snapshot_id=cur.snapshot_id, from_model=Path(from_model) if from_model else None)
-        ev = evaluate_flow(model=str(tr.checkpoint_dir), datasets=list(eval_sets or []) or None,
-                           snapshot_id=tr.snapshot_id, run_id=tr.run_id, register_model=True,
-                           model_uri=tr.model_uri, cfg=cfg)
-        result = PipelineResult(ingest=ing, curate=cur, train=tr, evaluation=ev)
+    cfg = run_config(cfg, config_file, overrides)
+    with exclusive_run(cfg, holder_name("pipeline")):
+        ing = ingest_flow(url_lists, cfg)
+        cur = curate_flow(eval_set=decontaminate, cfg=cfg)
+        if not cur.new and not force and _has_champion(cfg):
+            why = (f"nothing new: {ing.n_already_seen} URLs already ingested, snapshot {cur.snapshot_id} unchanged, "
+                   f"and a champion is registered; no training (use force to train anyway)")
+            logger.info(why)
+            result = PipelineResult(ingest=ing, curate=cur, skipped=why)
+        else:
+            tr = train_flow(cfg, snapshot_id=cur.snapshot_id, from_model=Path(from_model) if from_model else None)
+            ev = evaluate_flow(model=str(tr.checkpoint_dir), datasets=list(eval_sets or []) or None,
+                               snapshot_id=tr.snapshot_id, run_id=tr.run_id, register_model=True,
+                               model_uri=tr.model_uri, cfg=cfg)
+            result = PipelineResult(ingest=ing, curate=cur, train=tr, evaluation=ev)
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(result),
                              description="clipline pipeline run")
     return result

@@ -1,0 +1,196 @@
+"""Prefect flow `refresh`: new URL lists in the inbox -> only the new URLs ingested -> the next
+snapshot built incrementally -> the champion fine-tuned on it (or a model trained from scratch when
+there is no champion, or with ``refresh.from_scratch``) -> evaluated -> registered as a new version
+whose ``parent_version`` is the champion it started from -> promoted by the registry's rule.
+
+What a user can rely on:
+- Sources: every URL list directly in ``refresh.inbox`` (a folder under the data dir by default, or
+  any fsspec URL). Lists are moved to ``<inbox>/done/`` once ingested (see
+  ``clipline.components.refresh.inbox``).
+- Nothing new (inbox empty, the snapshot unchanged, and a registered version already trained on
+  it) -> no training; the run says so in its log and its ``refresh-summary`` artifact.
+- A snapshot left without a model by an interrupted refresh is trained on by the next one.
+- One run at a time per data dir: the run holds the catalog lock ``pipeline-run`` for its whole
+  length (a second refresh, or a `clipline run`, fails at once naming the holder); the served
+  deployment also has a concurrency limit of 1, so scheduled runs queue instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from clipline.components.catalog import Catalog
+from clipline.components.config import Config
+from clipline.components.curate import CurateResult
+from clipline.components.ingest.runner import IngestResult
+from clipline.components.refresh import Inbox, exclusive_run
+from clipline.components.refresh.lock import holder_name
+from clipline.components.refresh.params import run_config
+from clipline.components.train.run import TrainResult
+from clipline.flows.curate import curate_flow
+from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
+from clipline.flows.ingest import ingest_flow
+from clipline.flows.train import train_flow
+
+
+@dataclass
+class RefreshResult:
+    """What one refresh did. ``skipped`` says why no model was trained (None when one was)."""
+
+    inbox: str
+    lists: list[str] = field(default_factory=list)          # URL lists read this run
+    archived: list[str] = field(default_factory=list)       # where they were moved
+    ingest: IngestResult | None = None
+    curate: CurateResult | None = None
+    parent_version: str | None = None                       # the champion fine-tuned from (None: from scratch)
+    train: TrainResult | None = None
+    evaluation: EvaluateFlowResult | None = None
+    skipped: str | None = None
+
+
+def _has_raw_shards(cfg: Config) -> bool:
+    if not cfg.catalog_path.exists():
+        return False
+    with Catalog(cfg.catalog_path, read_only=True) as cat:
+        return bool(cat.shards(kind=None))
+
+
+def _versions_trained_on(cfg: Config, snapshot_id: str) -> list[str]:
+    """Registered versions of the model tagged with ``snapshot_id``."""
+    from mlflow.exceptions import MlflowException
+
+    from clipline.components.tracking.runs import client
+
+    try:
+        found = client(cfg).search_model_versions(f"name = '{cfg.tracking.registered_model}'")
+    except MlflowException:
+        return []
+    return sorted(str(v.version) for v in found if (v.tags or {}).get("snapshot_id") == snapshot_id)
+
+
+def _starting_point(cfg: Config, from_scratch: bool) -> tuple[Path | None, Any | None, str]:
+    """(checkpoint to fine-tune from, the champion's model version, a sentence saying which)."""
+    from clipline.components.tracking.registry import CHAMPION, current_alias, download_checkpoint
+
+    if from_scratch:
+        return None, None, "from scratch (refresh.from_scratch)"
+    champ = current_alias(cfg, CHAMPION)
+    if champ is None:
+        return None, None, "from scratch (no champion registered yet)"
+    name = cfg.tracking.registered_model
+    ckpt = download_checkpoint(cfg, champ.run_id, f"{name}-v{champ.version}")
+    return ckpt, champ, f"fine-tuned from champion {name} v{champ.version}"
+
+
+def _mark_lineage(cfg: Config, run_id: str | None, champ: Any | None, how: str) -> None:
+    """Tags on the train run saying what it started from (visible in the MLflow UI)."""
+    if not run_id:
+        return
+    from clipline.components.tracking.runs import client
+
+    c = client(cfg)
+    c.set_tag(run_id, "clipline.trigger", "refresh")
+    c.set_tag(run_id, "clipline.start", how)
+    if champ is not None:
+        c.set_tag(run_id, "clipline.parent_version", str(champ.version))
+        c.set_tag(run_id, "clipline.parent_run_id", champ.run_id)
+
+
+@flow(name="refresh", log_prints=True)
+def refresh_flow(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                 eval_sets: list[str] | None = None, decontaminate: str | None = None,
+                 from_scratch: bool | None = None, cfg: Config | None = None) -> RefreshResult:
+    """One incremental refresh (see the module docstring).
+
+    ``config_file``/``overrides``: the configuration, as a served deployment passes it (JSON);
+    ``cfg``: a ready config (in-process calls; wins over both). ``eval_sets`` default to
+    ``refresh.eval_sets``, then ``evaluate.datasets``; ``decontaminate`` to ``refresh.decontaminate``
+    (then ``curate.eval_set``); ``from_scratch`` to ``refresh.from_scratch``.
+    """
+    logger = get_run_logger()
+    cfg = run_config(cfg, config_file, overrides)
+    rc = cfg.refresh
+    eval_sets = list(eval_sets or [str(p) for p in rc.eval_sets] or []) or None
+    decontaminate = decontaminate or (str(rc.decontaminate) if rc.decontaminate else None)
+    from_scratch = rc.from_scratch if from_scratch is None else from_scratch
+
+    with exclusive_run(cfg, holder_name("refresh")):
+        inbox = Inbox.from_config(cfg)
+        result = RefreshResult(inbox=inbox.location, lists=inbox.pending())
+        logger.info("inbox %s: %d new URL list(s)", inbox.location, len(result.lists))
+        if result.lists:
+            result.ingest = ingest_flow(result.lists, cfg)
+            if rc.archive == "move":
+                result.archived = inbox.archive(result.lists)
+        if not result.lists and not _has_raw_shards(cfg):
+            result.skipped = (f"nothing to do: the inbox {inbox.location} is empty and nothing was ingested "
+                              "before; drop URL lists there")
+        else:
+            result.curate = cur = curate_flow(eval_set=decontaminate, cfg=cfg)
+            trained = _versions_trained_on(cfg, cur.snapshot_id)
+            if not cur.new and trained:
+                fetched = result.ingest.n_fetched if result.ingest is not None else 0
+                result.skipped = (f"nothing new: {len(result.lists)} list(s) in the inbox, {fetched} URLs fetched, "
+                                  f"snapshot {cur.snapshot_id[:12]} unchanged and already trained on (version "
+                                  f"{', '.join(trained)}); no training")
+        if result.skipped:
+            logger.info(result.skipped)
+        else:
+            _train_and_register(cfg, result, from_scratch, eval_sets, logger)
+        create_markdown_artifact(key="refresh-summary", markdown=summary_markdown(result),
+                                 description="clipline refresh run")
+    return result
+
+
+def _train_and_register(cfg: Config, result: RefreshResult, from_scratch: bool, eval_sets: list[str] | None,
+                        logger) -> None:
+    cur = result.curate
+    start, champ, how = _starting_point(cfg, from_scratch)
+    result.parent_version = str(champ.version) if champ is not None else None
+    tcfg = cfg
+    if start is not None and cfg.refresh.train_steps:
+        tcfg = cfg.model_copy(deep=True)
+        tcfg.train.steps = cfg.refresh.train_steps
+    logger.info("training on snapshot %s, %s", cur.snapshot_id[:12], how)
+    tr = train_flow(tcfg, snapshot_id=cur.snapshot_id, from_model=start)
+    _mark_lineage(cfg, tr.run_id, champ, how)
+    result.train = tr
+    result.evaluation = evaluate_flow(model=str(tr.checkpoint_dir), datasets=eval_sets, snapshot_id=tr.snapshot_id,
+                                      run_id=tr.run_id, register_model=True, model_uri=tr.model_uri,
+                                      parent_version=result.parent_version, cfg=cfg)
+
+
+def summary_rows(r: RefreshResult) -> list[tuple[str, str]]:
+    """The refresh's headline figures as (label, value) rows, for the terminal and the artifact."""
+    rows = [("inbox", f"{r.inbox}: {len(r.lists)} new URL list(s)" + (f", moved to done/" if r.archived else ""))]
+    if r.ingest is not None:
+        i = r.ingest
+        rows.append(("URLs", f"{i.n_listed:,} listed, {i.n_already_seen:,} already ingested, {i.n_fetched:,} fetched "
+                             f"({i.n_success:,} ok, {i.n_failed:,} failed)"))
+    if r.curate is not None:
+        c = r.curate
+        rows.append(("snapshot", f"{c.snapshot_id[:12]} ({'new, parent ' + (c.parent_id or 'none')[:12] if c.new else 'unchanged'}): "
+                                 f"{c.n_rows:,} rows (train {c.n_train:,}, val {c.n_val:,})"))
+    if r.skipped:
+        rows.append(("training", r.skipped))
+        return rows
+    t = r.train
+    start = f"fine-tuned from v{r.parent_version}" if r.parent_version else "from scratch"
+    rows.append(("training", f"{t.model_name} {start}: {t.steps} steps, final loss {t.final_loss:.3f}"))
+    m = r.evaluation.eval.metrics
+    for k in sorted(m):
+        if k.startswith("zeroshot/") and k.endswith("/acc1"):
+            rows.append((f"zero-shot top-1 ({k.split('/')[1]})", f"{m[k]:.3f}"))
+    reg = r.evaluation.registry
+    if reg is not None:
+        rows.append(("model version", f"{reg.name} v{reg.version} -> {reg.alias} ({reg.decision.reason})"))
+    return rows
+
+
+def summary_markdown(r: RefreshResult) -> str:
+    return "## clipline refresh\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary_rows(r))
