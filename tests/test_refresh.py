@@ -186,3 +186,19 @@ def test_serve_refuses_without_a_prefect_server_and_a_bad_schedule_in_one_line(t
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: refresh schedule:") and "61 * * * *" in last
+
+
+def test_deployment_parameters_are_json_and_rebuild_the_same_config_elsewhere(tmp_path, monkeypatch):
+    import json
+
+    from clipline.components.refresh.params import SERVED_LOCK_WAIT_S, deployment_parameters, run_config
+    from tests.pipelinekit import write_toml
+
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "my.toml", {"train": {"steps": 7}})
+    cfg = load_config(tmp_path / "my.toml", {"data_dir": "rel-data", "ingest": {"allow_hosts": ["127.0.0.1:8123"]}})
+    params = json.loads(json.dumps(deployment_parameters(tmp_path / "my.toml", cfg)))
+    monkeypatch.chdir("/")  # a served run starts somewhere else
+    again = run_config(None, params["config_file"], params["overrides"])
+    assert again.data_dir == tmp_path / "rel-data" and again.train.steps == 7
+    assert again.ingest.allow_hosts == ["127.0.0.1:8123"] and again.refresh.lock_wait_s == SERVED_LOCK_WAIT_S
