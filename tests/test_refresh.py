@@ -99,6 +99,7 @@ def test_refresh_ingests_only_new_urls_and_fine_tunes_the_champion(prefect_harne
         # 40 URLs already ingested + 70 new ones, dropped in the inbox
         inbox_dir = cfg.data_dir / "inbox"
         new_urls = slice_url_list(web.url_list, inbox_dir / "more.parquet", 90, 200)
+        (inbox_dir / "broken.csv").write_text("link,caption\nhttp://x/a.jpg,a list without a url column\n")
         result = refresh_flow(cfg=cfg)
 
     # only the new URLs were fetched
@@ -110,6 +111,10 @@ def test_refresh_ingests_only_new_urls_and_fine_tunes_the_champion(prefect_harne
         assert result.curate.new and result.curate.parent_id == first.curate.snapshot_id
         assert cat.get_snapshot(result.curate.snapshot_id)["parent_id"] == first.curate.snapshot_id
     assert not (inbox_dir / "more.parquet").exists() and (inbox_dir / "done" / "more.parquet").exists()
+    # the unreadable list is set aside with its reason; it did not stop the others
+    assert list(result.failed_lists) == [str(inbox_dir / "broken.csv")]
+    assert "url" in (inbox_dir / "failed" / "broken.csv.error.txt").read_text()
+    assert (inbox_dir / "failed" / "broken.csv").exists() and not (inbox_dir / "broken.csv").exists()
 
     # a new version whose parent is the previous champion, trained from the champion's checkpoint
     c = client(cfg)
@@ -186,3 +191,37 @@ def test_serve_refuses_without_a_prefect_server_and_a_bad_schedule_in_one_line(t
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: refresh schedule:") and "61 * * * *" in last
+
+
+def test_deployment_parameters_are_json_and_rebuild_the_same_config_elsewhere(tmp_path, monkeypatch):
+    import json
+
+    from clipline.components.refresh.params import SERVED_LOCK_WAIT_S, deployment_parameters, run_config
+    from tests.pipelinekit import write_toml
+
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "my.toml", {"train": {"steps": 7}})
+    cfg = load_config(tmp_path / "my.toml", {"data_dir": "rel-data", "ingest": {"allow_hosts": ["127.0.0.1:8123"]}})
+    params = json.loads(json.dumps(deployment_parameters(tmp_path / "my.toml", cfg)))
+    monkeypatch.chdir("/")  # a served run starts somewhere else
+    again = run_config(None, params["config_file"], params["overrides"])
+    assert again.data_dir == tmp_path / "rel-data" and again.train.steps == 7
+    assert again.ingest.allow_hosts == ["127.0.0.1:8123"] and again.refresh.lock_wait_s == SERVED_LOCK_WAIT_S
+
+
+def test_unreadable_lists_are_named_with_their_reason_and_quarantined(tmp_path):
+    from clipline.components.refresh import unreadable_lists
+
+    cfg = load_config(None, {"data_dir": tmp_path})
+    inbox = Inbox.from_config(cfg)
+    root = tmp_path / "inbox"
+    (root / "good.csv").write_text("url,caption\nhttp://example.com/a.jpg,a red circle\n")
+    (root / "nourl.csv").write_text("link,caption\nhttp://example.com/a.jpg,a red circle\n")
+    (root / "garbage.parquet").write_bytes(b"not parquet at all")
+    bad = unreadable_lists(cfg, inbox.pending())
+    assert sorted(os.path.basename(p) for p in bad) == ["garbage.parquet", "nourl.csv"]
+    assert "url" in bad[str(root / "nourl.csv")]
+    moved = inbox.quarantine(str(root / "nourl.csv"), bad[str(root / "nourl.csv")])
+    assert moved == str(root / "failed" / "nourl.csv")
+    assert (root / "failed" / "nourl.csv.error.txt").read_text().strip() == bad[str(root / "nourl.csv")]
+    assert [os.path.basename(p) for p in inbox.pending()] == ["garbage.parquet", "good.csv"]

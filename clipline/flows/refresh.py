@@ -5,7 +5,8 @@ whose ``parent_version`` is the champion it started from -> promoted by the regi
 
 What a user can rely on:
 - Sources: every URL list directly in ``refresh.inbox`` (a folder under the data dir by default, or
-  any fsspec URL). Lists are moved to ``<inbox>/done/`` once ingested (see
+  any fsspec URL). Lists are moved to ``<inbox>/done/`` once ingested; a list that cannot be read
+  is moved to ``<inbox>/failed/`` with the reason beside it, and the others go on (see
   ``clipline.components.refresh.inbox``).
 - Nothing new (inbox empty, the snapshot unchanged, and a registered version already trained on
   it) -> no training; the run says so in its log and its ``refresh-summary`` artifact.
@@ -28,7 +29,7 @@ from clipline.components.catalog import Catalog
 from clipline.components.config import Config
 from clipline.components.curate import CurateResult
 from clipline.components.ingest.runner import IngestResult
-from clipline.components.refresh import Inbox, exclusive_run
+from clipline.components.refresh import Inbox, exclusive_run, unreadable_lists
 from clipline.components.refresh.lock import holder_name
 from clipline.components.refresh.params import run_config
 from clipline.components.train.run import TrainResult
@@ -45,6 +46,7 @@ class RefreshResult:
     inbox: str
     lists: list[str] = field(default_factory=list)          # URL lists read this run
     archived: list[str] = field(default_factory=list)       # where they were moved
+    failed_lists: dict[str, str] = field(default_factory=dict)  # unreadable list -> why (moved to failed/)
     ingest: IngestResult | None = None
     curate: CurateResult | None = None
     parent_version: str | None = None                       # the champion fine-tuned from (None: from scratch)
@@ -124,12 +126,12 @@ def refresh_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
         result = RefreshResult(inbox=inbox.location, lists=inbox.pending())
         logger.info("inbox %s: %d new URL list(s)", inbox.location, len(result.lists))
         if result.lists:
-            result.ingest = ingest_flow(result.lists, cfg)
+            result.ingest = _ingest_readable(cfg, inbox, result, logger)
             if rc.archive == "move":
-                result.archived = inbox.archive(result.lists)
-        if not result.lists and not _has_raw_shards(cfg):
-            result.skipped = (f"nothing to do: the inbox {inbox.location} is empty and nothing was ingested "
-                              "before; drop URL lists there")
+                result.archived = inbox.archive([x for x in result.lists if x not in result.failed_lists])
+        if result.ingest is None and not _has_raw_shards(cfg):
+            result.skipped = (f"nothing to do: the inbox {inbox.location} has no readable URL list and nothing "
+                              "was ingested before; drop URL lists there")
         else:
             result.curate = cur = curate_flow(eval_set=decontaminate, cfg=cfg)
             trained = _versions_trained_on(cfg, cur.snapshot_id)
@@ -145,6 +147,24 @@ def refresh_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
         create_markdown_artifact(key="refresh-summary", markdown=summary_markdown(result),
                                  description="clipline refresh run")
     return result
+
+
+def _ingest_readable(cfg: Config, inbox: Inbox, result: RefreshResult, logger) -> IngestResult | None:
+    """Ingest the inbox's lists. Lists are read before anything is fetched, so when one cannot be
+    read, each is tried alone: the unreadable ones go to ``failed/`` with their reason (always,
+    even with ``refresh.archive = "keep"``: they would fail every refresh) and the rest are ingested."""
+    try:
+        return ingest_flow(result.lists, cfg)
+    except (ValueError, OSError):
+        bad = unreadable_lists(cfg, result.lists)
+        if not bad:
+            raise
+    for loc, why in bad.items():
+        moved = inbox.quarantine(loc, why)
+        logger.warning("URL list %s cannot be read (%s): moved to %s", loc, why, moved)
+    result.failed_lists = bad
+    good = [x for x in result.lists if x not in bad]
+    return ingest_flow(good, cfg) if good else None
 
 
 def _train_and_register(cfg: Config, result: RefreshResult, from_scratch: bool, eval_sets: list[str] | None,
@@ -167,7 +187,9 @@ def _train_and_register(cfg: Config, result: RefreshResult, from_scratch: bool, 
 
 def summary_rows(r: RefreshResult) -> list[tuple[str, str]]:
     """The refresh's headline figures as (label, value) rows, for the terminal and the artifact."""
-    rows = [("inbox", f"{r.inbox}: {len(r.lists)} new URL list(s)" + (f", moved to done/" if r.archived else ""))]
+    rows = [("inbox", f"{r.inbox}: {len(r.lists)} new URL list(s)" + (", moved to done/" if r.archived else ""))]
+    for loc, why in r.failed_lists.items():
+        rows.append(("unreadable list", f"{loc} -> failed/: {why}"))
     if r.ingest is not None:
         i = r.ingest
         rows.append(("URLs", f"{i.n_listed:,} listed, {i.n_already_seen:,} already ingested, {i.n_fetched:,} fetched "

@@ -4,6 +4,9 @@ Rules a user can rely on:
 - Pending lists are the files directly inside the inbox whose extension is a URL-list format
   (csv, tsv, parquet, jsonl, txt, optionally compressed), sorted by name. Sub-folders, and
   names starting with ``.`` or ``_`` (files still being written, by convention), are ignored.
+- A list that cannot be read as a URL list (no URL column, not parseable, ...) does not block the
+  others or later refreshes: it is moved to ``<inbox>/failed/`` with ``<name>.error.txt`` beside
+  it saying why; fix it and drop it in the inbox again.
 - After a refresh has ingested a list (every URL in it is recorded in the catalog, fetched or
   failed), the list is moved to ``<inbox>/done/`` (``refresh.archive = "move"``, the default) so
   the inbox shows what is still to do. A name already in ``done/`` gets a time-stamp suffix,
@@ -24,6 +27,7 @@ from clipline.components.config import Config
 from clipline.components.ingest.sources import _format_of  # the URL-list readers' own extension rules
 
 DONE = "done"
+FAILED = "failed"
 
 
 class InboxError(ValueError):
@@ -89,10 +93,10 @@ class Inbox:
             out.append(e["name"])
         return [self._url(p) for p in sorted(out, key=lambda p: PurePosixPath(p).name)]
 
-    def archive(self, lists: list[str]) -> list[str]:
-        """Move ingested lists into ``<inbox>/done/``; returns their new locations."""
+    def archive(self, lists: list[str], folder: str = DONE) -> list[str]:
+        """Move lists into ``<inbox>/<folder>/`` (``done`` by default); returns their new locations."""
         fs, root = self.fs, self.root
-        done = f"{root.rstrip('/')}/{DONE}"
+        done = f"{root.rstrip('/')}/{folder}"
         fs.makedirs(done, exist_ok=True)
         moved = []
         for loc in lists:
@@ -109,3 +113,25 @@ class Inbox:
                                  "or set refresh.archive = \"keep\"") from e
             moved.append(self._url(dst))
         return moved
+
+    def quarantine(self, loc: str, reason: str) -> str:
+        """Move an unreadable list to ``<inbox>/failed/`` and write ``<name>.error.txt`` beside it."""
+        dst = self.archive([loc], FAILED)[0]
+        fs, inner = fsspec.core.url_to_fs(dst)
+        fs.pipe(inner + ".error.txt", (reason.rstrip() + "\n").encode())
+        return dst
+
+
+def unreadable_lists(cfg: Config, lists: list[str]) -> dict[str, str]:
+    """The lists of ``lists`` that ingest cannot read (with the reader's reason), each read alone."""
+    from clipline.components.ingest.sources import read_url_lists
+
+    ic = cfg.ingest
+    bad = {}
+    for loc in lists:
+        try:
+            read_url_lists([loc], url_col=ic.url_col, caption_col=ic.caption_col, input_format=ic.input_format,
+                           save_additional_columns=ic.save_additional_columns)
+        except (ValueError, OSError) as e:  # UrlListError is a ValueError; pyarrow's errors are too
+            bad[loc] = f"{type(e).__name__}: {e}"
+    return bad
