@@ -178,6 +178,10 @@ def test_prefect_yaml_is_valid_and_its_entrypoints_load_as_flows():
             assert fl.name == name
             assert set(d.parameters) <= set(fl.parameters.properties), (name, d.parameters)
             assert d.work_pool.name == pool
+            if "overrides" in d.parameters:  # the config they pass is one clipline accepts
+                from clipline.components.config import load_config
+
+                load_config(None, d.parameters["overrides"])
     finally:
         os.chdir(cwd)
     refresh = deps["refresh"]
