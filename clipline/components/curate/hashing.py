@@ -71,3 +71,48 @@ def digest_strings(values: pa.Array | pa.ChunkedArray) -> str:
         if arr.buffers()[2] is not None:
             d.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
     return d.hexdigest()
+
+
+class StringDigest:
+    """sha256 over a sequence of strings fed in batches of any size: the digest of the sequence
+    is ``sha256(sha256(lengths as little-endian int64) + sha256(concatenated UTF-8 bytes))``, so
+    it does not depend on how the sequence was cut into batches (nulls count as "")."""
+
+    def __init__(self) -> None:
+        self._lengths, self._data, self.count = hashlib.sha256(), hashlib.sha256(), 0
+
+    def update(self, values: pa.Array | pa.ChunkedArray) -> None:
+        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        arr = pc.fill_null(arr.cast(pa.large_string()), "")
+        n = len(arr)
+        if not n:
+            return
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+        self._lengths.update(np.diff(offsets).astype("<i8").tobytes())
+        if arr.buffers()[2] is not None:
+            self._data.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+        self.count += n
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(self._lengths.digest() + self._data.digest()).hexdigest()
+
+
+def key_hash_udf(keys: pa.Array) -> pa.Array:
+    """DuckDB (arrow) UDF: :func:`stable_hash64` of each key as UBIGINT."""
+    return pa.array(stable_hash64(keys), pa.uint64())
+
+
+def split_sql(hash_col: str, val_fraction: float) -> str:
+    """SQL giving :func:`split_of`'s answer from the key's :func:`stable_hash64` column."""
+    return (f"CASE WHEN {hash_col} % 1000000 < {int(round(val_fraction * 1_000_000))} "
+            "THEN 'val' ELSE 'train' END")
+
+
+def shuffle_udf(seed: str):
+    """DuckDB (arrow) UDF: :func:`shuffle_order` from the key's stable_hash64 (UBIGINT)."""
+    s = np.uint64(int(hashlib.sha256(seed.encode()).hexdigest()[:16], 16))
+
+    def f(h: pa.Array) -> pa.Array:
+        with np.errstate(over="ignore"):
+            return pa.array(_mix(np.asarray(h.to_numpy(zero_copy_only=False), np.uint64) ^ s).view(np.int64), pa.int64())
+    return f
