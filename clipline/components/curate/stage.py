@@ -69,10 +69,15 @@ class CurateResult:
     mlflow_run_id: str | None = None
 
 
+def con_temp_dir(cfg: Config) -> Path:
+    """DuckDB's spill directory: [curate] duckdb_temp_dir, default <data-dir>/tmp/duckdb."""
+    return Path(cfg.curate.duckdb_temp_dir) if cfg.curate.duckdb_temp_dir else cfg.data_dir / "tmp" / "duckdb"
+
+
 def connect(cfg: Config) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the configured memory limit, spill directory and threads."""
     c = cfg.curate
-    temp = Path(c.duckdb_temp_dir) if c.duckdb_temp_dir else cfg.data_dir / "tmp" / "duckdb"
+    temp = con_temp_dir(cfg)
     temp.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(config={"memory_limit": c.duckdb_memory_limit, "temp_directory": str(temp),
                                  "threads": int(c.duckdb_threads), "preserve_insertion_order": True})
@@ -81,6 +86,11 @@ def connect(cfg: Config) -> duckdb.DuckDBPyConnection:
     con.create_function("key_hash", hashing.key_hash_udf, [duckdb.sqltype("VARCHAR")],
                         duckdb.sqltype("UBIGINT"), type="arrow")
     return con
+
+
+def spilled_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """Bytes DuckDB holds in its temp directory right now (data that did not fit the memory limit)."""
+    return int(con.execute("SELECT coalesce(sum(size), 0) FROM duckdb_temporary_files()").fetchall()[0][0])
 
 
 def config_fingerprint(c: CurateConfig, sql: list[rules.Rule]) -> str:
@@ -98,7 +108,15 @@ class _Steps:
         self._t, self._c = time.perf_counter(), time.process_time()
         self._name = None
 
+    sampler: Callable[[], int] | None = None  # DuckDB's spill bytes now (set once connected)
+    spilled_max = 0
+
+    def sample(self) -> None:
+        if self.sampler is not None:
+            self.spilled_max = max(self.spilled_max, int(self.sampler()))
+
     def start(self, name: str) -> None:
+        self.sample()
         self._close()
         self._name, self._t, self._c = name, time.perf_counter(), time.process_time()
         if self.progress:
@@ -183,6 +201,12 @@ def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | Non
         try:
             res = _build(cfg, con, cat, files, parent, sql_rules, fp, ehashes, efp, rebuild_reason, steps,
                          report_mod, all_shards=[s.shard_id for s in shards])
+        except duckdb.OutOfMemoryException as e:
+            raise CurateError(
+                f"DuckDB ran out of memory in step '{steps._name}' with [curate] duckdb_memory_limit = "
+                f"{c.duckdb_memory_limit} and duckdb_threads = {c.duckdb_threads} (what did not fit was spilled to "
+                f"{con_temp_dir(cfg)} first): raise duckdb_memory_limit or lower duckdb_threads. DuckDB said: "
+                f"{str(e).splitlines()[0]}") from e
         finally:
             con.close()
     steps.finish()
@@ -207,6 +231,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     c = cfg.curate
     snapshots_dir = cfg.snapshots_dir
     d = c.phash_max_distance
+    steps.sampler = lambda: spilled_bytes(con)
 
     # ---- 1. metadata of the new shards + SQL rules (first matching rule wins) ----
     # rid identifies a row (shard file, row in it); the keep-first visiting order is applied later,
@@ -447,6 +472,8 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     steps.start(STEPS[6])
     report_dir = cfg.reports_dir / "curate" / snapshot_id
     rep = report_mod.write_report(con, report_dir, manifest, schema, paths, c.contact_sheet_examples)
+    steps.sample()
+    manifest["duckdb_spilled_bytes_max"] = steps.spilled_max  # at step boundaries; 0: it all fit in memory
     manifest["report"] = {k: str(v) for k, v in rep.items()}
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     if final_dir.exists():
