@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +43,11 @@ STEPS = ["read metadata and apply rules", "language", "decontamination", "dedupl
 
 #: rows per record batch of the passes that run in Python (language, content hash): bounds their memory
 BATCH_ROWS = 65_536
+
+#: Python bytes per distinct pHash in the numpy pair search, and per row visited by keep-first
+#: (measured peaks, rounded up): DuckDB's limit is lowered by this much during those passes
+PAIR_SEARCH_BYTES_PER_HASH = 96
+VISIT_BYTES_PER_ROW = 200
 
 #: config fields that do not change which rows are kept (so they never force a rebuild)
 NON_RULE_FIELDS = {"row_group_rows", "file_size_mb", "duckdb_memory_limit", "duckdb_temp_dir", "duckdb_threads",
@@ -86,6 +93,35 @@ def connect(cfg: Config) -> duckdb.DuckDBPyConnection:
     con.create_function("key_hash", hashing.key_hash_udf, [duckdb.sqltype("VARCHAR")],
                         duckdb.sqltype("UBIGINT"), type="arrow")
     return con
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def limit_bytes(limit: str) -> int | None:
+    """Bytes of a DuckDB memory limit such as ``1GB`` or ``512MiB`` (DuckDB's units: KB = 1000,
+    KiB = 1024); None for a form this does not read (e.g. a percentage)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", str(limit).lower())
+    if not m:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "b"])
+
+
+@contextmanager
+def yield_memory(con: duckdb.DuckDBPyConnection, limit: str, python_bytes: int):
+    """Lower DuckDB's memory limit by ``python_bytes`` (at most to a quarter of it) while a Python
+    pass needs that much, so that DuckDB evicts (spills) its tables and the process as a whole stays
+    within the configured limit plus the Python baseline; restores the limit afterwards."""
+    full = limit_bytes(limit)
+    if full is None or python_bytes <= 0:
+        yield
+        return
+    con.execute(f"SET memory_limit = '{max(full - int(python_bytes), full // 4)}B'")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = '{full}B'")
 
 
 def spilled_bytes(con: duckdb.DuckDBPyConnection) -> int:
@@ -317,7 +353,9 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     t_lsh, c_lsh = time.perf_counter(), time.process_time()
     if d >= 0:  # near pairs among the distinct pHash values (a pHash value is its own id)
         con.execute("CREATE TEMP TABLE _phd AS SELECT DISTINCT phash AS gid, phash FROM _u WHERE phash IS NOT NULL")
-        pairs = dedup.near_pairs(con, "_phd", d, engine=c.near_dup_engine)
+        n_ph = con.execute("SELECT count(*) FROM _phd").fetchall()[0][0]
+        with yield_memory(con, c.duckdb_memory_limit, PAIR_SEARCH_BYTES_PER_HASH * n_ph if c.near_dup_engine == "numpy" else 0):
+            pairs = dedup.near_pairs(con, "_phd", d, engine=c.near_dup_engine)
         con.execute("DROP TABLE _phd")
     steps.timings["deduplication: phash pair search"] = round(time.perf_counter() - t_lsh, 3)
     steps.cpu_timings["deduplication: phash pair search"] = round(time.process_time() - c_lsh, 3)
@@ -326,13 +364,16 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     # or make another row a duplicate: exactly those are visited, in the keep-first order. Group
     # ids: the smallest rid of the group; NULL = the row is alone in that relation
     everything = "TRUE" if c.caption_near_dedup else "FALSE"
+    # with dup_image on, a row sharing caption AND sha256 with a kept row always meets dup_image
+    # first, so the caption+sha256 groups are only built for exact_image_dedup = "image_and_caption"
+    same_image = c.exact_image_dedup == "image"
     con.execute(f"""
         CREATE TEMP TABLE _inv AS
         WITH gu AS (SELECT url, min(rid) AS g FROM _u WHERE url IS NOT NULL GROUP BY url HAVING count(*) > 1),
         gk AS (SELECT key, min(rid) AS g FROM _u WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1),
         gs AS (SELECT sha256, min(rid) AS g FROM _u WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1),
         gc AS (SELECT caption, sha256, min(rid) AS g FROM _u WHERE sha256 IS NOT NULL AND caption IS NOT NULL
-               GROUP BY caption, sha256 HAVING count(*) > 1),
+               AND {"FALSE" if same_image else "TRUE"} GROUP BY caption, sha256 HAVING count(*) > 1),
         gp AS (SELECT phash FROM _u WHERE phash IS NOT NULL GROUP BY phash HAVING count(*) > 1
                UNION SELECT phash FROM _pe)
         SELECT u.rid, u.is_parent, u.key, u.shard_rank, u.area, u.file_row_number,
@@ -345,35 +386,13 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         WHERE {everything} OR gu.g IS NOT NULL OR gk.g IS NOT NULL OR gs.g IS NOT NULL OR gc.g IS NOT NULL
               OR gp.phash IS NOT NULL""")
     con.unregister("_pe")
-    arr = con.execute(f"""
-        SELECT rid, is_parent, url_g, key_g, sha_g, ci_g, ph{", caption" if c.caption_near_dedup else ""} FROM _inv
-        ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").fetchnumpy()
-    con.execute("DROP TABLE _inv")
-    t_keep, c_keep = time.perf_counter(), time.process_time()
-    rid_arr = np.asarray(arr["rid"], np.int64)
-    alone = -(1 << 62) - np.arange(len(rid_arr), dtype=np.int64)  # a distinct id per row, never a rid
-
-    def gid(col: str) -> np.ndarray:
-        v = arr[col]
-        mask = np.ma.getmaskarray(v)
-        return np.where(mask, alone, np.ma.getdata(v).astype(np.int64))
-
-    ph_raw = arr["ph"]
-    ph_mask = np.ma.getmaskarray(ph_raw)
-    ph_vals = np.ma.getdata(ph_raw).astype(np.int64)
-    ph_ids = np.unique(np.concatenate([ph_vals[~ph_mask], pairs.reshape(-1)]))
-    ph_g = np.where(ph_mask, -1, np.searchsorted(ph_ids, ph_vals))
-    codes = dedup.keep_first_codes(
-        dedup.DedupInput(
-            is_parent=np.asarray(arr["is_parent"], bool), url_g=gid("url_g"), key_g=gid("key_g"),
-            sha_g=gid("sha_g"), capimg_g=gid("ci_g"), ph_g=ph_g, ph_pairs=np.searchsorted(ph_ids, pairs),
-            captions=list(arr["caption"]) if c.caption_near_dedup else None),
-        dedup.DedupOptions(same_image=c.exact_image_dedup == "image", near_image=d >= 0,
-                           near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
-                           minhash_perm=c.caption_minhash_perm, shingle_chars=c.caption_shingle_chars))
-    steps.timings["deduplication: keep-first pass"] = round(time.perf_counter() - t_keep, 3)
-    steps.cpu_timings["deduplication: keep-first pass"] = round(time.process_time() - c_keep, 3)
-    n_visited = int(len(rid_arr))
+    n_inv = con.execute("SELECT count(*) FROM _inv").fetchall()[0][0]
+    with yield_memory(con, c.duckdb_memory_limit, VISIT_BYTES_PER_ROW * n_inv if not c.caption_near_dedup else 0):
+        arr = con.execute(f"""
+            SELECT rid, is_parent, url_g, key_g, sha_g, ci_g, ph{", caption" if c.caption_near_dedup else ""} FROM _inv
+            ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").fetchnumpy()
+        con.execute("DROP TABLE _inv")
+        codes, rid_arr, n_visited = _visit(arr, pairs, c, d, steps)
     drop = (codes > 0) & (rid_arr > 0)  # parent rows (rid <= 0) are never dropped
     if drop.any():
         con.register("_mark", pa.table({"rid": rid_arr[drop], "reason": pa.array(
@@ -484,6 +503,35 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                         n_train=manifest["n_train"], n_val=manifest["n_val"], counts=counts,
                         report_path=rep.get("markdown"), contact_sheet_path=rep.get("contact_sheet"),
                         new=True, manifest=manifest)
+
+
+def _visit(arr: dict, pairs: np.ndarray, c: CurateConfig, d: int, steps: _Steps) -> tuple[np.ndarray, np.ndarray, int]:
+    """Keep-first over the fetched rows (in visiting order): (reason codes, rids, rows visited)."""
+    t_keep, c_keep = time.perf_counter(), time.process_time()
+    rid_arr = np.asarray(arr["rid"], np.int64)
+    alone = -(1 << 62) - np.arange(len(rid_arr), dtype=np.int64)  # a distinct id per row, never a rid
+
+    def gid(col: str) -> np.ndarray:
+        v = arr[col]
+        mask = np.ma.getmaskarray(v)
+        return np.where(mask, alone, np.ma.getdata(v).astype(np.int64))
+
+    ph_raw = arr["ph"]
+    ph_mask = np.ma.getmaskarray(ph_raw)
+    ph_vals = np.ma.getdata(ph_raw).astype(np.int64)
+    ph_ids = np.unique(np.concatenate([ph_vals[~ph_mask], pairs.reshape(-1)]))
+    ph_g = np.where(ph_mask, -1, np.searchsorted(ph_ids, ph_vals))
+    codes = dedup.keep_first_codes(
+        dedup.DedupInput(
+            is_parent=np.asarray(arr["is_parent"], bool), url_g=gid("url_g"), key_g=gid("key_g"),
+            sha_g=gid("sha_g"), capimg_g=gid("ci_g"), ph_g=ph_g, ph_pairs=np.searchsorted(ph_ids, pairs),
+            captions=list(arr["caption"]) if c.caption_near_dedup else None),
+        dedup.DedupOptions(same_image=c.exact_image_dedup == "image", near_image=d >= 0,
+                           near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
+                           minhash_perm=c.caption_minhash_perm, shingle_chars=c.caption_shingle_chars))
+    steps.timings["deduplication: keep-first pass"] = round(time.perf_counter() - t_keep, 3)
+    steps.cpu_timings["deduplication: keep-first pass"] = round(time.process_time() - c_keep, 3)
+    return codes, rid_arr, int(len(rid_arr))
 
 
 def _cumulative(prev: dict | None, counts: dict) -> dict:
