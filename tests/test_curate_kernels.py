@@ -95,3 +95,31 @@ def test_sql_guard_selects_every_caption_the_normaliser_would_change():
         if cap is not None and not d:
             assert norm == cap  # what the guard skips, the normaliser leaves unchanged
     assert dirty[:3] == [False, True, True]
+
+
+def test_two_pass_radix_argsort_is_a_stable_sort():
+    rng = np.random.default_rng(5)
+    for high in (1 << 8, 1 << 21, 1 << 32):
+        kv = rng.integers(0, high, 50_000, dtype=np.uint64).astype(np.uint32)
+        assert (dedup._radix_argsort(kv) == np.argsort(kv, kind="stable")).all()
+
+
+def test_band_plan_widens_keys_as_rows_grow_and_still_finds_every_pair():
+    assert dedup.band_plan(6, 1_000_000).n_bands == 8
+    assert dedup.band_plan(6, 4_000_000).n_bands == 9  # 21-bit keys: fewer random candidates
+    rng = np.random.default_rng(2)
+    base = rng.integers(-(2**63), 2**63 - 1, 300, dtype=np.int64)
+    flips = rng.integers(0, 64, (300, 6))
+    near = base.copy()
+    for i, bits in enumerate(flips):
+        for b in bits[: i % 7]:
+            near[i] ^= np.int64(1) << np.int64(b) if b < 63 else np.int64(-(2**63))
+    hashes = np.concatenate([base, near])
+    x = hashes.view(np.uint64)
+    brute = {(i, j) for i in range(len(x)) for j in range(i + 1, len(x))
+             if int(np.bitwise_count(x[i] ^ x[j])) <= 6}
+    got = set()
+    for combo in dedup.band_plan(6, 4_000_000).combos:  # the wide-key plan, on a small input
+        for a, b in dedup._bucket_pairs(hashes, combo, 6).tolist():
+            got.add((min(a, b), max(a, b)))
+    assert got == brute and len(brute) >= 250

@@ -71,7 +71,8 @@ def band_plan(max_distance: int, n_rows: int, n_query: int | None = None) -> Ban
         if combos > 4096:
             continue
         bits = (64 // m) * t
-        sort_cost = 3.0 if bits + t <= 16 else 20.0  # keys of <= 16 bits sort by radix
+        # keys of <= 16 bits sort in one radix pass, <= 32 bits in two (_radix_argsort), wider by merging
+        sort_cost = 3.0 if bits + t <= 16 else 8.0 if bits + t <= 32 else 20.0
         cost = combos * (sort_cost * (n + q) + n * q / 2.0 ** bits)  # a sort per combination + candidates
         if best is None or cost < best[0]:
             best = (cost, m)
@@ -106,12 +107,21 @@ def _combo_key(hashes: np.ndarray, combo: tuple[tuple[int, int], ...]) -> np.nda
     return key
 
 
+def _radix_argsort(kv: np.ndarray) -> np.ndarray:
+    """A stable argsort; keys of up to 32 bits as two 16-bit radix passes (numpy's stable sort is a
+    radix sort for 16-bit integers only, a merge sort for wider ones)."""
+    if kv.dtype == np.uint32:
+        o = np.argsort((kv & np.uint32(0xFFFF)).astype(np.uint16), kind="stable")
+        return o[np.argsort((kv[o] >> np.uint32(16)).astype(np.uint16), kind="stable")]
+    return np.argsort(kv, kind="stable")
+
+
 def _bucket_pairs(hashes: np.ndarray, combo: tuple[tuple[int, int], ...], max_distance: int) -> np.ndarray:
     """Index pairs (i, j), i != j, that agree on the combination's bands and are within
     max_distance: sort by the packed band bits (radix sort for <= 16 bits), then compare each row
     with the rows after it in its run (the sort-merge form of the equi-join ``a.kv = b.kv``)."""
     kv = _combo_key(hashes, combo)
-    order = np.argsort(kv, kind="stable")
+    order = _radix_argsort(kv)
     s = kv[order]
     h = hashes[order]
     n = len(s)
