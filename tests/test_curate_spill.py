@@ -69,18 +69,18 @@ def test_spills_under_a_small_memory_limit_and_builds_the_same_snapshot(tmp_path
     assert free.manifest["duckdb_spilled_bytes_max"] == 0  # it all fit: nothing was spilled
 
     tight_dir = _data_dir(tmp_path / "tight", shards)
-    cfg = _cfg(tight_dir, "64MB")
+    cfg = _cfg(tight_dir, "96MB")  # DuckDB's buffer manager gets 72 MB of it (stage.DUCKDB_SHARE)
     (tight_dir / "spill").mkdir()
     with _TempWatch(tight_dir / "spill") as watch:
         tight = curate(cfg, track=False)
-    # DuckDB held more than its 64 MB limit of data in the temp dir, as seen from outside...
-    assert watch.max_bytes > 64 * 2**20
+    # DuckDB held tens of MB of data in the temp dir, as seen from outside...
+    assert watch.max_bytes > 16 * 2**20
     # ...and as DuckDB reported it
-    assert tight.manifest["duckdb_spilled_bytes_max"] > 64 * 2**20
+    assert tight.manifest["duckdb_spilled_bytes_max"] > 16 * 2**20
     assert tight.snapshot_id == free.snapshot_id and tight.counts == free.counts
     assert tight.n_rows == free.n_rows == free.counts["kept"] and free.counts["input"] == N_ROWS
     manifest = json.loads((tight.path / "manifest.json").read_text())
-    assert manifest["config"]["duckdb_memory_limit"] == "64MB"
+    assert manifest["config"]["duckdb_memory_limit"] == "96MB"
 
 
 def test_a_limit_too_small_to_work_in_says_which_setting_to_raise(tmp_path, shards):

@@ -44,6 +44,12 @@ STEPS = ["read metadata and apply rules", "language", "decontamination", "dedupl
 #: rows per record batch of the passes that run in Python (language, content hash): bounds their memory
 BATCH_ROWS = 65_536
 
+#: share of [curate] duckdb_memory_limit given to DuckDB's buffer manager. The rest is headroom for
+#: what DuckDB allocates outside it (Arrow export of streamed results and UDF chunks, Parquet writer
+#: and reader buffers), measured at 10-25% of the limit, so that the process stays within the
+#: configured limit plus its Python baseline
+DUCKDB_SHARE = 0.75
+
 #: Python bytes per distinct pHash in the numpy pair search, and per row visited by keep-first
 #: (measured peaks, rounded up): DuckDB's limit is lowered by this much during those passes
 PAIR_SEARCH_BYTES_PER_HASH = 96
@@ -82,11 +88,13 @@ def con_temp_dir(cfg: Config) -> Path:
 
 
 def connect(cfg: Config) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the configured memory limit, spill directory and threads."""
+    """An in-memory DuckDB with the configured memory limit (its buffer manager gets
+    :data:`DUCKDB_SHARE` of it), spill directory and threads."""
     c = cfg.curate
     temp = con_temp_dir(cfg)
     temp.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"memory_limit": c.duckdb_memory_limit, "temp_directory": str(temp),
+    limit = duckdb_limit_bytes(c)
+    con = duckdb.connect(config={"memory_limit": f"{limit}B" if limit else c.duckdb_memory_limit, "temp_directory": str(temp),
                                  "threads": int(c.duckdb_threads), "preserve_insertion_order": True})
     con.create_function("normalize_caption", normalize_captions, [duckdb.sqltype("VARCHAR")],
                         duckdb.sqltype("VARCHAR"), type="arrow")
@@ -108,12 +116,18 @@ def limit_bytes(limit: str) -> int | None:
     return int(float(m.group(1)) * _UNITS[m.group(2) or "b"])
 
 
+def duckdb_limit_bytes(c: CurateConfig) -> int | None:
+    """The memory limit DuckDB's buffer manager gets: DUCKDB_SHARE of [curate] duckdb_memory_limit."""
+    full = limit_bytes(c.duckdb_memory_limit)
+    return int(full * DUCKDB_SHARE) if full is not None else None
+
+
 @contextmanager
-def yield_memory(con: duckdb.DuckDBPyConnection, limit: str, python_bytes: int):
+def yield_memory(con: duckdb.DuckDBPyConnection, c: CurateConfig, python_bytes: int):
     """Lower DuckDB's memory limit by ``python_bytes`` (at most to a quarter of it) while a Python
     pass needs that much, so that DuckDB evicts (spills) its tables and the process as a whole stays
     within the configured limit plus the Python baseline; restores the limit afterwards."""
-    full = limit_bytes(limit)
+    full = duckdb_limit_bytes(c)
     if full is None or python_bytes <= 0:
         yield
         return
@@ -354,7 +368,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     if d >= 0:  # near pairs among the distinct pHash values (a pHash value is its own id)
         con.execute("CREATE TEMP TABLE _phd AS SELECT DISTINCT phash AS gid, phash FROM _u WHERE phash IS NOT NULL")
         n_ph = con.execute("SELECT count(*) FROM _phd").fetchall()[0][0]
-        with yield_memory(con, c.duckdb_memory_limit, PAIR_SEARCH_BYTES_PER_HASH * n_ph if c.near_dup_engine == "numpy" else 0):
+        with yield_memory(con, c, PAIR_SEARCH_BYTES_PER_HASH * n_ph if c.near_dup_engine == "numpy" else 0):
             pairs = dedup.near_pairs(con, "_phd", d, engine=c.near_dup_engine)
         con.execute("DROP TABLE _phd")
     steps.timings["deduplication: phash pair search"] = round(time.perf_counter() - t_lsh, 3)
@@ -387,7 +401,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
               OR gp.phash IS NOT NULL""")
     con.unregister("_pe")
     n_inv = con.execute("SELECT count(*) FROM _inv").fetchall()[0][0]
-    with yield_memory(con, c.duckdb_memory_limit, VISIT_BYTES_PER_ROW * n_inv if not c.caption_near_dedup else 0):
+    with yield_memory(con, c, VISIT_BYTES_PER_ROW * n_inv if not c.caption_near_dedup else 0):
         arr = con.execute(f"""
             SELECT rid, is_parent, url_g, key_g, sha_g, ci_g, ph{", caption" if c.caption_near_dedup else ""} FROM _inv
             ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").fetchnumpy()
