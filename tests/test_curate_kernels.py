@@ -56,18 +56,19 @@ def test_compiled_language_id_matches_langid_on_arrow_buffers():
     assert mask[-1] and not mask[-3]  # the French caption is flagged, the English one is not
 
 
-def test_string_digest_does_not_depend_on_batches_but_on_every_string():
+def test_streamed_content_digest_equals_the_whole_column_digest():
     values = pa.array(["b", None, "ab", "c", "", "ü"] * 50, pa.string())
-    whole = hashing.StringDigest()
-    whole.update(values)
-    parts = hashing.StringDigest()
-    for s in range(0, len(values), 7):
-        parts.update(values.slice(s, 7))
-    assert whole.hexdigest() == parts.hexdigest() and whole.count == parts.count == 300
-    a, b = hashing.StringDigest(), hashing.StringDigest()
-    a.update(pa.array(["ab", "c"]))
-    b.update(pa.array(["a", "bc"]))
-    assert a.hexdigest() != b.hexdigest()
+    con = duckdb.connect(config={"preserve_insertion_order": True})
+    con.register("v", pa.table({"s": values}))
+    con.execute("CREATE TABLE t AS SELECT * FROM v")
+    for batch in (7, 300, 65_536):
+        assert hashing.digest_table_column(con, "t", "s", batch) == (300, hashing.digest_strings(values))
+    con.execute("CREATE TABLE e AS SELECT * FROM t LIMIT 0")
+    assert hashing.digest_table_column(con, "e", "s") == (0, hashing.digest_strings(pa.array([], pa.string())))
+    a, b = duckdb.connect(), duckdb.connect()
+    a.execute("CREATE TABLE t AS SELECT * FROM (VALUES ('ab'), ('c')) x(s)")
+    b.execute("CREATE TABLE t AS SELECT * FROM (VALUES ('a'), ('bc')) x(s)")
+    assert hashing.digest_table_column(a, "t", "s")[1] != hashing.digest_table_column(b, "t", "s")[1]
 
 
 def test_sql_split_and_shuffle_agree_with_the_numpy_hashes():

@@ -73,28 +73,28 @@ def digest_strings(values: pa.Array | pa.ChunkedArray) -> str:
     return d.hexdigest()
 
 
-class StringDigest:
-    """sha256 over a sequence of strings fed in batches of any size: the digest of the sequence
-    is ``sha256(sha256(lengths as little-endian int64) + sha256(concatenated UTF-8 bytes))``, so
-    it does not depend on how the sequence was cut into batches (nulls count as "")."""
-
-    def __init__(self) -> None:
-        self._lengths, self._data, self.count = hashlib.sha256(), hashlib.sha256(), 0
-
-    def update(self, values: pa.Array | pa.ChunkedArray) -> None:
-        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        arr = pc.fill_null(arr.cast(pa.large_string()), "")
+def digest_table_column(con, table: str, column: str, batch_rows: int = 65_536) -> tuple[int, str]:
+    """(row count, :func:`digest_strings` of the column) for a string column of a DuckDB table read
+    in its stored order, streamed in record batches in two passes (the byte lengths, then the
+    bytes) so that no whole column is held in Python; equal to digest_strings of the whole column."""
+    d = hashlib.sha256()
+    total, count = 0, 0
+    for batch in con.sql(f"SELECT strlen(coalesce({column}, '')) AS n FROM {table}").to_arrow_reader(batch_rows):
+        lens = np.asarray(batch.column(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        if not len(lens):
+            continue
+        if count == 0:
+            d.update(np.zeros(1, "<i8").tobytes())  # offsets[0] - offsets[0]
+        ends = total + np.cumsum(lens)
+        d.update(ends.astype("<i8").tobytes())
+        total, count = int(ends[-1]), count + len(lens)
+    for batch in con.sql(f"SELECT coalesce({column}, '') AS s FROM {table}").to_arrow_reader(batch_rows):
+        arr = batch.column(0).cast(pa.large_string())
         n = len(arr)
-        if not n:
-            return
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
-        self._lengths.update(np.diff(offsets).astype("<i8").tobytes())
-        if arr.buffers()[2] is not None:
-            self._data.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
-        self.count += n
-
-    def hexdigest(self) -> str:
-        return hashlib.sha256(self._lengths.digest() + self._data.digest()).hexdigest()
+        if n and arr.buffers()[2] is not None:
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+            d.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+    return count, d.hexdigest()
 
 
 def key_hash_udf(keys: pa.Array) -> pa.Array:

@@ -430,18 +430,16 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     counts = {"input": int(n_input), "kept": int(n_kept_new),
               "dropped": {r: int(dropped_raw.get(r, 0)) for r in order}}
     # content hash: every kept row (key, sha256, caption, split) in key order, plus the source
-    # shards; streamed in record batches (hashing.StringDigest does not depend on batch sizes)
-    digest = hashing.StringDigest()
-    reader = con.sql("""
+    # shards; the sorted rows stay in DuckDB and are hashed in streamed batches
+    con.execute("""
+        CREATE TEMP TABLE _content AS
         SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) AS s FROM (
             SELECT key, sha256, caption, split FROM kept UNION ALL SELECT key, sha256, caption, split FROM parent)
-        ORDER BY key, s""").to_arrow_reader(BATCH_ROWS)
-    for batch in reader:
-        digest.update(batch.column(0))
-    del reader
-    cnt = digest.count
+        ORDER BY key, s""")
+    cnt, content_digest = hashing.digest_table_column(con, "_content", "s", BATCH_ROWS)
+    con.execute("DROP TABLE _content")
     source_shards = sorted(set(parent["manifest"]["source_shards"] if parent else []) | {f.shard_id for f in files})
-    snapshot_id = hashlib.sha256(json.dumps([cnt, digest.hexdigest(), source_shards]).encode()).hexdigest()[:16]
+    snapshot_id = hashlib.sha256(json.dumps([cnt, content_digest, source_shards]).encode()).hexdigest()[:16]
     try:
         existing = cat.get_snapshot(snapshot_id)
     except KeyError:
