@@ -44,9 +44,7 @@ regexp_full_match(lower(caption),
   || '|[\d\W_]+')                                                     -- only digits/punctuation
 
 -- rule: too_few_words
--- words = single spaces + 1 (captions are normalised: one space between words), counted
--- without building a list per row
-length(caption) - length(replace(caption, ' ', '')) + 1 < {min_caption_words}
+len(string_split(caption, ' ')) < {min_caption_words}
 
 -- rule: too_few_chars
 length(caption) < {min_caption_chars}
