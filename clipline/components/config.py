@@ -89,8 +89,9 @@ class CurateConfig(_Section):
     language: str | None = Field("en", description="ISO 639-1 code to keep; empty/None switches the rule off")
     language_min_confidence: float = Field(
         0.9, ge=0, le=1, description="drop a caption only when langid names another language with at least this probability")
-    language_backend: Literal["vectorized", "langid"] = Field(
-        "vectorized", description="vectorized: numpy pass over langid's own model; langid: langid.classify per caption")
+    language_backend: Literal["compiled", "vectorized", "langid"] = Field(
+        "compiled", description="compiled: one numba loop over langid's own model (needs numba, else vectorized); "
+        "vectorized: numpy pass over the same model; langid: langid.classify per caption")
     # image rules (DataComp: 200 px shorter side of the original)
     min_image_side: int = Field(200, ge=0, description="shorter side of the original image, px")
     max_aspect_ratio: float = Field(3.0, ge=1.0)

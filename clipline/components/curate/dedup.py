@@ -22,6 +22,7 @@ at once would.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ def band_plan(max_distance: int, n_rows: int, n_query: int | None = None) -> Ban
         if combos > 4096:
             continue
         bits = (64 // m) * t
-        sort_cost = 3.0 if bits + t <= 16 else 20.0  # keys of <= 16 bits sort by radix
+        # keys of <= 16 bits sort in one radix pass, <= 32 bits in two (_radix_argsort), wider by merging
+        sort_cost = 3.0 if bits + t <= 16 else 8.0 if bits + t <= 32 else 20.0
         cost = combos * (sort_cost * (n + q) + n * q / 2.0 ** bits)  # a sort per combination + candidates
         if best is None or cost < best[0]:
             best = (cost, m)
@@ -105,12 +107,21 @@ def _combo_key(hashes: np.ndarray, combo: tuple[tuple[int, int], ...]) -> np.nda
     return key
 
 
+def _radix_argsort(kv: np.ndarray) -> np.ndarray:
+    """A stable argsort; keys of up to 32 bits as two 16-bit radix passes (numpy's stable sort is a
+    radix sort for 16-bit integers only, a merge sort for wider ones)."""
+    if kv.dtype == np.uint32:
+        o = np.argsort((kv & np.uint32(0xFFFF)).astype(np.uint16), kind="stable")
+        return o[np.argsort((kv[o] >> np.uint32(16)).astype(np.uint16), kind="stable")]
+    return np.argsort(kv, kind="stable")
+
+
 def _bucket_pairs(hashes: np.ndarray, combo: tuple[tuple[int, int], ...], max_distance: int) -> np.ndarray:
     """Index pairs (i, j), i != j, that agree on the combination's bands and are within
     max_distance: sort by the packed band bits (radix sort for <= 16 bits), then compare each row
     with the rows after it in its run (the sort-merge form of the equi-join ``a.kv = b.kv``)."""
     kv = _combo_key(hashes, combo)
-    order = np.argsort(kv, kind="stable")
+    order = _radix_argsort(kv)
     s = kv[order]
     h = hashes[order]
     n = len(s)
@@ -237,6 +248,102 @@ def _shingles(text: str, k: int) -> list[bytes]:
     if len(s) <= k:
         return [s.encode("utf-8")]
     return list({s[i:i + k].encode("utf-8") for i in range(len(s) - k + 1)})
+
+
+REASONS = ["dup_url", "dup_key", "dup_image", "dup_caption_image", "near_dup_image", "near_dup_caption"]
+"""Drop reasons of the keep-first rule; :func:`keep_first_codes` returns ``index + 1`` (0 = kept)."""
+
+
+def _dense(g: np.ndarray) -> np.ndarray:
+    """Group ids renumbered 0..k-1 (same partition)."""
+    return np.unique(g, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _keep_first_loop(is_parent, url, key, sha, ci, ph, indptr, nbr, same_image, near_image, out):  # pragma: no cover - compiled
+    """The keep-first visit over dense group ids (ph: -1 = no phash; nbr[indptr[p]:indptr[p+1]]:
+    phash ids within the distance of p). Writes reason codes (0 = kept) into ``out``."""
+    kept_url = np.zeros(url.max() + 1 if len(url) else 1, np.bool_)
+    kept_key = np.zeros(key.max() + 1 if len(key) else 1, np.bool_)
+    kept_sha = np.zeros(sha.max() + 1 if len(sha) else 1, np.bool_)
+    kept_ci = np.zeros(ci.max() + 1 if len(ci) else 1, np.bool_)
+    kept_ph = np.zeros(len(indptr), np.bool_)
+    for i in range(len(is_parent)):
+        if not is_parent[i]:
+            r = 0
+            if kept_url[url[i]]:
+                r = 1
+            elif kept_key[key[i]]:
+                r = 2
+            elif same_image and kept_sha[sha[i]]:
+                r = 3
+            elif kept_ci[ci[i]]:
+                r = 4
+            elif near_image and ph[i] >= 0:
+                p = ph[i]
+                if kept_ph[p]:
+                    r = 5
+                else:
+                    for j in range(indptr[p], indptr[p + 1]):
+                        if kept_ph[nbr[j]]:
+                            r = 5
+                            break
+            if r:
+                out[i] = r
+                continue
+        kept_url[url[i]] = True
+        kept_key[key[i]] = True
+        kept_sha[sha[i]] = True
+        kept_ci[ci[i]] = True
+        if ph[i] >= 0:
+            kept_ph[ph[i]] = True
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_loop():
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return _keep_first_loop
+    return njit(cache=True, nogil=True)(_keep_first_loop)
+
+
+def keep_first_codes(inp: DedupInput, opts: DedupOptions, compiled: bool = True) -> np.ndarray:
+    """The drop reason of every row as an int8 code (0 = kept, else ``REASONS[code - 1]``) under
+    the keep-first rule. Without the caption rule the visit is one compiled loop over dense group
+    ids (``compiled=False``: the same loop in Python); with it, :func:`keep_first`'s Python loop."""
+    n = len(inp.is_parent)
+    if n == 0:
+        return np.zeros(0, np.int8)
+    if opts.near_caption and inp.captions is not None:
+        names = keep_first(inp, opts)
+        codes = np.zeros(n, np.int8)
+        for k, name in enumerate(REASONS, 1):
+            codes[names == name] = k
+        return codes
+    ph = np.asarray(inp.ph_g, np.int64)
+    valid = ph >= 0
+    ph_ids = np.unique(ph[valid]) if opts.near_image else np.zeros(0, np.int64)
+    ph_dense = np.full(n, -1, np.int64)
+    if opts.near_image:
+        ph_dense[valid] = np.searchsorted(ph_ids, ph[valid])
+    pairs = np.asarray(inp.ph_pairs, np.int64).reshape(-1, 2)
+    if opts.near_image and len(pairs) and len(ph_ids):
+        both = np.concatenate([pairs, pairs[:, ::-1]])
+        a = np.searchsorted(ph_ids, both[:, 0]).clip(0, len(ph_ids) - 1)
+        b = np.searchsorted(ph_ids, both[:, 1]).clip(0, len(ph_ids) - 1)
+        ok = (ph_ids[a] == both[:, 0]) & (ph_ids[b] == both[:, 1])  # pairs of phashes no row has: irrelevant
+        a, b = a[ok], b[ok]
+        order = np.argsort(a, kind="stable")
+        nbr = b[order]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=len(ph_ids)))])
+    else:
+        nbr = np.zeros(0, np.int64)
+        indptr = np.zeros(len(ph_ids) + 1, np.int64)
+    out = np.zeros(n, np.int8)
+    loop = _compiled_loop() if compiled else _keep_first_loop
+    loop(np.asarray(inp.is_parent, np.bool_), _dense(inp.url_g), _dense(inp.key_g), _dense(inp.sha_g),
+         _dense(inp.capimg_g), ph_dense, indptr.astype(np.int64), nbr, bool(opts.same_image), bool(opts.near_image), out)
+    return out
 
 
 def keep_first(inp: DedupInput, opts: DedupOptions) -> np.ndarray:

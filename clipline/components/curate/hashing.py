@@ -71,3 +71,48 @@ def digest_strings(values: pa.Array | pa.ChunkedArray) -> str:
         if arr.buffers()[2] is not None:
             d.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
     return d.hexdigest()
+
+
+def digest_table_column(con, table: str, column: str, batch_rows: int = 65_536) -> tuple[int, str]:
+    """(row count, :func:`digest_strings` of the column) for a string column of a DuckDB table read
+    in its stored order, streamed in record batches in two passes (the byte lengths, then the
+    bytes) so that no whole column is held in Python; equal to digest_strings of the whole column."""
+    d = hashlib.sha256()
+    total, count = 0, 0
+    for batch in con.sql(f"SELECT strlen(coalesce({column}, '')) AS n FROM {table}").to_arrow_reader(batch_rows):
+        lens = np.asarray(batch.column(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        if not len(lens):
+            continue
+        if count == 0:
+            d.update(np.zeros(1, "<i8").tobytes())  # offsets[0] - offsets[0]
+        ends = total + np.cumsum(lens)
+        d.update(ends.astype("<i8").tobytes())
+        total, count = int(ends[-1]), count + len(lens)
+    for batch in con.sql(f"SELECT coalesce({column}, '') AS s FROM {table}").to_arrow_reader(batch_rows):
+        arr = batch.column(0).cast(pa.large_string())
+        n = len(arr)
+        if n and arr.buffers()[2] is not None:
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+            d.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+    return count, d.hexdigest()
+
+
+def key_hash_udf(keys: pa.Array) -> pa.Array:
+    """DuckDB (arrow) UDF: :func:`stable_hash64` of each key as UBIGINT."""
+    return pa.array(stable_hash64(keys), pa.uint64())
+
+
+def split_sql(hash_col: str, val_fraction: float) -> str:
+    """SQL giving :func:`split_of`'s answer from the key's :func:`stable_hash64` column."""
+    return (f"CASE WHEN {hash_col} % 1000000 < {int(round(val_fraction * 1_000_000))} "
+            "THEN 'val' ELSE 'train' END")
+
+
+def shuffle_udf(seed: str):
+    """DuckDB (arrow) UDF: :func:`shuffle_order` from the key's stable_hash64 (UBIGINT)."""
+    s = np.uint64(int(hashlib.sha256(seed.encode()).hexdigest()[:16], 16))
+
+    def f(h: pa.Array) -> pa.Array:
+        with np.errstate(over="ignore"):
+            return pa.array(_mix(np.asarray(h.to_numpy(zero_copy_only=False), np.uint64) ^ s).view(np.int64), pa.int64())
+    return f

@@ -18,7 +18,9 @@ import ftfy
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_MAYBE_DIRTY = r"[^\x20-\x7E]|&|  |^ | $"
+#: captions NOT matching this (RE2/Python syntax) are already in normal form and are left alone
+MAYBE_DIRTY = r"[^\x20-\x7E]|&|  |^ | $"
+_MAYBE_DIRTY = MAYBE_DIRTY
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SPACES = re.compile(r"\s+")

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,13 +33,27 @@ from clipline.components.catalog import Catalog
 from clipline.components.config import Config, CurateConfig
 from clipline.components.curate import dedup, hashing, language, rules, sources
 from clipline.components.curate.evalset import eval_hashes, fingerprint
-from clipline.components.curate.normalize import normalize_captions
+from clipline.components.curate.normalize import MAYBE_DIRTY, normalize_captions
 
 ProgressFn = Callable[[str, int, int], None]
 """progress(step_description, steps_done, steps_total)"""
 
 STEPS = ["read metadata and apply rules", "language", "decontamination", "deduplication",
          "split and content hash", "write snapshot", "report"]
+
+#: rows per record batch of the passes that run in Python (language, content hash): bounds their memory
+BATCH_ROWS = 65_536
+
+#: share of [curate] duckdb_memory_limit given to DuckDB's buffer manager. The rest is headroom for
+#: what DuckDB allocates outside it (Arrow export of streamed results and UDF chunks, Parquet writer
+#: and reader buffers), measured at 10-25% of the limit, so that the process stays within the
+#: configured limit plus its Python baseline
+DUCKDB_SHARE = 0.75
+
+#: Python bytes per distinct pHash in the numpy pair search, and per row visited by keep-first
+#: (measured peaks, rounded up): DuckDB's limit is lowered by this much during those passes
+PAIR_SEARCH_BYTES_PER_HASH = 96
+VISIT_BYTES_PER_ROW = 200
 
 #: config fields that do not change which rows are kept (so they never force a rebuild)
 NON_RULE_FIELDS = {"row_group_rows", "file_size_mb", "duckdb_memory_limit", "duckdb_temp_dir", "duckdb_threads",
@@ -62,19 +78,69 @@ class CurateResult:
     new: bool                       # False: nothing new, the existing snapshot is returned
     manifest: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    cpu_timings: dict[str, float] = field(default_factory=dict)  # CPU seconds of this process per step
     mlflow_run_id: str | None = None
 
 
+def con_temp_dir(cfg: Config) -> Path:
+    """DuckDB's spill directory: [curate] duckdb_temp_dir, default <data-dir>/tmp/duckdb."""
+    return Path(cfg.curate.duckdb_temp_dir) if cfg.curate.duckdb_temp_dir else cfg.data_dir / "tmp" / "duckdb"
+
+
 def connect(cfg: Config) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the configured memory limit, spill directory and threads."""
+    """An in-memory DuckDB with the configured memory limit (its buffer manager gets
+    :data:`DUCKDB_SHARE` of it), spill directory and threads."""
     c = cfg.curate
-    temp = Path(c.duckdb_temp_dir) if c.duckdb_temp_dir else cfg.data_dir / "tmp" / "duckdb"
+    temp = con_temp_dir(cfg)
     temp.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"memory_limit": c.duckdb_memory_limit, "temp_directory": str(temp),
+    limit = duckdb_limit_bytes(c)
+    con = duckdb.connect(config={"memory_limit": f"{limit}B" if limit else c.duckdb_memory_limit, "temp_directory": str(temp),
                                  "threads": int(c.duckdb_threads), "preserve_insertion_order": True})
     con.create_function("normalize_caption", normalize_captions, [duckdb.sqltype("VARCHAR")],
                         duckdb.sqltype("VARCHAR"), type="arrow")
+    con.create_function("key_hash", hashing.key_hash_udf, [duckdb.sqltype("VARCHAR")],
+                        duckdb.sqltype("UBIGINT"), type="arrow")
     return con
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def limit_bytes(limit: str) -> int | None:
+    """Bytes of a DuckDB memory limit such as ``1GB`` or ``512MiB`` (DuckDB's units: KB = 1000,
+    KiB = 1024); None for a form this does not read (e.g. a percentage)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", str(limit).lower())
+    if not m:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "b"])
+
+
+def duckdb_limit_bytes(c: CurateConfig) -> int | None:
+    """The memory limit DuckDB's buffer manager gets: DUCKDB_SHARE of [curate] duckdb_memory_limit."""
+    full = limit_bytes(c.duckdb_memory_limit)
+    return int(full * DUCKDB_SHARE) if full is not None else None
+
+
+@contextmanager
+def yield_memory(con: duckdb.DuckDBPyConnection, c: CurateConfig, python_bytes: int):
+    """Lower DuckDB's memory limit by ``python_bytes`` (at most to a quarter of it) while a Python
+    pass needs that much, so that DuckDB evicts (spills) its tables and the process as a whole stays
+    within the configured limit plus the Python baseline; restores the limit afterwards."""
+    full = duckdb_limit_bytes(c)
+    if full is None or python_bytes <= 0:
+        yield
+        return
+    con.execute(f"SET memory_limit = '{max(full - int(python_bytes), full // 4)}B'")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = '{full}B'")
+
+
+def spilled_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """Bytes DuckDB holds in its temp directory right now (data that did not fit the memory limit)."""
+    return int(con.execute("SELECT coalesce(sum(size), 0) FROM duckdb_temporary_files()").fetchall()[0][0])
 
 
 def config_fingerprint(c: CurateConfig, sql: list[rules.Rule]) -> str:
@@ -85,20 +151,31 @@ def config_fingerprint(c: CurateConfig, sql: list[rules.Rule]) -> str:
 
 
 class _Steps:
+    """Wall seconds (``timings``) and CPU seconds of this process (``cpu_timings``) per step."""
+
     def __init__(self, progress: ProgressFn | None):
-        self.progress, self.done, self.timings = progress, 0, {}
-        self._t = time.perf_counter()
+        self.progress, self.done, self.timings, self.cpu_timings = progress, 0, {}, {}
+        self._t, self._c = time.perf_counter(), time.process_time()
         self._name = None
 
+    sampler: Callable[[], int] | None = None  # DuckDB's spill bytes now (set once connected)
+    spilled_max = 0
+
+    def sample(self) -> None:
+        if self.sampler is not None:
+            self.spilled_max = max(self.spilled_max, int(self.sampler()))
+
     def start(self, name: str) -> None:
+        self.sample()
         self._close()
-        self._name, self._t = name, time.perf_counter()
+        self._name, self._t, self._c = name, time.perf_counter(), time.process_time()
         if self.progress:
             self.progress(name, self.done, len(STEPS))
 
     def _close(self) -> None:
         if self._name is not None:
             self.timings[self._name] = round(time.perf_counter() - self._t, 3)
+            self.cpu_timings[self._name] = round(time.process_time() - self._c, 3)
             self.done += 1
             self._name = None
 
@@ -174,10 +251,17 @@ def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | Non
         try:
             res = _build(cfg, con, cat, files, parent, sql_rules, fp, ehashes, efp, rebuild_reason, steps,
                          report_mod, all_shards=[s.shard_id for s in shards])
+        except duckdb.OutOfMemoryException as e:
+            raise CurateError(
+                f"DuckDB ran out of memory in step '{steps._name}' with [curate] duckdb_memory_limit = "
+                f"{c.duckdb_memory_limit} and duckdb_threads = {c.duckdb_threads} (what did not fit was spilled to "
+                f"{con_temp_dir(cfg)} first): raise duckdb_memory_limit or lower duckdb_threads. DuckDB said: "
+                f"{str(e).splitlines()[0]}") from e
         finally:
             con.close()
     steps.finish()
     res.timings = steps.timings
+    res.cpu_timings = steps.cpu_timings
     if res.new:
         _finalise_manifest_timings(res, snapshots_dir)
         if track:
@@ -187,6 +271,7 @@ def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | Non
 
 def _finalise_manifest_timings(res: CurateResult, snapshots_dir: Path) -> None:
     res.manifest["timings"] = res.timings
+    res.manifest["cpu_timings"] = res.cpu_timings
     (snapshots_dir / res.snapshot_id / "manifest.json").write_text(json.dumps(res.manifest, indent=2, default=str))
 
 
@@ -196,8 +281,11 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     c = cfg.curate
     snapshots_dir = cfg.snapshots_dir
     d = c.phash_max_distance
+    steps.sampler = lambda: spilled_bytes(con)
 
     # ---- 1. metadata of the new shards + SQL rules (first matching rule wins) ----
+    # rid identifies a row (shard file, row in it); the keep-first visiting order is applied later,
+    # to the rows deduplication has to look at, so nothing here sorts the whole input
     steps.start(STEPS[0])
     paths = [f.path for f in files]
     schema = sources.union_schema(paths)
@@ -207,36 +295,39 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     con.execute("CREATE TEMP TABLE files AS SELECT * FROM _files_arrow")
     con.unregister("_files_arrow")
     area = ("coalesce(original_width, width)::BIGINT * coalesce(original_height, height)::BIGINT")
+    dirty = MAYBE_DIRTY.replace("'", "''")
     con.execute(f"""
         CREATE TEMP TABLE rows AS
         WITH raw AS (
             SELECT filename, file_row_number, {sources.meta_select(schema)}
             FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, filename = true,
                               file_row_number = true) r
-        ), norm AS (
-            SELECT * REPLACE (normalize_caption(caption) AS caption) FROM raw
+        ), norm AS (  -- captions already in normal form skip the Python normaliser
+            SELECT * REPLACE (CASE WHEN regexp_matches(caption, '{dirty}') THEN normalize_caption(caption)
+                                   ELSE caption END AS caption) FROM raw
         )
-        SELECT row_number() OVER (ORDER BY f.shard_rank, {area} DESC NULLS LAST, n.key, f.fid,
-                                  n.file_row_number) AS rid,
-               f.fid, n.* EXCLUDE (filename), {rules.case_expression(sql_rules)} AS reason
+        SELECT (f.fid::BIGINT << 32) + n.file_row_number + 1 AS rid, f.fid, f.shard_rank,
+               n.* EXCLUDE (filename), {rules.case_expression(sql_rules)} AS reason
         FROM norm n JOIN files f USING (filename)""")
 
-    # ---- 2. language (only rows no earlier rule dropped; unique captions only) ----
+    # ---- 2. language (only rows no earlier rule dropped; distinct captions, streamed) ----
     steps.start(STEPS[1])
     if c.language:
-        tbl = con.sql("SELECT rid, caption FROM rows WHERE reason IS NULL").to_arrow_table()
-        if tbl.num_rows:
-            import pyarrow.compute as pc
-
-            uniq = pc.unique(tbl.column("caption"))
-            chunk = 200_000  # bounds the Python-side memory of the pass
-            flag_u = np.concatenate([
-                language.other_language_mask(uniq.slice(s, chunk).to_pylist(), c.language,
-                                             c.language_min_confidence, c.language_backend, c.duckdb_threads)
-                for s in range(0, len(uniq), chunk)])
-            pos = pc.index_in(tbl.column("caption"), value_set=uniq).to_numpy(zero_copy_only=False)
-            flagged = tbl.column("rid").to_numpy()[flag_u[pos]]
-            _mark(con, flagged, "language")
+        reader = con.sql("SELECT DISTINCT caption FROM rows WHERE reason IS NULL AND caption IS NOT NULL") \
+            .to_arrow_reader(BATCH_ROWS)
+        flagged = []
+        for batch in reader:
+            col = batch.column(0)
+            mask = language.other_language_mask_arrow(col, c.language, c.language_min_confidence,
+                                                      c.language_backend, c.duckdb_threads)
+            if mask.any():
+                flagged.append(col.filter(pa.array(mask)))
+        del reader
+        if flagged:
+            con.register("_lang", pa.table({"caption": pa.concat_arrays(flagged)}))
+            con.execute("""UPDATE rows SET reason = 'language' WHERE reason IS NULL
+                           AND caption IN (SELECT caption FROM _lang)""")
+            con.unregister("_lang")
 
     # ---- 3. decontamination against the eval set ----
     steps.start(STEPS[2])
@@ -265,77 +356,90 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     else:
         con.execute("""CREATE TEMP TABLE parent (rid BIGINT, key VARCHAR, url VARCHAR, caption VARCHAR,
                        sha256 VARCHAR, phash BIGINT, split VARCHAR)""")
-    # group ids: rows sharing a value get the smallest rid of the group; only groups of two or
-    # more rows are materialised (hash aggregates), every other row is its own group
-    con.execute("""
-        CREATE TEMP TABLE _d AS
-        WITH u AS (
-            SELECT rid, TRUE AS is_parent, key, url, caption, sha256, phash FROM parent
-            UNION ALL
-            SELECT rid, FALSE, key, url, caption, sha256, phash FROM rows WHERE reason IS NULL),
-        gu AS (SELECT url, min(rid) AS g FROM u WHERE url IS NOT NULL GROUP BY url HAVING count(*) > 1),
-        gk AS (SELECT key, min(rid) AS g FROM u WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1),
-        gs AS (SELECT sha256, min(rid) AS g FROM u WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1),
-        gc AS (SELECT caption, sha256, min(rid) AS g FROM u WHERE sha256 IS NOT NULL AND caption IS NOT NULL
-               GROUP BY caption, sha256 HAVING count(*) > 1),
-        gp AS (SELECT phash, row_number() OVER (ORDER BY phash) AS g
-               FROM (SELECT DISTINCT phash FROM u WHERE phash IS NOT NULL))
-        SELECT u.rid, u.is_parent, u.caption, u.phash,
-               coalesce(gu.g, u.rid) AS url_g, coalesce(gk.g, u.rid) AS key_g, coalesce(gs.g, u.rid) AS sha_g,
-               coalesce(gc.g, u.rid) AS ci_g, coalesce(gp.g, -1) AS ph_g
-        FROM u LEFT JOIN gu ON u.url = gu.url LEFT JOIN gk ON u.key = gk.key
-               LEFT JOIN gs ON u.sha256 = gs.sha256
-               LEFT JOIN gc ON u.caption = gc.caption AND u.sha256 = gc.sha256
-               LEFT JOIN gp ON u.phash = gp.phash""")
+    con.execute(f"""
+        CREATE TEMP VIEW _u AS
+        SELECT rid, TRUE AS is_parent, key, url, caption, sha256, phash, NULL::INTEGER AS shard_rank,
+               NULL::BIGINT AS area, NULL::BIGINT AS file_row_number FROM parent
+        UNION ALL
+        SELECT rid, FALSE, key, url, caption, sha256, phash, shard_rank, {area}, file_row_number
+        FROM rows WHERE reason IS NULL""")
     pairs = np.zeros((0, 2), dtype=np.int64)
-    t_lsh = time.perf_counter()
-    if d >= 0:
-        con.execute("CREATE TEMP TABLE _phd AS SELECT DISTINCT ph_g AS gid, phash FROM _d WHERE ph_g >= 0")
-        pairs = dedup.near_pairs(con, "_phd", d, engine=c.near_dup_engine)
+    t_lsh, c_lsh = time.perf_counter(), time.process_time()
+    if d >= 0:  # near pairs among the distinct pHash values (a pHash value is its own id)
+        con.execute("CREATE TEMP TABLE _phd AS SELECT DISTINCT phash AS gid, phash FROM _u WHERE phash IS NOT NULL")
+        n_ph = con.execute("SELECT count(*) FROM _phd").fetchall()[0][0]
+        with yield_memory(con, c, PAIR_SEARCH_BYTES_PER_HASH * n_ph if c.near_dup_engine == "numpy" else 0):
+            pairs = dedup.near_pairs(con, "_phd", d, engine=c.near_dup_engine)
         con.execute("DROP TABLE _phd")
     steps.timings["deduplication: phash pair search"] = round(time.perf_counter() - t_lsh, 3)
-    cols = ["rid", "is_parent", "url_g", "key_g", "sha_g", "ci_g", "ph_g"] + (["caption"] if c.caption_near_dedup else [])
-    arr = con.execute(f"SELECT {', '.join(cols)} FROM _d ORDER BY rid").fetchnumpy()
-    t_keep = time.perf_counter()
-    reasons = dedup.keep_first(
-        dedup.DedupInput(
-            is_parent=np.asarray(arr["is_parent"], bool), url_g=np.asarray(arr["url_g"], np.int64),
-            key_g=np.asarray(arr["key_g"], np.int64), sha_g=np.asarray(arr["sha_g"], np.int64),
-            capimg_g=np.asarray(arr["ci_g"], np.int64), ph_g=np.asarray(arr["ph_g"], np.int64), ph_pairs=pairs,
-            captions=list(arr["caption"]) if c.caption_near_dedup else None),
-        dedup.DedupOptions(same_image=c.exact_image_dedup == "image", near_image=d >= 0,
-                           near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
-                           minhash_perm=c.caption_minhash_perm, shingle_chars=c.caption_shingle_chars))
-    steps.timings["deduplication: keep-first pass"] = round(time.perf_counter() - t_keep, 3)
-    rid_arr = np.asarray(arr["rid"], np.int64)
-    for name in dedup_reason_names():
-        _mark(con, rid_arr[reasons == name], name)
-    con.execute("DROP TABLE _d")
+    steps.cpu_timings["deduplication: phash pair search"] = round(time.process_time() - c_lsh, 3)
+    con.register("_pe", pa.table({"phash": pa.array(np.unique(pairs), pa.int64())}))
+    # only rows sharing a value with another row (or a pHash within d of another) can be dropped
+    # or make another row a duplicate: exactly those are visited, in the keep-first order. Group
+    # ids: the smallest rid of the group; NULL = the row is alone in that relation
+    everything = "TRUE" if c.caption_near_dedup else "FALSE"
+    # with dup_image on, a row sharing caption AND sha256 with a kept row always meets dup_image
+    # first, so the caption+sha256 groups are only built for exact_image_dedup = "image_and_caption"
+    same_image = c.exact_image_dedup == "image"
+    con.execute(f"""
+        CREATE TEMP TABLE _inv AS
+        WITH gu AS (SELECT url, min(rid) AS g FROM _u WHERE url IS NOT NULL GROUP BY url HAVING count(*) > 1),
+        gk AS (SELECT key, min(rid) AS g FROM _u WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1),
+        gs AS (SELECT sha256, min(rid) AS g FROM _u WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1),
+        gc AS (SELECT caption, sha256, min(rid) AS g FROM _u WHERE sha256 IS NOT NULL AND caption IS NOT NULL
+               AND {"FALSE" if same_image else "TRUE"} GROUP BY caption, sha256 HAVING count(*) > 1),
+        gp AS (SELECT phash FROM _u WHERE phash IS NOT NULL GROUP BY phash HAVING count(*) > 1
+               UNION SELECT phash FROM _pe)
+        SELECT u.rid, u.is_parent, u.key, u.shard_rank, u.area, u.file_row_number,
+               gu.g AS url_g, gk.g AS key_g, gs.g AS sha_g, gc.g AS ci_g,
+               CASE WHEN gp.phash IS NOT NULL THEN u.phash END AS ph
+               {", u.caption" if c.caption_near_dedup else ""}
+        FROM _u u LEFT JOIN gu ON u.url = gu.url LEFT JOIN gk ON u.key = gk.key
+             LEFT JOIN gs ON u.sha256 = gs.sha256 LEFT JOIN gc ON u.caption = gc.caption AND u.sha256 = gc.sha256
+             LEFT JOIN gp ON u.phash = gp.phash
+        WHERE {everything} OR gu.g IS NOT NULL OR gk.g IS NOT NULL OR gs.g IS NOT NULL OR gc.g IS NOT NULL
+              OR gp.phash IS NOT NULL""")
+    con.unregister("_pe")
+    n_inv = con.execute("SELECT count(*) FROM _inv").fetchall()[0][0]
+    with yield_memory(con, c, VISIT_BYTES_PER_ROW * n_inv if not c.caption_near_dedup else 0):
+        arr = con.execute(f"""
+            SELECT rid, is_parent, url_g, key_g, sha_g, ci_g, ph{", caption" if c.caption_near_dedup else ""} FROM _inv
+            ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").fetchnumpy()
+        con.execute("DROP TABLE _inv")
+        codes, rid_arr, n_visited = _visit(arr, pairs, c, d, steps)
+    drop = (codes > 0) & (rid_arr > 0)  # parent rows (rid <= 0) are never dropped
+    if drop.any():
+        con.register("_mark", pa.table({"rid": rid_arr[drop], "reason": pa.array(
+            np.array(dedup.REASONS, dtype=object)[codes[drop] - 1].tolist(), pa.string())}))
+        con.execute("""UPDATE rows SET reason = _mark.reason FROM _mark
+                       WHERE rows.rid = _mark.rid AND rows.reason IS NULL""")
+        con.unregister("_mark")
+    del arr, rid_arr, codes, pairs
+    con.execute("DROP VIEW _u")
 
     # ---- 5. split, counts, content hash ----
     steps.start(STEPS[4])
-    keys = con.sql("SELECT rid, key FROM rows WHERE reason IS NULL").to_arrow_table()
-    con.register("_split", pa.table({"rid": keys.column("rid"),
-                                     "split": pa.array(hashing.split_of(keys.column("key"), c.val_fraction))}))
-    con.execute("""
+    con.execute(f"""
         CREATE TEMP TABLE kept AS
-        SELECT r.* EXCLUDE (reason), s.split FROM rows r JOIN _split s USING (rid)""")
-    con.unregister("_split")
+        SELECT * EXCLUDE (reason, h), {hashing.split_sql("h", c.val_fraction)} AS split, h
+        FROM (SELECT *, key_hash(key) AS h FROM rows WHERE reason IS NULL)""")
     order = rules.rule_order(sql_rules)
     dropped_raw = dict(con.execute("SELECT reason, count(*) FROM rows WHERE reason IS NOT NULL GROUP BY 1").fetchall())
     n_input = con.execute("SELECT count(*) FROM rows").fetchall()[0][0]
-    n_kept_new = keys.num_rows
+    n_kept_new = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
     counts = {"input": int(n_input), "kept": int(n_kept_new),
               "dropped": {r: int(dropped_raw.get(r, 0)) for r in order}}
-    # content hash: every kept row (key, sha256, caption, split) in key order, plus the source shards
-    content = con.sql("""
+    # content hash: every kept row (key, sha256, caption, split) in key order, plus the source
+    # shards; the sorted rows stay in DuckDB and are hashed in streamed batches
+    con.execute("""
+        CREATE TEMP TABLE _content AS
         SELECT concat_ws(chr(31), key, coalesce(sha256, ''), coalesce(caption, ''), split) AS s FROM (
             SELECT key, sha256, caption, split FROM kept UNION ALL SELECT key, sha256, caption, split FROM parent)
-        ORDER BY key, s""").to_arrow_table().column("s")
-    cnt = len(content)
+        ORDER BY key, s""")
+    cnt, content_digest = hashing.digest_table_column(con, "_content", "s", BATCH_ROWS)
+    con.execute("DROP TABLE _content")
     source_shards = sorted(set(parent["manifest"]["source_shards"] if parent else []) | {f.shard_id for f in files})
-    snapshot_id = hashlib.sha256(json.dumps([cnt, hashing.digest_strings(content), source_shards]).encode()).hexdigest()[:16]
-    del content
+    snapshot_id = hashlib.sha256(json.dumps([cnt, content_digest, source_shards]).encode()).hexdigest()[:16]
     try:
         existing = cat.get_snapshot(snapshot_id)
     except KeyError:
@@ -352,8 +456,8 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     tmp_dir.mkdir(parents=True)
     new_files: list[str] = []
     if n_kept_new:
-        con.register("_shuffle", pa.table({"rid": keys.column("rid"),
-                                           "shuffle": hashing.shuffle_order(keys.column("key"), snapshot_id)}))
+        con.create_function("shuffle_key", hashing.shuffle_udf(snapshot_id), [duckdb.sqltype("UBIGINT")],
+                            duckdb.sqltype("BIGINT"), type="arrow")
         carried = sources.carried_columns(schema)
         carried_sql = "".join(f", r.{sources.quote_ident(col)}" for col in carried)
         con.execute(f"""
@@ -363,13 +467,12 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                 FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, filename = true,
                                   file_row_number = true) r
                 JOIN files f ON r.filename = f.filename
-                JOIN kept k ON f.fid = k.fid AND r.file_row_number = k.file_row_number
-                JOIN _shuffle sh ON sh.rid = k.rid
-                ORDER BY sh.shuffle
+                JOIN (SELECT *, shuffle_key(h) AS shuffle FROM kept) k
+                  ON f.fid = k.fid AND r.file_row_number = k.file_row_number
+                ORDER BY k.shuffle
             ) TO '{tmp_dir}' (FORMAT parquet, ROW_GROUP_SIZE {int(c.row_group_rows)},
                               FILE_SIZE_BYTES '{int(c.file_size_mb)}MB', FILENAME_PATTERN 'part-{{i}}',
                               OVERWRITE_OR_IGNORE true)""")
-        con.unregister("_shuffle")
         written = sorted(tmp_dir.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
         new_files = [f"{snapshot_id}/{p.name}" for p in written]
     files_all = (list(parent["manifest"]["files"]) if parent else []) + new_files
@@ -393,12 +496,15 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         "n_val": int(split_counts.get("val", 0)),
         "files": files_all,
         "new_files": new_files,
+        "dedup_rows_visited": n_visited,
     }
 
     # ---- 7. report (table + contact sheet), then publish atomically ----
     steps.start(STEPS[6])
     report_dir = cfg.reports_dir / "curate" / snapshot_id
     rep = report_mod.write_report(con, report_dir, manifest, schema, paths, c.contact_sheet_examples)
+    steps.sample()
+    manifest["duckdb_spilled_bytes_max"] = steps.spilled_max  # at step boundaries; 0: it all fit in memory
     manifest["report"] = {k: str(v) for k, v in rep.items()}
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     if final_dir.exists():
@@ -411,18 +517,33 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                         new=True, manifest=manifest)
 
 
-def dedup_reason_names() -> list[str]:
-    return ["dup_url", "dup_key", "dup_image", "dup_caption_image", "near_dup_image", "near_dup_caption"]
+def _visit(arr: dict, pairs: np.ndarray, c: CurateConfig, d: int, steps: _Steps) -> tuple[np.ndarray, np.ndarray, int]:
+    """Keep-first over the fetched rows (in visiting order): (reason codes, rids, rows visited)."""
+    t_keep, c_keep = time.perf_counter(), time.process_time()
+    rid_arr = np.asarray(arr["rid"], np.int64)
+    alone = -(1 << 62) - np.arange(len(rid_arr), dtype=np.int64)  # a distinct id per row, never a rid
 
+    def gid(col: str) -> np.ndarray:
+        v = arr[col]
+        mask = np.ma.getmaskarray(v)
+        return np.where(mask, alone, np.ma.getdata(v).astype(np.int64))
 
-def _mark(con: duckdb.DuckDBPyConnection, rids: np.ndarray, reason: str) -> None:
-    rids = np.asarray(rids, dtype=np.int64)
-    rids = rids[rids > 0]  # parent rows (rid <= 0) are never dropped
-    if not len(rids):
-        return
-    con.register("_mark", pa.table({"rid": rids}))
-    con.execute(f"UPDATE rows SET reason = '{reason}' FROM _mark WHERE rows.rid = _mark.rid AND rows.reason IS NULL")
-    con.unregister("_mark")
+    ph_raw = arr["ph"]
+    ph_mask = np.ma.getmaskarray(ph_raw)
+    ph_vals = np.ma.getdata(ph_raw).astype(np.int64)
+    ph_ids = np.unique(np.concatenate([ph_vals[~ph_mask], pairs.reshape(-1)]))
+    ph_g = np.where(ph_mask, -1, np.searchsorted(ph_ids, ph_vals))
+    codes = dedup.keep_first_codes(
+        dedup.DedupInput(
+            is_parent=np.asarray(arr["is_parent"], bool), url_g=gid("url_g"), key_g=gid("key_g"),
+            sha_g=gid("sha_g"), capimg_g=gid("ci_g"), ph_g=ph_g, ph_pairs=np.searchsorted(ph_ids, pairs),
+            captions=list(arr["caption"]) if c.caption_near_dedup else None),
+        dedup.DedupOptions(same_image=c.exact_image_dedup == "image", near_image=d >= 0,
+                           near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
+                           minhash_perm=c.caption_minhash_perm, shingle_chars=c.caption_shingle_chars))
+    steps.timings["deduplication: keep-first pass"] = round(time.perf_counter() - t_keep, 3)
+    steps.cpu_timings["deduplication: keep-first pass"] = round(time.process_time() - c_keep, 3)
+    return codes, rid_arr, int(len(rid_arr))
 
 
 def _cumulative(prev: dict | None, counts: dict) -> dict:

@@ -1,0 +1,126 @@
+"""The compiled fast paths of the curate stage give the answers of their Python references."""
+
+from __future__ import annotations
+
+import random
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clipline.components.curate import dedup, hashing, language
+from clipline.components.curate.normalize import MAYBE_DIRTY, normalize_captions
+
+
+def _random_dedup_input(rng: np.random.Generator, n: int, n_parent: int) -> dedup.DedupInput:
+    def groups(k: int) -> np.ndarray:  # few distinct values: many shared groups
+        return rng.integers(0, max(k, 1), n).astype(np.int64)
+
+    ph = rng.integers(-1, max(n // 3, 1), n).astype(np.int64)  # -1: no pHash
+    pairs = rng.integers(0, max(n // 3, 1), (n // 4, 2)).astype(np.int64)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return dedup.DedupInput(is_parent=np.arange(n) < n_parent, url_g=groups(n // 2), key_g=groups(n),
+                            sha_g=groups(n // 2), capimg_g=groups(n // 2), ph_g=ph, ph_pairs=pairs)
+
+
+@pytest.mark.parametrize("same_image,near_image", [(True, True), (False, True), (True, False)])
+def test_compiled_keep_first_equals_the_python_rule(same_image, near_image):
+    rng = np.random.default_rng(7)
+    opts = dedup.DedupOptions(same_image=same_image, near_image=near_image)
+    for n, n_parent in ((1, 0), (50, 10), (3000, 400)):
+        inp = _random_dedup_input(rng, n, n_parent)
+        want = dedup.keep_first(inp, opts)  # reason names, None = kept
+        codes = dedup.keep_first_codes(inp, opts)
+        got = np.array([None if c == 0 else dedup.REASONS[c - 1] for c in codes], dtype=object)
+        assert got.tolist() == want.tolist()
+        assert (dedup.keep_first_codes(inp, opts, compiled=False) == codes).all()
+        assert not codes[:n_parent].any()  # parent rows are always kept
+    assert {"dup_url", "dup_key", "near_dup_image" if near_image else "dup_image"} <= set(got.tolist())
+
+
+def test_compiled_language_id_matches_langid_on_arrow_buffers():
+    rnd = random.Random(3)
+    words = ["red", "the", "photo", "chat", "noir", "Kreis", "über", "casa", "日本", "car", "de", "la", "sunset",
+             "ночь", "город", "a", "of"]
+    texts = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 9))) for _ in range(500)]
+    texts += ["", None, "a photo of a cat", "x" * 3000, "un chat noir dort sur la table de la cuisine"]
+    want_lang, want_p = language.classify_langid(texts)
+    classes = language._tables()[3]
+    arr = pa.array(["pad"] * 7 + texts, pa.string()).slice(7)  # a non-zero offset into the buffers
+    best, p = language.classify_arrow(arr, threads=2)
+    assert [classes[b] if b >= 0 else None for b in best.tolist()] == want_lang
+    assert np.allclose(p, want_p, atol=1e-9)
+    mask = language.other_language_mask_arrow(pa.chunked_array([arr.slice(0, 100), arr.slice(100)]), "en", 0.9)
+    assert mask.tolist() == language.other_language_mask(texts, "en", 0.9, backend="langid").tolist()
+    assert mask[-1] and not mask[-3]  # the French caption is flagged, the English one is not
+
+
+def test_streamed_content_digest_equals_the_whole_column_digest():
+    values = pa.array(["b", None, "ab", "c", "", "ü"] * 50, pa.string())
+    con = duckdb.connect(config={"preserve_insertion_order": True})
+    con.register("v", pa.table({"s": values}))
+    con.execute("CREATE TABLE t AS SELECT * FROM v")
+    for batch in (7, 300, 65_536):
+        assert hashing.digest_table_column(con, "t", "s", batch) == (300, hashing.digest_strings(values))
+    con.execute("CREATE TABLE e AS SELECT * FROM t LIMIT 0")
+    assert hashing.digest_table_column(con, "e", "s") == (0, hashing.digest_strings(pa.array([], pa.string())))
+    a, b = duckdb.connect(), duckdb.connect()
+    a.execute("CREATE TABLE t AS SELECT * FROM (VALUES ('ab'), ('c')) x(s)")
+    b.execute("CREATE TABLE t AS SELECT * FROM (VALUES ('a'), ('bc')) x(s)")
+    assert hashing.digest_table_column(a, "t", "s")[1] != hashing.digest_table_column(b, "t", "s")[1]
+
+
+def test_sql_split_and_shuffle_agree_with_the_numpy_hashes():
+    keys = pa.array([f"key-{i}" for i in range(2000)] + ["", "ü"], pa.string())
+    con = duckdb.connect()
+    con.create_function("key_hash", hashing.key_hash_udf, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("UBIGINT"), type="arrow")
+    con.create_function("shuffle_key", hashing.shuffle_udf("snap"), [duckdb.sqltype("UBIGINT")],
+                        duckdb.sqltype("BIGINT"), type="arrow")
+    con.register("k", pa.table({"key": keys}))
+    got = con.execute(f"SELECT {hashing.split_sql('key_hash(key)', 0.1)} AS split, shuffle_key(key_hash(key)) AS sh "
+                      "FROM k").fetchnumpy()
+    assert got["split"].tolist() == hashing.split_of(keys, 0.1).tolist()
+    assert (np.asarray(got["sh"]) == hashing.shuffle_order(keys, "snap")).all()
+    assert 100 < (got["split"] == "val").sum() < 300
+
+
+def test_sql_guard_selects_every_caption_the_normaliser_would_change():
+    caps = ["plain ascii caption", "caf\u00c3\u00a9", "a  b", " lead", "trail ", "x &amp; y", "tab\there",
+            "e\u0301", "ok", None, "zero\u200bwidth"]
+    con = duckdb.connect()
+    con.register("c", pa.table({"caption": pa.array(caps, pa.string())}))
+    dirty = [r[0] for r in con.execute(f"SELECT regexp_matches(caption, '{MAYBE_DIRTY}') FROM c").fetchall()]
+    normalised = normalize_captions(pa.array(caps, pa.string())).to_pylist()
+    for cap, d, norm in zip(caps, dirty, normalised):
+        if cap is not None and not d:
+            assert norm == cap  # what the guard skips, the normaliser leaves unchanged
+    assert dirty[:3] == [False, True, True]
+
+
+def test_two_pass_radix_argsort_is_a_stable_sort():
+    rng = np.random.default_rng(5)
+    for high in (1 << 8, 1 << 21, 1 << 32):
+        kv = rng.integers(0, high, 50_000, dtype=np.uint64).astype(np.uint32)
+        assert (dedup._radix_argsort(kv) == np.argsort(kv, kind="stable")).all()
+
+
+def test_band_plan_widens_keys_as_rows_grow_and_still_finds_every_pair():
+    assert dedup.band_plan(6, 1_000_000).n_bands == 8
+    assert dedup.band_plan(6, 4_000_000).n_bands == 9  # 21-bit keys: fewer random candidates
+    rng = np.random.default_rng(2)
+    base = rng.integers(-(2**63), 2**63 - 1, 300, dtype=np.int64)
+    flips = rng.integers(0, 64, (300, 6))
+    near = base.copy()
+    for i, bits in enumerate(flips):
+        for b in bits[: i % 7]:
+            near[i] ^= np.int64(1) << np.int64(b) if b < 63 else np.int64(-(2**63))
+    hashes = np.concatenate([base, near])
+    x = hashes.view(np.uint64)
+    brute = {(i, j) for i in range(len(x)) for j in range(i + 1, len(x))
+             if int(np.bitwise_count(x[i] ^ x[j])) <= 6}
+    got = set()
+    for combo in dedup.band_plan(6, 4_000_000).combos:  # the wide-key plan, on a small input
+        for a, b in dedup._bucket_pairs(hashes, combo, 6).tolist():
+            got.add((min(a, b), max(a, b)))
+    assert got == brute and len(brute) >= 250
