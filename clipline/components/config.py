@@ -127,6 +127,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(50, ge=0, description="linear warmup, capped at 10% of the run's steps")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 switches clipping off")
     crop_scale_min: float = Field(0.5, gt=0, le=1, description="RandomResizedCrop's smallest area share")
+    gray_scale_prob: float = Field(
+        0.0, ge=0, le=1, description="share of training images turned grey (the caption kept): teaches shape "
+                                     "features that do not depend on colour")
     workers: int = Field(1, ge=1, description="Ray Train workers")
     backend: Literal["auto", "local", "ray"] = Field(
         "auto", description="auto: Ray Train when workers > 1 or RAY_ADDRESS is set, else in-process")
@@ -191,9 +194,14 @@ DEMO_FAULTS: tuple[str, ...] = (
 )
 
 
-#: the demo's recipe (see DemoConfig.train): found with the toy web on a 2-core CPU, see
-#: benchmarks/demo_time.py for the measurement
-DEMO_TRAIN: dict[str, Any] = {}
+#: the demo's training recipe (DemoConfig.train), chosen for a 2-core CPU and a ~3 minute budget:
+#: a small CNN image tower (timm's test_resnet) at 64 px, letterboxed like the ingested images;
+#: one torch thread, so that the DataLoader worker has the other core and a busy machine does not
+#: make two OpenMP threads spin against each other. Measured by benchmarks/demo_time.py.
+DEMO_TRAIN: dict[str, Any] = {
+    "model": "clipline-demo", "batch_size": 64, "steps": 600, "lr": 2e-3, "warmup_steps": 20,
+    "crop_scale_min": 0.8, "threads": 1, "loader_workers": 1, "checkpoint_every": 1000,
+}
 
 
 class DemoConfig(_Section):
@@ -220,7 +228,7 @@ class DemoConfig(_Section):
     train: dict[str, Any] = Field(
         default_factory=lambda: dict(DEMO_TRAIN),
         description="the demo's training recipe: [train] settings used by `clipline demo` unless the [train] section "
-                    "or CLIPLINE_TRAIN__* sets them")
+                    "or CLIPLINE_TRAIN__* sets them; a [demo.train] table changes the values it names")
 
     @field_validator("train")
     @classmethod
@@ -229,7 +237,7 @@ class DemoConfig(_Section):
         if unknown:
             raise ValueError(f"unknown train setting(s) {', '.join(unknown)}; known: {', '.join(TrainConfig.model_fields)}")
         TrainConfig(**v)  # each value must be valid for its field
-        return v
+        return {**DEMO_TRAIN, **v}  # a [demo.train] table changes the recipe's values it names
 
     @field_validator("fault_weights")
     @classmethod

@@ -109,8 +109,9 @@ def demo(
         ports = recorded_ports(web_dir) if cfg.demo.port == 0 and cfg.demo.reuse_port else None
         if ports is not None:
             try:
-                web = stack.enter_context(serve_toy_web(
-                    cfg.demo.model_copy(update={"port": ports[0], "internal_port": ports[1]}), web_dir))
+                # a rerun fetches few or no URLs: draw pictures on request instead of all ahead of time
+                web = stack.enter_context(serve_toy_web(cfg.demo.model_copy(
+                    update={"port": ports[0], "internal_port": ports[1], "warm_cache": False}), web_dir))
             except OSError as e:
                 console.print(f"[yellow]note:[/] the port this data dir's toy web used before ({ports[0]}) is not "
                               f"free ({e.__cause__ or e}); serving on a new port, so its URLs are new to the "

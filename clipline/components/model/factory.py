@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -127,7 +128,11 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True,
                                    force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name))
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
-    train_tf = image_transform_v2(pp, is_train=True, aug_cfg=aug or {})
+    with warnings.catch_warnings():
+        # open_clip warns about every aug_cfg key but 'scale' even though it applies
+        # color_jitter/gray_scale_prob itself (transform.py)
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        train_tf = image_transform_v2(pp, is_train=True, aug_cfg=aug or {})
     val_tf = image_transform_v2(pp, is_train=False)
     if weights is not None:
         try:
