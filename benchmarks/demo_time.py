@@ -101,7 +101,7 @@ def main() -> None:
         if args.rerun:
             rerun_s, r = run_demo(data_dir, args.n, log.with_suffix(".rerun.log"))
             print(f"rerun: {rerun_s:.1f} s, fetched {r['n_fetched']}, "
-                  f"{'nothing new: ' + r['skipped'] if r['skipped'] else 'did new work (trained again)'}")
+                  f"{r['skipped'] if r['skipped'] else 'did new work (trained again)'}")
         print(f"demo_seconds: {seconds:.1f}")
         print(f"heldout_acc1: {s['heldout_acc1']:.3f}")
     finally:
