@@ -127,9 +127,6 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(50, ge=0, description="linear warmup, capped at 10% of the run's steps")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 switches clipping off")
     crop_scale_min: float = Field(0.5, gt=0, le=1, description="RandomResizedCrop's smallest area share")
-    gray_scale_prob: float = Field(
-        0.0, ge=0, le=1, description="share of training images turned grey (the caption kept): teaches shape "
-                                     "features that do not depend on colour")
     workers: int = Field(1, ge=1, description="Ray Train workers")
     backend: Literal["auto", "local", "ray"] = Field(
         "auto", description="auto: Ray Train when workers > 1 or RAY_ADDRESS is set, else in-process")

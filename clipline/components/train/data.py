@@ -202,17 +202,14 @@ class RayDecode:
     """Ray Data ``map_batches`` callable: the same decoding as :class:`BatchDecoder`, built once per
     Ray Data worker from the model's name (transforms and tokenizer only; no model weights)."""
 
-    def __init__(self, model_name: str, crop_scale_min: float, gray_scale_prob: float = 0.0):
+    def __init__(self, model_name: str, crop_scale_min: float):
         import open_clip
 
         from clipline.components.model import factory
 
         cfg = factory.model_config(model_name)
         size = cfg["vision_cfg"]["image_size"]
-        aug: dict[str, Any] = {"scale": (crop_scale_min, 1.0)}
-        if gray_scale_prob:
-            aug["gray_scale_prob"] = gray_scale_prob
-        tf = open_clip.image_transform(size, is_train=True, aug_cfg=aug)
+        tf = open_clip.image_transform(size, is_train=True, aug_cfg={"scale": (crop_scale_min, 1.0)})
         self.decoder = BatchDecoder(tf, open_clip.get_tokenizer(model_name), int(size))
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
@@ -223,8 +220,7 @@ class RayDecode:
         return {"image": out["image"].numpy(), "text": out["text"].numpy()}
 
 
-def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, decode_concurrency: int | None = None,
-                gray_scale_prob: float = 0.0):
+def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, decode_concurrency: int | None = None):
     """A Ray Dataset of decoded train rows (``image`` float32 (3,S,S), ``text`` int64 (L,)): read the
     snapshot's files, decode on Ray Data's CPU workers. Hand it to ``TorchTrainer(datasets={"train": ds})``
     and Ray Train splits it across workers with ``streaming_split``. Row order is shuffled per epoch
@@ -234,6 +230,5 @@ def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, d
     ds = ray.data.read_parquet([str(f) for f in info.files], columns=COLUMNS + ["split"])
     ds = ds.randomize_block_order()
     return ds.map_batches(RayDecode, fn_constructor_kwargs={"model_name": model_name,
-                                                            "crop_scale_min": crop_scale_min,
-                                                            "gray_scale_prob": gray_scale_prob},
+                                                            "crop_scale_min": crop_scale_min},
                           batch_format="pyarrow", batch_size=256, concurrency=decode_concurrency or (1, 4))

@@ -76,14 +76,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def augmentation(cfg: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's ``aug_cfg`` for a train config (a TrainConfig dump)."""
-    aug: dict[str, Any] = {"scale": (cfg["crop_scale_min"], 1.0)}
-    if cfg.get("gray_scale_prob"):
-        aug["gray_scale_prob"] = cfg["gray_scale_prob"]
-    return aug
-
-
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
     def f(step: int) -> float:
@@ -148,7 +140,8 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     device = torch.device(ctx.device)
     torch.manual_seed(cfg["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
 
-    bundle = factory.create(cfg["model"], pretrained=spec.pretrained, device=device, aug=augmentation(cfg))
+    bundle = factory.create(cfg["model"], pretrained=spec.pretrained, device=device,
+                            aug={"scale": (cfg["crop_scale_min"], 1.0)})
     model = bundle.model
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)

@@ -77,8 +77,7 @@ def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int,
     if ray_data:
         from clipline.components.train.data import ray_dataset
 
-        datasets = {"train": ray_dataset(spec.snapshot, spec.train["model"], spec.train["crop_scale_min"],
-                                          gray_scale_prob=spec.train.get("gray_scale_prob", 0.0))}
+        datasets = {"train": ray_dataset(spec.snapshot, spec.train["model"], spec.train["crop_scale_min"])}
     trainer = TorchTrainer(
         _train_func,
         datasets=datasets,
