@@ -211,6 +211,16 @@ DEMO_FAULTS: tuple[str, ...] = (
 )
 
 
+#: the demo's training recipe (DemoConfig.train), chosen for a 2-core CPU and a ~3 minute budget:
+#: a small CNN image tower (timm's test_resnet) at 64 px, letterboxed like the ingested images;
+#: one torch thread, so that the DataLoader worker has the other core and a busy machine does not
+#: make two OpenMP threads spin against each other. Measured by benchmarks/demo_time.py.
+DEMO_TRAIN: dict[str, Any] = {
+    "model": "clipline-demo", "batch_size": 64, "steps": 600, "lr": 2e-3, "warmup_steps": 20,
+    "crop_scale_min": 0.8, "threads": 1, "loader_workers": 1, "checkpoint_every": 1000,
+}
+
+
 class DemoConfig(_Section):
     seed: int = 0
     n_images: int = Field(3000, ge=10)
@@ -229,6 +239,22 @@ class DemoConfig(_Section):
     oversized_bytes: int = Field(25_000_000, ge=1, description="body size of an 'oversized' response")
     bomb_side: int = Field(20_000, ge=1, description="declared width and height of the decompression bomb")
     warm_cache: bool = Field(True, description="render every image in a background thread at start")
+    reuse_port: bool = Field(
+        True, description="with port 0, serve on the port the last demo in this data dir used (same URLs, so a rerun "
+                          "fetches nothing new); a free port when that one is taken")
+    train: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEMO_TRAIN),
+        description="the demo's training recipe: [train] settings used by `clipline demo` unless the [train] section "
+                    "or CLIPLINE_TRAIN__* sets them; a [demo.train] table changes the values it names")
+
+    @field_validator("train")
+    @classmethod
+    def _train_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown train setting(s) {', '.join(unknown)}; known: {', '.join(TrainConfig.model_fields)}")
+        TrainConfig(**v)  # each value must be valid for its field
+        return {**DEMO_TRAIN, **v}  # a [demo.train] table changes the recipe's values it names
 
     @field_validator("fault_weights")
     @classmethod

@@ -78,27 +78,81 @@ def _global(
 def demo(
     n: Optional[int] = typer.Option(None, "--n", help="Toy-web size (default: demo.n_images)."),
 ) -> None:
-    """The main job: serve the toy web, run the whole pipeline on it, print a summary."""
+    """The main job: serve the toy web, run the whole pipeline on it, print a summary.
+
+    Trains with the demo's recipe (config demo.train) unless [train] settings say otherwise. A rerun
+    on the same data dir serves the same URLs (the port recorded there) and does no new work."""
+    import contextlib
+    import json
+    import time
+
+    import os
+
+    t0 = time.perf_counter()
+    # Prefect's ephemeral server gets 20 s to start by default; on a busy 2-core machine (the toy web
+    # drawing its pictures meanwhile) that is not always enough
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     overrides: dict[str, Any] = {"demo": {"n_images": n} if n else {}}
     cfg = get_config(**overrides)
+    recipe = {k: v for k, v in cfg.demo.train.items() if k not in cfg.train.model_fields_set}
+    for k, v in recipe.items():
+        setattr(cfg.train, k, v)
     from clipline.components.demo import serve_toy_web, write_heldout_set, write_seen_set
+    from clipline.components.demo.server import recorded_ports
     from clipline.flows.pipeline import pipeline_flow, summary_rows
 
     eval_dir = cfg.data_dir / "eval"
+    web_dir = cfg.data_dir / "toyweb"
     with console.status("writing the held-out and seen-combination evaluation sets"):
         heldout = write_heldout_set(eval_dir, seed=cfg.demo.seed)
         seen = write_seen_set(eval_dir, seed=cfg.demo.seed)
     # the toy web's `timeout` fault hangs for a minute: a short deadline keeps the demo brisk
     cfg.ingest.read_timeout = min(cfg.ingest.read_timeout, 4.0)
     cfg.ingest.total_timeout = min(cfg.ingest.total_timeout, 8.0)
-    with serve_toy_web(cfg.demo, cfg.data_dir / "toyweb") as web:
+    with contextlib.ExitStack() as stack:
+        web = None
+        ports = recorded_ports(web_dir) if cfg.demo.port == 0 and cfg.demo.reuse_port else None
+        if ports is not None:
+            try:
+                # a rerun fetches few or no URLs: draw pictures on request instead of all ahead of time
+                web = stack.enter_context(serve_toy_web(cfg.demo.model_copy(
+                    update={"port": ports[0], "internal_port": ports[1], "warm_cache": False}), web_dir))
+            except OSError as e:
+                console.print(f"[yellow]note:[/] the port this data dir's toy web used before ({ports[0]}) is not "
+                              f"free ({e.__cause__ or e}); serving on a new port, so its URLs are new to the "
+                              "catalog and are fetched again", highlight=False, soft_wrap=True)
+        if web is None:
+            try:
+                web = stack.enter_context(serve_toy_web(cfg.demo, web_dir))
+            except OSError as e:
+                fail(str(e))
+                return
         cfg.ingest.allow_hosts = [*cfg.ingest.allow_hosts, web.allow_host]
-        console.print(f"toy web: {len(web.items):,} URLs at {web.base_url} (list: {web.url_list})")
+        console.print(f"toy web: {len(web.items):,} URLs at {web.base_url} (list: {web.url_list})", highlight=False)
         result = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data), str(seen.data)],
                                decontaminate=str(heldout.data))
-    _print_summary(cfg, summary_rows(result), extra=[
-        ("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
-    ])
+    seconds = time.perf_counter() - t0
+    rows = summary_rows(result)
+    extra = [("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
+             ("demo time", f"{seconds:.0f} s")]
+    metrics = result.evaluation.eval.metrics if result.evaluation is not None else {}
+    summary = {
+        "seconds": round(seconds, 1), "skipped": result.skipped, "chance_acc1": heldout.chance_acc1,
+        "heldout_acc1": metrics.get(f"zeroshot/{heldout.name}/acc1"), "seen_acc1": metrics.get(f"zeroshot/{seen.name}/acc1"),
+        "metrics": metrics, "rows": rows, "train_recipe": recipe, "toy_web": web.base_url,
+        "n_urls": len(web.items), "n_fetched": result.ingest.n_fetched,
+        "train": None if result.train is None else {
+            "model": result.train.model_name, "steps": result.train.steps,
+            "seconds": result.train.train_seconds, "samples_per_s": result.train.samples_per_s},
+        "model_version": None if result.evaluation is None or result.evaluation.registry is None else {
+            "name": result.evaluation.registry.name, "version": result.evaluation.registry.version,
+            "alias": result.evaluation.registry.alias},
+    }
+    cfg.reports_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.reports_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(cfg, rows, extra=extra)
+    if result.skipped:
+        console.print(f"[bold]{result.skipped}[/]", highlight=False, soft_wrap=True)
 
 
 def _print_summary(cfg: Config, rows: list[tuple[str, str]], extra: list[tuple[str, str]] = ()) -> None:
@@ -108,8 +162,9 @@ def _print_summary(cfg: Config, rows: list[tuple[str, str]], extra: list[tuple[s
     for k, v in [*rows, *extra]:
         t.add_row(k, v)
     console.print(t)
-    console.print(f"MLflow UI:  clipline --data-dir {cfg.data_dir} ui    (tracking URI {cfg.mlflow_uri})")
-    console.print("Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
+    console.print(f"MLflow UI:  clipline --data-dir {cfg.data_dir} ui    (tracking URI {cfg.mlflow_uri})", highlight=False,
+                  soft_wrap=True)
+    console.print("Prefect UI: prefect server start   (then open http://127.0.0.1:4200)", highlight=False)
 
 
 # ---- demo-web ----

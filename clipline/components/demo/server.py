@@ -284,4 +284,21 @@ def serve_toy_web(cfg: DemoConfig, out_dir: Path | str, n: int | None = None) ->
         srv.stop()
 
 
-__all__ = ["ToyWeb", "serve_toy_web", "write_url_list", "URL_LIST_NAME"]
+def recorded_ports(out_dir: Path | str) -> tuple[int, int] | None:
+    """The (toy web, internal stand-in) ports that the last toy web served from ``out_dir`` recorded
+    in its ``toyweb.json``, or None when there is no readable record. Serving on the same ports
+    again gives the same URLs, so a rerun's ingest finds them all already seen."""
+    from urllib.parse import urlsplit
+
+    try:
+        info = json.loads((Path(out_dir) / INFO_NAME).read_text())
+        main = urlsplit(info["base_url"]).port
+        internal = urlsplit(info["internal_base_url"]).port
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not main or not internal:
+        return None
+    return int(main), int(internal)
+
+
+__all__ = ["ToyWeb", "recorded_ports", "serve_toy_web", "write_url_list", "URL_LIST_NAME"]

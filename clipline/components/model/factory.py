@@ -19,19 +19,40 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
 META_FILE = "clipline.json"
 
-open_clip.add_model_config(CONFIG_DIR)
+
+
+def _register_configs() -> dict[str, dict[str, Any]]:
+    """Register our JSON configs into open_clip. A config may carry a ``preprocess_cfg`` block
+    (open_clip's hub-config key: ``resize_mode``, ``fill_color``, ``interpolation``...): it is kept
+    out of the model constructor's arguments and applied to the model's preprocessing instead, so
+    the checkpoint's ``open_clip_config.json`` records it and evaluation resizes the same way."""
+    open_clip.add_model_config(CONFIG_DIR)
+    from open_clip import factory as _ocf
+
+    preprocess: dict[str, dict[str, Any]] = {}
+    for path in CONFIG_DIR.glob("*.json"):
+        cfg = _ocf._MODEL_CONFIGS.get(path.stem)
+        if cfg is not None and "preprocess_cfg" in cfg:
+            preprocess[path.stem] = cfg.pop("preprocess_cfg")
+    return preprocess
+
+
+#: model name -> preprocess overrides from its JSON config
+PREPROCESS_OVERRIDES: dict[str, dict[str, Any]] = _register_configs()
 
 
 class ModelError(ValueError):
@@ -104,8 +125,15 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     weights = None
     if pretrained is not None:
         weights = resolve_weights(pretrained)
-    model, train_tf, val_tf = open_clip.create_model_and_transforms(
-        name, pretrained=None, device=device, aug_cfg=aug or {}, output_dict=True)
+    model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True,
+                                   force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name))
+    pp = PreprocessCfg(**model.visual.preprocess_cfg)
+    with warnings.catch_warnings():
+        # open_clip warns about every aug_cfg key but 'scale' even though it applies
+        # color_jitter/gray_scale_prob itself (transform.py)
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        train_tf = image_transform_v2(pp, is_train=True, aug_cfg=aug or {})
+    val_tf = image_transform_v2(pp, is_train=False)
     if weights is not None:
         try:
             open_clip.load_checkpoint(model, str(weights))
