@@ -86,12 +86,7 @@ def demo(
     import json
     import time
 
-    import os
-
     t0 = time.perf_counter()
-    # Prefect's ephemeral server gets 20 s to start by default; on a busy 2-core machine (the toy web
-    # drawing its pictures meanwhile) that is not always enough
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     overrides: dict[str, Any] = {"demo": {"n_images": n} if n else {}}
     cfg = get_config(**overrides)
     recipe = {k: v for k, v in cfg.demo.train.items() if k not in cfg.train.model_fields_set}
@@ -715,7 +710,7 @@ def main() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Prefect's embedded server gets 20 s to start by default; a busy 2-core laptop needs more
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:
