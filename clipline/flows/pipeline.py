@@ -103,18 +103,29 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
     t = r.train
     rows.append(("training", f"{t.model_name}: {t.steps} steps in {t.train_seconds:.0f} s, "
                              f"{t.samples_per_s:.0f} samples/s, final loss {t.final_loss:.3f}"))
-    m = r.evaluation.eval.metrics
+    rows += evaluation_rows(r.evaluation)
+    return rows
+
+
+def evaluation_rows(ev: EvaluateFlowResult) -> list[tuple[str, str]]:
+    """Zero-shot top-1 per set, retrieval R@5, and the registry's decision, as summary rows."""
+    rows = []
+    m = ev.eval.metrics
     for k in sorted(m):
         if k.startswith("zeroshot/") and k.endswith("/acc1"):
             rows.append((f"zero-shot top-1 ({k.split('/')[1]})", f"{m[k]:.3f}"))
     for k in ("retrieval/val/image_to_text_R5", "retrieval/val/text_to_image_R5"):
         if k in m:
             rows.append((k.replace("retrieval/val/", "retrieval R@5 ").replace("_R5", ""), f"{m[k]:.3f}"))
-    reg = r.evaluation.registry
+    reg = ev.registry
     if reg is not None:
         rows.append(("model version", f"{reg.name} v{reg.version} -> {reg.alias} ({reg.decision.reason})"))
     return rows
 
 
+def markdown_table(title: str, rows: list[tuple[str, str]]) -> str:
+    return f"## {title}\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
 def summary_markdown(r: PipelineResult) -> str:
-    return "## clipline pipeline\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary_rows(r))
+    return markdown_table("clipline pipeline", summary_rows(r))

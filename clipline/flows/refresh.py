@@ -36,6 +36,7 @@ from clipline.components.train.run import TrainResult
 from clipline.flows.curate import curate_flow
 from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
 from clipline.flows.ingest import ingest_flow
+from clipline.flows.pipeline import evaluation_rows, markdown_table
 from clipline.flows.train import train_flow
 
 
@@ -204,15 +205,8 @@ def summary_rows(r: RefreshResult) -> list[tuple[str, str]]:
     t = r.train
     start = f"fine-tuned from v{r.parent_version}" if r.parent_version else "from scratch"
     rows.append(("training", f"{t.model_name} {start}: {t.steps} steps, final loss {t.final_loss:.3f}"))
-    m = r.evaluation.eval.metrics
-    for k in sorted(m):
-        if k.startswith("zeroshot/") and k.endswith("/acc1"):
-            rows.append((f"zero-shot top-1 ({k.split('/')[1]})", f"{m[k]:.3f}"))
-    reg = r.evaluation.registry
-    if reg is not None:
-        rows.append(("model version", f"{reg.name} v{reg.version} -> {reg.alias} ({reg.decision.reason})"))
-    return rows
+    return rows + evaluation_rows(r.evaluation)
 
 
 def summary_markdown(r: RefreshResult) -> str:
-    return "## clipline refresh\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary_rows(r))
+    return markdown_table("clipline refresh", summary_rows(r))
