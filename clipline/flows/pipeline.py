@@ -41,13 +41,9 @@ class PipelineResult:
 
 
 def _has_champion(cfg: Config) -> bool:
-    from clipline.components.tracking.runs import client
+    from clipline.components.tracking.registry import current_alias
 
-    try:
-        client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "champion")
-        return True
-    except Exception:  # noqa: BLE001 - no registered model or no alias: both mean "no champion"
-        return False
+    return current_alias(cfg, "champion") is not None
 
 
 @flow(name="pipeline", log_prints=True)
