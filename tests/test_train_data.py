@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from clipline.components.model import factory
 from clipline.components.train import synthetic
-from clipline.components.train.data import BatchDecoder, SnapshotError, SnapshotStream, resolve_snapshot
+from clipline.components.train.data import (BatchDecoder, SnapshotError, SnapshotStream, normalize_on_device,
+                                            resolve_snapshot, split_normalize)
 
 
 class _KeyDecoder:
@@ -73,6 +75,34 @@ def test_decoder_makes_model_ready_tensors_and_counts_bad_images(snap):
     assert all(x["image"].shape[1:] == (3, 32, 32) and x["text"].shape[1] == 16 for x in batches)
     assert sum(x["n_bad"] for x in batches) + sum(x["image"].shape[0] for x in batches) == len(batches) * 32
     assert 1 <= sum(x["n_bad"] for x in batches) <= 3
+
+
+def test_uint8_feed_normalised_on_device_equals_the_float_feed(snap):
+    """The GPU feed (uint8 pixels from the workers, normalised after the copy) gives the model the same
+    tensors as the float feed, crops included, and a quarter of the bytes."""
+    root, sid = snap
+    info = resolve_snapshot(root, None, sid)
+    b = factory.create("clipline-nano", aug={"scale": (0.5, 1.0), "color_jitter_prob": 0.5,
+                                             "color_jitter": (0.3, 0.3, 0.3, 0.0)})
+    as_float = BatchDecoder(b.train_transform, b.tokenizer, b.image_size)
+    as_uint8 = BatchDecoder(b.train_transform, b.tokenizer, b.image_size, uint8=True)
+    torch.manual_seed(7), random.seed(7)  # crops draw from torch, open_clip's colour jitter from random
+    f = list(SnapshotStream(info, as_float, 32, seed=1))
+    torch.manual_seed(7), random.seed(7)
+    u = list(SnapshotStream(info, as_uint8, 32, seed=1))
+    assert len(f) == len(u) > 0
+    for x, y in zip(f, u):
+        assert y["image"].dtype == torch.uint8 and x["image"].dtype == torch.float32
+        assert y["image"].element_size() * 4 == x["image"].element_size()
+        torch.testing.assert_close(normalize_on_device(y["image"], as_uint8.mean, as_uint8.std), x["image"],
+                                   rtol=0, atol=1e-6)
+        assert torch.equal(x["text"], y["text"]) and x["n_bad"] == y["n_bad"]
+    assert normalize_on_device(f[0]["image"], as_uint8.mean, as_uint8.std) is f[0]["image"]
+
+
+def test_uint8_feed_refuses_a_transform_it_cannot_split():
+    with pytest.raises(ValueError, match="uint8 feed needs a transform ending in ToTensor, Normalize"):
+        split_normalize(lambda img: img)
 
 
 def test_bad_snapshots_are_named(tmp_path: Path):

@@ -16,7 +16,7 @@ import torch
 from clipline.components.model import factory
 from clipline.components.model.loss import ContrastiveLoss, clamp_logit_scale_
 from clipline.components.train import checkpoint as ckpt
-from clipline.components.train.data import BatchDecoder, SnapshotInfo, SnapshotStream
+from clipline.components.train.data import BatchDecoder, SnapshotInfo, SnapshotStream, normalize_on_device
 
 
 class TrainingDiverged(RuntimeError):
@@ -168,7 +168,9 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = ContrastiveLoss(world_size=ctx.world_size)
     local_batch = cfg["batch_size"] // ctx.world_size
-    decoder = BatchDecoder(bundle.train_transform, bundle.tokenizer, bundle.image_size)
+    # on a GPU, workers hand over uint8 pixels (4x fewer bytes to pass and pin) normalised after the copy
+    on_gpu = device.type == "cuda"
+    decoder = BatchDecoder(bundle.train_transform, bundle.tokenizer, bundle.image_size, uint8=on_gpu)
     logger = _MlflowLogger(spec.mlflow_uri, spec.mlflow_run_id, cfg["log_every"]) if rank0 else None
     meta = {"model_name": cfg["model"], "snapshot_id": spec.snapshot.snapshot_id, "run_id": spec.mlflow_run_id,
             "run_name": spec.run_name, "train": cfg}
@@ -206,7 +208,7 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                                  f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size")
             loader = torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=cfg["loader_workers"],
-                persistent_workers=False, prefetch_factor=4 if cfg["loader_workers"] else None)
+                persistent_workers=False, prefetch_factor=4 if cfg["loader_workers"] else None, pin_memory=on_gpu)
             for batch in loader:
                 if step >= spec.total_steps:
                     break
@@ -216,7 +218,10 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                         marker.touch()
                         raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
                 bad_images += batch.get("n_bad", 0)
-                images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                images = batch["image"].to(device, non_blocking=True)
+                if on_gpu:
+                    images = normalize_on_device(images, decoder.mean, decoder.std)
+                images = images.contiguous(memory_format=memory_format)
                 texts = batch["text"].to(device, non_blocking=True)
                 n = images.shape[0]
                 if ctx.world_size > 1:
