@@ -168,9 +168,11 @@ def other_language_mask(texts: Sequence[str | None], language: str, min_confiden
 
 # ---- compiled backend -------------------------------------------------------------------------
 
-def _score_loop(data, starts, ends, nextmove, w, has_w, prior, out_best, out_p):  # pragma: no cover - compiled
+def _score_loop(data, starts, ends, nextmove, w, has_w, prior, skip_class, out_best, out_p):  # pragma: no cover - compiled
     """langid's scores for strings ``data[starts[i]:ends[i]]``: DFA step per byte, add the state's
-    row of W, then arg-max and langid's normalised probability of the best class."""
+    row of W, then arg-max and langid's normalised probability of the best class. Where the best
+    class is ``skip_class`` the probability is not computed (set to -1): a caller asking "which
+    texts are in another language" needs no probability for texts in its own."""
     n, n_lang = starts.shape[0], w.shape[1]
     n_chunks = min(n, 64)
     for c in prange(n_chunks):  # contiguous chunks, one score buffer each
@@ -193,10 +195,13 @@ def _score_loop(data, starts, ends, nextmove, w, has_w, prior, out_best, out_p):
             for k in range(1, n_lang):
                 if acc[k] > acc[best]:
                     best = k
+            out_best[i] = best
+            if best == skip_class:
+                out_p[i] = -1.0
+                continue
             tot = 0.0
             for k in range(n_lang):
                 tot += np.exp(acc[k] - acc[best])
-            out_best[i] = best
             out_p[i] = 1.0 / tot
 
 
@@ -217,11 +222,12 @@ def _kernel_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def classify_arrow(texts: pa.Array | pa.ChunkedArray, max_bytes: int = 2048,
-                   threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                   threads: int = 2, skip_class: int = -3) -> tuple[np.ndarray, np.ndarray]:
     """(class index, probability) per string of an Arrow string array, computed on its UTF-8
     buffer in place; -1 and 0 for null/empty strings. Same answers as :func:`classify_langid` for
     texts up to ``max_bytes`` bytes (longer ones are judged on their first ``max_bytes``). Uses the
-    compiled loop, or :func:`classify_vectorized` where numba is missing."""
+    compiled loop, or :func:`classify_vectorized` where numba is missing. Texts whose best class is
+    ``skip_class`` get probability -1 instead of theirs (compiled loop only; saves the softmax)."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     n = len(texts)
@@ -245,7 +251,7 @@ def classify_arrow(texts: pa.Array | pa.ChunkedArray, max_bytes: int = 2048,
 
     numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     nextmove, w, has_w, prior = _kernel_tables()
-    kernel(data, starts, ends, nextmove, w, has_w, prior, best, probs)
+    kernel(data, starts, ends, nextmove, w, has_w, prior, int(skip_class), best, probs)
     return best, probs
 
 
@@ -257,9 +263,9 @@ def other_language_mask_arrow(texts: pa.Array | pa.ChunkedArray, language: str, 
             texts = texts.combine_chunks()
         return other_language_mask(texts.to_pylist(), language, min_confidence, backend, threads)
     classes = _tables()[3]
-    best, probs = classify_arrow(texts, threads=threads)
     try:
         target = classes.index(language)
     except ValueError:
         target = -2  # a language langid does not know: every confident answer is another language
+    best, probs = classify_arrow(texts, threads=threads, skip_class=target)  # no softmax for `language` texts
     return (best >= 0) & (best != target) & (probs >= min_confidence)

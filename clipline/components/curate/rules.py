@@ -82,12 +82,12 @@ def _sql_literal(s: str) -> str:
 
 
 def blocklist_regex(terms: list[str]) -> str:
-    """A SQL string literal of an RE2 pattern matching any term as a whole word, or a pattern
-    that never matches when the list is empty."""
+    """A SQL string literal of an RE2 pattern matching any term as a whole word, ignoring case, or a
+    pattern that never matches when the list is empty."""
     if not terms:
         return _sql_literal(r"$.^")
     alternatives = "|".join(re.escape(t).replace(r"\ ", r"\s+") for t in terms)
-    return _sql_literal(rf"(^|\W)({alternatives})($|\W)")
+    return _sql_literal(rf"(?i)(^|\W)({alternatives})($|\W)")
 
 
 def sql_rules(cfg: CurateConfig, rules_file: Path | None = None) -> list[Rule]:

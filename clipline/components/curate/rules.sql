@@ -18,7 +18,9 @@
 -- collapsed, control characters removed), status, width, height, original_width,
 -- original_height (NULL when unknown), sha256, phash.
 -- {placeholders} are filled from the [curate] config section; {blocklist_regex} is built from
--- the blocklist file (one term per line, matched as whole words, case-insensitive).
+-- the blocklist file (one term per line, matched as whole words, case-insensitive). Patterns
+-- match case-insensitively with RE2's (?i) flag rather than on lower(caption): the same matches
+-- without building a lower-cased copy of every caption.
 
 -- rule: failed_download
 status IS DISTINCT FROM 'success'
@@ -37,8 +39,8 @@ greatest(coalesce(original_width, width), coalesce(original_height, height))
 caption IS NULL OR caption = ''
 
 -- rule: caption_is_pattern
-regexp_full_match(lower(caption),
-  '(https?://|www\.)\S+'                                              -- only a URL
+regexp_full_match(caption,
+  '(?i)(https?://|www\.)\S+'                                              -- only a URL
   || '|[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)'     -- only a file name
   || '|(img|dsc|dscn|dscf|pxl|dcim|photo|image|pic|screenshot)[_\- ]?[\d_\- ]+'  -- camera name
   || '|[\d\W_]+')                                                     -- only digits/punctuation
@@ -53,4 +55,4 @@ length(caption) < {min_caption_chars}
 length(caption) > {max_caption_chars}
 
 -- rule: blocklisted
-regexp_matches(lower(caption), {blocklist_regex})
+regexp_matches(caption, {blocklist_regex})
