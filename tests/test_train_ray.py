@@ -36,3 +36,34 @@ def test_ray_data_feed_trains_two_workers(data_dir, snapshot, mlflow_uri, ray_lo
     assert len(_history(res.run_id, "train/loss")) == 4
     meta = json.loads((res.checkpoint_dir / "clipline.json").read_text())
     assert meta["step"] == 4 and meta["train"]["data_feed"] == "ray"
+
+
+def test_use_gpu_auto_follows_the_ray_clusters_gpus_not_the_drivers():
+    """On a cluster the driver usually has no GPU: ``use_gpu = "auto"`` reads the cluster's GPUs. Ray
+    resources are logical, so a local Ray declaring 2 GPUs stands in for a cluster with 2 GPU nodes."""
+    import subprocess
+    import sys
+
+    code = """
+import warnings, ray
+ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, log_to_driver=False)
+from clipline.components.train.ray import resolve_use_gpu
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    print(resolve_use_gpu("auto", 2), resolve_use_gpu("auto", 3), resolve_use_gpu("no", 1), resolve_use_gpu("yes", 4))
+    print(str(w[0].message) if w else "")
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    decisions, warning = out.stdout.strip().splitlines()[-2:]
+    assert decisions == "True False False True"
+    assert "2 GPU(s) for 3 train workers: training on CPUs" in warning
+
+
+def test_use_gpu_auto_on_a_cluster_without_gpus_trains_on_cpus(ray_local):
+    from clipline.components.train.ray import resolve_use_gpu
+
+    assert resolve_use_gpu("auto", 2) is False

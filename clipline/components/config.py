@@ -135,7 +135,8 @@ class TrainConfig(_Section):
         "auto", description="auto: Ray Data on a Ray cluster (RAY_ADDRESS), else a torch IterableDataset")
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per trainer")
     threads: int = Field(0, ge=0, description="torch threads per trainer (0 = cores / trainers)")
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="auto: on Ray, GPUs when the cluster has one per worker; else when this machine has one")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False
     channels_last: bool = Field(True, description="channels-last image tower (faster convolutions)")

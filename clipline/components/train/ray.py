@@ -57,6 +57,33 @@ def _train_func(config: dict[str, Any]) -> None:
         Path(spec.run_dir / "summary.json").write_text(__import__("json").dumps(summary.__dict__, default=str))
 
 
+def connect() -> None:
+    """Join ``RAY_ADDRESS`` when set, else start (or reuse) a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+
+
+def resolve_use_gpu(setting: str, workers: int) -> bool:
+    """``train.use_gpu`` on Ray: "yes"/"no" as said; "auto" = GPUs when the cluster has one per
+    worker right now (``ray.cluster_resources()``), as the driver of a cluster usually has none
+    itself. An autoscaling cluster whose GPU nodes are not up yet reads as having none: set "yes"
+    there, and Ray starts them."""
+    if setting != "auto":
+        return setting == "yes"
+    import ray
+
+    connect()
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if 0 < gpus < workers:
+        import warnings
+
+        warnings.warn(f"the Ray cluster has {gpus:g} GPU(s) for {workers} train workers: training on CPUs; "
+                      "lower train.workers to the GPU count or set train.use_gpu = 'yes' to wait for more")
+    return gpus >= workers > 0
+
+
 def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int, storage_path: Path,
                  threads: int = 0, ray_data: bool = False) -> LoopSummary:
     """Run the loop on ``workers`` Ray Train workers; returns rank 0's summary.
@@ -66,12 +93,10 @@ def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int,
     """
     import json
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    connect()
     storage_path.mkdir(parents=True, exist_ok=True)
     datasets = None
     if ray_data:

@@ -123,8 +123,9 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
         use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and torch.cuda.is_available())
         threads = tc.threads or max(1, (os.cpu_count() or 1) // tc.workers)
         if use_ray(cfg):
-            from clipline.components.train.ray import run_with_ray
+            from clipline.components.train.ray import resolve_use_gpu, run_with_ray
 
+            use_gpu = resolve_use_gpu(tc.use_gpu, tc.workers)  # the cluster's GPUs, not the driver's
             ray_data = tc.data_feed == "ray" or (tc.data_feed == "auto" and bool(os.environ.get("RAY_ADDRESS")))
             summary = run_with_ray(spec, tc.workers, use_gpu, tc.max_failures, cfg.checkpoints_dir / "_ray",
                                    threads=threads, ray_data=ray_data)
