@@ -236,7 +236,8 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = ddp(images, texts)
                     loss = loss_fn(out["image_features"].float(), out["text_features"].float(), model.logit_scale)
-                loss_val = float(loss.detach())
+                # one host read per step (a GPU sync): the loss for the NaN stop, with the scale it used
+                loss_val, scale_val = torch.stack([loss.detach(), model.logit_scale.detach().exp()]).tolist()
                 if not math.isfinite(loss_val):
                     save(f"step-{step:08d}", {"loss": loss_val, "step": step})
                     raise TrainingDiverged(
@@ -257,8 +258,7 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                 if rank0:
                     now = time.perf_counter()
                     metrics = {"train/loss": loss_val, "train/lr": opt.param_groups[0]["lr"],
-                               "train/temperature": 1.0 / float(model.logit_scale.detach().exp()),
-                               "train/logit_scale": float(model.logit_scale.detach().exp()),
+                               "train/temperature": 1.0 / scale_val, "train/logit_scale": scale_val,
                                "train/samples_per_s": n_window / max(1e-9, now - t_window)}
                     if step % cfg["log_every"] == 0:
                         t_window, n_window = now, 0
