@@ -331,8 +331,9 @@ async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: P
 def _run_on_ray(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None):
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    from clipline.components.cluster import connect_ray
+
+    connect_ray()
     remote = ray.remote(ingest_shard)
     isets = ImageSettings.from_config(cfg.ingest)
     parts = _partition(todo, cfg.ingest.shard_size)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clipline.components.cluster import connect_ray
 from clipline.components.train.loop import LoopSpec, LoopSummary
 
 
@@ -57,14 +58,6 @@ def _train_func(config: dict[str, Any]) -> None:
         Path(spec.run_dir / "summary.json").write_text(__import__("json").dumps(summary.__dict__, default=str))
 
 
-def connect() -> None:
-    """Join ``RAY_ADDRESS`` when set, else start (or reuse) a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-
-
 def resolve_use_gpu(setting: str, workers: int) -> bool:
     """``train.use_gpu`` on Ray: "yes"/"no" as said; "auto" = GPUs when the cluster has one per
     worker right now (``ray.cluster_resources()``), as the driver of a cluster usually has none
@@ -74,7 +67,7 @@ def resolve_use_gpu(setting: str, workers: int) -> bool:
         return setting == "yes"
     import ray
 
-    connect()
+    connect_ray()
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if 0 < gpus < workers:
         import warnings
@@ -96,7 +89,7 @@ def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    connect()
+    connect_ray()
     storage_path.mkdir(parents=True, exist_ok=True)
     datasets = None
     if ray_data:
