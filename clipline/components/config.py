@@ -217,7 +217,7 @@ DEMO_FAULTS: tuple[str, ...] = (
 #: one torch thread, so that the DataLoader worker has the other core and a busy machine does not
 #: make two OpenMP threads spin against each other. Measured by benchmarks/demo_time.py.
 DEMO_TRAIN: dict[str, Any] = {
-    "model": "clipline-demo", "batch_size": 64, "steps": 600, "lr": 2e-3, "warmup_steps": 20,
+    "model": "clipline-demo", "batch_size": 64, "steps": 700, "lr": 2e-3, "warmup_steps": 20,
     "crop_scale_min": 0.8, "threads": 1, "loader_workers": 1, "checkpoint_every": 1000,
 }
 

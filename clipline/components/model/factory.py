@@ -128,11 +128,7 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True,
                                    force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name))
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
-    with warnings.catch_warnings():
-        # open_clip warns about every aug_cfg key but 'scale' even though it applies
-        # color_jitter/gray_scale_prob itself (transform.py)
-        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
-        train_tf = image_transform_v2(pp, is_train=True, aug_cfg=aug or {})
+    train_tf = make_train_transform(pp, aug)
     val_tf = image_transform_v2(pp, is_train=False)
     if weights is not None:
         try:
@@ -144,6 +140,49 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     return ModelBundle(name=name, model=model, tokenizer=open_clip.get_tokenizer(name),
                        train_transform=train_tf, val_transform=val_tf, model_cfg=cfg,
                        preprocess_cfg=preprocess_cfg)
+
+
+def preprocess_for(name: str) -> PreprocessCfg:
+    """The preprocessing of model ``name`` from its config alone (no model built): input size plus
+    the ``preprocess_cfg`` overrides of our JSON configs, open_clip's defaults otherwise."""
+    size = model_config(name)["vision_cfg"]["image_size"]
+    return PreprocessCfg(size=size, **PREPROCESS_OVERRIDES.get(name, {}))
+
+
+def make_train_transform(pp: PreprocessCfg, aug: dict[str, Any] | None = None) -> Callable:
+    """The training transform for preprocessing ``pp``: :func:`letterbox_train_transform` for a
+    letterboxing model (``resize_mode`` "longest"), else open_clip's (RandomResizedCrop with
+    ``aug``'s ``scale``, colour jitter and grey-scale options)."""
+    aug = dict(aug or {})
+    if pp.resize_mode == "longest":
+        return letterbox_train_transform(image_transform_v2(pp, is_train=False), pp,
+                                         float(aug.get("scale", (1.0, 1.0))[0]))
+    with warnings.catch_warnings():
+        # open_clip warns about every aug_cfg key but 'scale' even though it applies
+        # color_jitter/gray_scale_prob itself (transform.py)
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        return image_transform_v2(pp, is_train=True, aug_cfg=aug)
+
+
+def letterbox_train_transform(val_tf: Callable, pp: PreprocessCfg, scale_min: float,
+                              max_shift: float = 0.1) -> Callable:
+    """The training transform of a model that letterboxes (``resize_mode`` "longest": the whole
+    picture, longest side to the input size, padded with ``fill_color``): evaluation's own resize and
+    pad, then a random zoom by a factor in [sqrt(scale_min), 1/sqrt(scale_min)] and a random shift of
+    up to ``max_shift`` of the side, filled with the padding colour.
+
+    open_clip's training transform (RandomResizedCrop) squashes the picture to a square with a random
+    aspect ratio and may crop part of it away; for a letterboxing model that means training on
+    distorted shapes it never sees at evaluation, and on crops that cut off the object a caption
+    names. This keeps the aspect ratio and (for scale_min >= 0.8) nearly all of the picture, and
+    changes no colour. No flips: captions may say "left" or "right"."""
+    from torchvision import transforms as T
+
+    steps = list(val_tf.transforms)  # ResizeKeepRatio, CenterCropOrPad, then to-RGB/tensor/normalise
+    zoom = max(1e-3, min(1.0, scale_min)) ** 0.5
+    fill = pp.fill_color if isinstance(pp.fill_color, int) else tuple(pp.fill_color)
+    affine = T.RandomAffine(degrees=0, translate=(max_shift, max_shift), scale=(zoom, 1 / zoom), fill=fill)
+    return T.Compose(steps[:2] + [affine] + steps[2:])
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -250,9 +250,9 @@ class RayDecode:
 
         from clipline.components.model import factory
 
-        cfg = factory.model_config(model_name)
-        size = cfg["vision_cfg"]["image_size"]
-        tf = open_clip.image_transform(size, is_train=True, aug_cfg={"scale": (crop_scale_min, 1.0)})
+        pp = factory.preprocess_for(model_name)
+        tf = factory.make_train_transform(pp, {"scale": (crop_scale_min, 1.0)})
+        size = pp.size[0] if isinstance(pp.size, (list, tuple)) else pp.size
         self.decoder = BatchDecoder(tf, open_clip.get_tokenizer(model_name), int(size))
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:

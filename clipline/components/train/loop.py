@@ -148,7 +148,10 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     memory_format = torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
     model.visual.to(memory_format=memory_format)  # ~20% faster convolutions on CPU (oneDNN) and GPU
     use_bf16 = device.type == "cuda" and cfg["precision"] in ("auto", "bf16")
-    opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+    # fused AdamW: one kernel over all parameters, ~3x faster than the per-tensor loop on CPU, where
+    # the small demo model's 3.2M-entry token embedding made the optimiser ~20% of a step
+    opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6,
+                            fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(min(cfg["warmup_steps"], max(1, spec.total_steps // 10)), spec.total_steps, cfg["min_lr_ratio"]))
 
