@@ -127,7 +127,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0, description="linear warmup, capped at 10% of the run's steps")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 switches clipping off")
-    crop_scale_min: float = Field(0.5, gt=0, le=1, description="RandomResizedCrop's smallest area share")
+    crop_scale_min: float = Field(
+        0.5, gt=0, le=1, description="RandomResizedCrop's smallest area share; for a letterboxing model, the "
+                                     "random zoom's range (1/sqrt .. sqrt of it)")
     workers: int = Field(1, ge=1, description="Ray Train workers")
     backend: Literal["auto", "local", "ray"] = Field(
         "auto", description="auto: Ray Train when workers > 1 or RAY_ADDRESS is set, else in-process")
