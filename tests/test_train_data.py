@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -79,16 +78,15 @@ def test_decoder_makes_model_ready_tensors_and_counts_bad_images(snap):
 
 def test_uint8_feed_normalised_on_device_equals_the_float_feed(snap):
     """The GPU feed (uint8 pixels from the workers, normalised after the copy) gives the model the same
-    tensors as the float feed, crops included, and a quarter of the bytes."""
+    tensors as the float feed, and a quarter of the bytes. Compared through the deterministic
+    evaluation transform: the random training transforms draw from process-wide RNGs (open_clip's
+    colour jitter from ``random``) that other threads of a test session may draw from too."""
     root, sid = snap
     info = resolve_snapshot(root, None, sid)
-    b = factory.create("clipline-nano", aug={"scale": (0.5, 1.0), "color_jitter_prob": 0.5,
-                                             "color_jitter": (0.3, 0.3, 0.3, 0.0)})
-    as_float = BatchDecoder(b.train_transform, b.tokenizer, b.image_size)
-    as_uint8 = BatchDecoder(b.train_transform, b.tokenizer, b.image_size, uint8=True)
-    torch.manual_seed(7), random.seed(7)  # crops draw from torch, open_clip's colour jitter from random
+    b = factory.create("clipline-nano")
+    as_float = BatchDecoder(b.val_transform, b.tokenizer, b.image_size)
+    as_uint8 = BatchDecoder(b.val_transform, b.tokenizer, b.image_size, uint8=True)
     f = list(SnapshotStream(info, as_float, 32, seed=1))
-    torch.manual_seed(7), random.seed(7)
     u = list(SnapshotStream(info, as_uint8, 32, seed=1))
     assert len(f) == len(u) > 0
     for x, y in zip(f, u):
@@ -98,6 +96,21 @@ def test_uint8_feed_normalised_on_device_equals_the_float_feed(snap):
                                    rtol=0, atol=1e-6)
         assert torch.equal(x["text"], y["text"]) and x["n_bad"] == y["n_bad"]
     assert normalize_on_device(f[0]["image"], as_uint8.mean, as_uint8.std) is f[0]["image"]
+
+
+def test_uint8_feed_runs_the_random_training_transform_before_the_split(snap):
+    """With crops and colour jitter, the uint8 feed still gives model-ready batches of the right size
+    and range (the random steps run on PIL images in the workers, before ToTensor)."""
+    root, sid = snap
+    info = resolve_snapshot(root, None, sid)
+    b = factory.create("clipline-nano", aug={"scale": (0.5, 1.0), "color_jitter_prob": 0.5,
+                                             "color_jitter": (0.3, 0.3, 0.3, 0.0)})
+    dec = BatchDecoder(b.train_transform, b.tokenizer, b.image_size, uint8=True)
+    assert [type(t).__name__ for t in dec.transform.transforms][-1] != "Normalize"
+    batch = next(iter(SnapshotStream(info, dec, 32, seed=1)))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 32, 32)
+    x = normalize_on_device(batch["image"], dec.mean, dec.std)
+    assert x.dtype == torch.float32 and -2.5 < float(x.min()) < float(x.max()) < 2.7
 
 
 def test_uint8_feed_refuses_a_transform_it_cannot_split():
