@@ -32,6 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from clipline.components.catalog import Catalog
+from clipline.components.cluster import connect_ray, ray_address
 from clipline.components.config import Config
 from clipline.components.ingest.fetch import Fetcher, FetchResult, FetchSettings
 from clipline.components.ingest.imaging import ImageSettings, ProcessedImage, process_batch
@@ -269,7 +270,7 @@ def ingest(cfg: Config, url_lists: Sequence[str], progress: ProgressFn | None = 
         result.n_fetched = todo.num_rows
         if todo.num_rows:
             fs = FetchSettings.from_config(cfg.ingest)
-            if resolver is None and not os.environ.get("CLIPLINE_INGEST_LOCAL") and os.environ.get("RAY_ADDRESS"):
+            if resolver is None and not os.environ.get("CLIPLINE_INGEST_LOCAL") and ray_address():
                 outs = _run_on_ray(cfg, todo, fs, progress)
             else:
                 outs = asyncio.run(_run_local(cfg, todo, fs, progress, resolver, catalog))
@@ -330,8 +331,6 @@ async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: P
 
 def _run_on_ray(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None):
     import ray
-
-    from clipline.components.cluster import connect_ray
 
     connect_ray()
     remote = ray.remote(ingest_shard)

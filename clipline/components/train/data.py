@@ -17,6 +17,7 @@ skip the batches it already trained on without decoding them.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass, field
@@ -126,9 +127,8 @@ class BatchDecoder:
 
     def _pixels(self, img: Image.Image) -> torch.Tensor:
         out = self.transform(img)
-        if self.uint8:
-            arr = np.asarray(out.convert("RGB"), dtype=np.uint8)
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        if self.uint8:  # one writable copy of the PIL pixels, channels first
+            return torch.from_numpy(np.array(out if out.mode == "RGB" else out.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
         return out
 
     def __call__(self, batch: pa.RecordBatch | pa.Table | dict[str, Any]) -> dict[str, Any]:
@@ -171,9 +171,17 @@ def normalize_on_device(images: torch.Tensor, mean: tuple[float, ...], std: tupl
     where ``images`` lives (on the GPU after the copy). Float tensors pass through unchanged."""
     if images.dtype != torch.uint8:
         return images
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), images.device)
     return images.to(torch.float32).div_(255).sub_(m).div_(s).to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    """mean and std as (1,C,1,1) tensors on ``device``, made once (not a host-to-device copy per batch)."""
+    def as_tensor(v: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(v, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+
+    return as_tensor(mean), as_tensor(std)
 
 
 class SnapshotStream(torch.utils.data.IterableDataset):

@@ -8,7 +8,6 @@ worker failure is restarted by ``FailureConfig`` from the last reported checkpoi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from clipline.components.cluster import ray_address
 from clipline.components.config import Config
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -46,7 +47,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def use_ray(cfg: Config) -> bool:
     t = cfg.train
-    return t.backend == "ray" or (t.backend == "auto" and (t.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))))
+    return t.backend == "ray" or (t.backend == "auto" and (t.workers > 1 or ray_address() is not None))
 
 
 def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None = None,
@@ -126,7 +127,7 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
             from clipline.components.train.ray import resolve_use_gpu, run_with_ray
 
             use_gpu = resolve_use_gpu(tc.use_gpu, tc.workers)  # the cluster's GPUs, not the driver's
-            ray_data = tc.data_feed == "ray" or (tc.data_feed == "auto" and bool(os.environ.get("RAY_ADDRESS")))
+            ray_data = tc.data_feed == "ray" or (tc.data_feed == "auto" and ray_address() is not None)
             summary = run_with_ray(spec, tc.workers, use_gpu, tc.max_failures, cfg.checkpoints_dir / "_ray",
                                    threads=threads, ray_data=ray_data)
         else:
