@@ -46,3 +46,68 @@ def test_ray_data_decoding_uses_the_same_training_transform():
     assert names[:3] == ["ResizeKeepRatio", "CenterCropOrPad", "RandomAffine"]
     # a model that crops (open_clip's default) keeps RandomResizedCrop
     assert type(RayDecode("clipline-nano", 0.8).decoder.transform.transforms[0]).__name__ == "RandomResizedCrop"
+
+
+def test_uniform_text_attention_averages_the_caption_through_training_and_export(tmp_path):
+    from clipline.components.model.loss import ContrastiveLoss
+
+    b = factory.create("clipline-demo")
+    assert factory.INIT_OPTIONS["clipline-demo"] == {"text_attention": "uniform"}
+    assert "init_cfg" not in b.model_cfg  # our block never reaches open_clip's constructor or the export
+
+    def embed(model, texts):
+        with torch.no_grad():
+            return model.encode_text(b.tokenizer(texts), normalize=True)
+
+    def qk(model):
+        return torch.cat([torch.cat([blk.attn.in_proj_weight[: 2 * blk.attn.embed_dim].flatten(),
+                                     blk.attn.in_proj_bias[: 2 * blk.attn.embed_dim]])
+                          for blk in model.transformer.resblocks])
+
+    def attends_uniformly(model):
+        # each text layer's attention weights: token i gives 1/(i+1) to itself and every token before it
+        x = model.token_embedding(b.tokenizer(["a red star on grey"])) + model.positional_embedding
+        n = x.shape[1]
+        causal = torch.full((n, n), float("-inf")).triu(1)
+        expected = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1).unsqueeze(1)
+        with torch.no_grad():
+            for blk in model.transformer.resblocks:
+                h = blk.ln_1(x)
+                _, w = blk.attn(h, h, h, need_weights=True, attn_mask=causal)
+                if not torch.allclose(w[0], expected, atol=1e-6):
+                    return False
+                x = blk(x, attn_mask=causal)
+        return True
+
+    assert attends_uniformly(b.model) and not qk(b.model).any()
+    # train a few steps: the zero queries and keys stay exactly zero, so attention stays an average
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(b.model.parameters(), lr=1e-2, weight_decay=0.1)
+    captions = ["a red star", "a blue heart", "a green circle on black", "one small yellow cross"]
+    images = torch.randn(4, 3, b.image_size, b.image_size)
+    before = embed(b.model, captions)
+    for _ in range(3):
+        out = b.model(images, b.tokenizer(captions))
+        loss = ContrastiveLoss()(out["image_features"], out["text_features"], b.model.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.allclose(before, embed(b.model, captions))  # it did learn
+    assert not qk(b.model).any() and attends_uniformly(b.model)
+    # a checkpoint is a plain open_clip model that reads captions the same way
+    d = factory.save_checkpoint_dir(tmp_path / "ckpt", b.model, b.model_cfg, b.preprocess_cfg, {"model_name": b.name})
+    loaded = factory.load_checkpoint_dir(d)
+    assert torch.allclose(embed(loaded.model, captions), embed(b.model, captions), atol=1e-6)
+    assert attends_uniformly(loaded.model)
+    # a model whose config asks for nothing keeps open_clip's own initialisation
+    assert qk(factory.create("clipline-nano").model).any()
+
+
+def test_an_unknown_init_option_is_refused_with_the_choices():
+    import pytest
+
+    b = factory.create("clipline-nano")
+    with pytest.raises(factory.ModelError, match="text_attention, one of default, uniform"):
+        factory.apply_init(b.model, {"text_attention": "zeros"})
+    with pytest.raises(factory.ModelError, match="not understood"):
+        factory.apply_init(b.model, {"vision": "x"})

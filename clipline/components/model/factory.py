@@ -35,24 +35,61 @@ META_FILE = "clipline.json"
 
 
 
-def _register_configs() -> dict[str, dict[str, Any]]:
-    """Register our JSON configs into open_clip. A config may carry a ``preprocess_cfg`` block
-    (open_clip's hub-config key: ``resize_mode``, ``fill_color``, ``interpolation``...): it is kept
-    out of the model constructor's arguments and applied to the model's preprocessing instead, so
-    the checkpoint's ``open_clip_config.json`` records it and evaluation resizes the same way."""
+def _register_configs() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Register our JSON configs into open_clip. A config may carry two blocks of our own, kept out
+    of the model constructor's arguments:
+
+    - ``preprocess_cfg`` (open_clip's hub-config key: ``resize_mode``, ``fill_color``,
+      ``interpolation``...): applied to the model's preprocessing, so the checkpoint's
+      ``open_clip_config.json`` records it and evaluation resizes the same way;
+    - ``init_cfg``: how a model trained from scratch is initialised (see :func:`apply_init`); it
+      changes only starting weights, so a checkpoint stays a plain open_clip model."""
     open_clip.add_model_config(CONFIG_DIR)
     from open_clip import factory as _ocf
 
     preprocess: dict[str, dict[str, Any]] = {}
+    init: dict[str, dict[str, Any]] = {}
     for path in CONFIG_DIR.glob("*.json"):
         cfg = _ocf._MODEL_CONFIGS.get(path.stem)
         if cfg is not None and "preprocess_cfg" in cfg:
             preprocess[path.stem] = cfg.pop("preprocess_cfg")
-    return preprocess
+        if cfg is not None and "init_cfg" in cfg:
+            init[path.stem] = cfg.pop("init_cfg")
+    return preprocess, init
 
 
-#: model name -> preprocess overrides from its JSON config
-PREPROCESS_OVERRIDES: dict[str, dict[str, Any]] = _register_configs()
+#: model name -> preprocess overrides / from-scratch initialisation options, from its JSON config
+PREPROCESS_OVERRIDES, INIT_OPTIONS = _register_configs()
+
+#: the values ``init_cfg`` accepts
+TEXT_ATTENTION_INITS = ("default", "uniform")
+
+
+def apply_init(model: torch.nn.Module, init_cfg: dict[str, Any]) -> None:
+    """Apply a config's ``init_cfg`` to a freshly built model.
+
+    ``text_attention: "uniform"`` zeroes the query and key projections of every text layer. Each
+    token then attends equally to itself and every token before it, so the end-of-text token that
+    open_clip pools reads the mean of the caption's words: a bag of words, which composes words it
+    has never seen together (a colour and a shape) instead of memorising each caption's pairing.
+    The zeros are a fixed point of training, not just a start: a query's gradient is proportional
+    to the keys and a key's to the queries, both zero, so AdamW (weight decay included) never
+    moves them, and fine-tuning keeps them. The model is still open_clip's own architecture."""
+    unknown = sorted(set(init_cfg) - {"text_attention"})
+    mode = init_cfg.get("text_attention", "default")
+    if unknown or mode not in TEXT_ATTENTION_INITS:
+        raise ModelError(f"init_cfg {init_cfg!r} is not understood: the one option is text_attention, "
+                         f"one of {', '.join(TEXT_ATTENTION_INITS)}")
+    if mode == "uniform":
+        for block in model.transformer.resblocks:
+            attn = block.attn
+            if not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
+                raise ModelError("text_attention 'uniform' needs text layers built on torch's MultiheadAttention")
+            w = attn.embed_dim
+            with torch.no_grad():
+                attn.in_proj_weight[: 2 * w].zero_()
+                if attn.in_proj_bias is not None:
+                    attn.in_proj_bias[: 2 * w].zero_()
 
 
 class ModelError(ValueError):
@@ -127,6 +164,8 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
         weights = resolve_weights(pretrained)
     model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True,
                                    force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name))
+    if weights is None and name in INIT_OPTIONS:
+        apply_init(model, INIT_OPTIONS[name])
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
     train_tf = make_train_transform(pp, aug)
     val_tf = image_transform_v2(pp, is_train=False)
