@@ -111,3 +111,78 @@ def test_an_unknown_init_option_is_refused_with_the_choices():
         factory.apply_init(b.model, {"text_attention": "zeros"})
     with pytest.raises(factory.ModelError, match="not understood"):
         factory.apply_init(b.model, {"vision": "x"})
+
+
+def _toy_picture(color: str, shape: str, seed: int = 3) -> Image.Image:
+    import random
+
+    from clipline.components.demo import corpus
+
+    return corpus.render(corpus.sample_spec(random.Random(seed), color, shape))
+
+
+def test_two_stream_tower_sees_form_without_hue_and_colour_without_form():
+    from clipline.components.model import towers
+
+    b = factory.create("clipline-demo")
+    tower = b.model.visual.trunk
+    assert isinstance(tower, towers.TwoStreamNet)
+    b.model.eval()
+    circle = _toy_picture("red", "circle")
+    # the same picture with its colours rotated about the grey axis (R->G->B): a different hue on
+    # the same neutral background
+    rotated = Image.fromarray(np.asarray(circle)[..., [2, 0, 1]])
+    star = _toy_picture("red", "star")
+    x = torch.stack([b.val_transform(im) for im in (circle, rotated, star)])
+    with torch.no_grad():
+        form, colour = tower.form_features(x), tower.colour_features(x)
+        emb = b.model.encode_image(x, normalize=True)
+    torch.testing.assert_close(form[0], form[1], atol=1e-4, rtol=1e-4)  # hue changes nothing in form
+    assert (form[0] - form[2]).abs().max() > 1e-3  # a different shape does
+    assert (colour[0] - colour[1]).abs().max() > 1e-3  # the colour stream does see the hue
+    assert not torch.allclose(emb[0], emb[1], atol=1e-3)  # so a red and a blue circle embed apart
+
+
+def test_two_stream_tower_trains_saves_and_loads_with_plain_open_clip(tmp_path):
+    import open_clip
+
+    from clipline.components.model.loss import ContrastiveLoss
+
+    b = factory.create("clipline-demo")
+    model = b.model
+    pics = [_toy_picture(c, s, seed=i) for i, (c, s) in enumerate([("red", "circle"), ("blue", "star"),
+                                                                 ("green", "heart"), ("yellow", "cross")])]
+    x = torch.stack([b.train_transform(p) for p in pics])
+    t = b.tokenizer(["a red circle", "a blue star", "a green heart", "a yellow cross"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    for _ in range(3):
+        o = model(x, t)
+        loss = ContrastiveLoss()(o["image_features"], o["text_features"], model.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.visual.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if "form." in k)  # both streams learn
+    assert any(not torch.equal(before[k], after[k]) for k in before if "colour." in k)
+    out = factory.save_checkpoint_dir(tmp_path / "ck", model, b.model_cfg, b.preprocess_cfg, {"model_name": "clipline-demo"})
+    plain, _, val = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model.eval()
+    plain.eval()
+    xv = torch.stack([val(p) for p in pics])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_image(xv), model.encode_image(xv))
+
+
+def test_two_stream_tower_refuses_other_normalisation_and_pretrained_weights():
+    import timm
+    import pytest
+
+    from clipline.components.model import towers
+
+    b = factory.create("clipline-demo")
+    with pytest.raises(ValueError, match="preprocess_cfg gives mean"):
+        towers.check_normalisation(b.model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "clipline-demo")
+    towers.check_normalisation(b.model, b.preprocess_cfg["mean"], b.preprocess_cfg["std"], "clipline-demo")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model(towers.TWO_STREAM, pretrained=True)

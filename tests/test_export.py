@@ -138,3 +138,24 @@ def test_export_refuses_bad_input(tmp_path, data_dir):
     assert res.exit_code == 1 and "no weights file" in res.output
     res = runner.invoke(app, ["--data-dir", str(data_dir), "export", "/nonexistent/dir", str(tmp_path / "o")])
     assert res.exit_code == 1 and "not a path" in res.output
+
+
+def test_export_of_a_model_with_our_own_tower_says_which_import_loads_it(tmp_path):
+    """The demo's two-stream image tower is clipline's own (registered in timm on import): the
+    export's printed command includes that import and works in a fresh process; plain open_clip
+    without it fails naming the tower."""
+    from clipline.components.evaluate.checkpoint import export_checkpoint
+    from clipline.components.model import factory
+
+    b = factory.create("clipline-demo")
+    ck = factory.save_checkpoint_dir(tmp_path / "ck", b.model, b.model_cfg, b.preprocess_cfg,
+                                     {"model_name": "clipline-demo"})
+    res = export_checkpoint(ck, tmp_path / "out")
+    assert "import clipline.components.model.towers" in res.open_clip_command
+    assert "import sys, clipline.components.model.towers" in res.clip_benchmark_command
+    with_import = subprocess.run([sys.executable, "-c", f"import open_clip; {res.open_clip_command}\nprint('ok')"],
+                                 capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+    assert with_import.returncode == 0 and with_import.stdout.strip().endswith("ok"), with_import.stderr[-2000:]
+    plain = subprocess.run([sys.executable, "-c", f"import open_clip; open_clip.create_model_and_transforms('local-dir:{res.out_dir}')"],
+                           capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+    assert plain.returncode != 0 and "clipline_two_stream" in plain.stderr

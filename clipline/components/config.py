@@ -215,8 +215,9 @@ DEMO_FAULTS: tuple[str, ...] = (
 
 
 #: the demo's training recipe (DemoConfig.train), chosen for a 2-core CPU and a ~3 minute budget:
-#: a small CNN image tower (timm's test_resnet) at 64 px, letterboxed like the ingested images, and
-#: a one-layer text tower whose attention averages the words (clipline-demo.json's init_cfg);
+#: a two-stream image tower at 64 px (towers.py: a small CNN that sees form without hue beside a
+#: pooled colour stream), letterboxed like the ingested images, and a one-layer text tower whose
+#: attention averages the words (clipline-demo.json's init_cfg);
 #: one torch thread, so that the DataLoader worker has the other core and a busy machine does not
 #: make two OpenMP threads spin against each other. Measured by benchmarks/demo_time.py.
 DEMO_TRAIN: dict[str, Any] = {

@@ -3,7 +3,9 @@
 A checkpoint directory holds ``open_clip_config.json`` ({"model_cfg": ..., "preprocess_cfg": ...}),
 ``open_clip_model.safetensors`` (or ``.bin``) and ``clipline.json`` (our own metadata). Loading
 goes through plain open_clip's ``local-dir:`` schema, so anything we can load, open_clip and
-CLIP_benchmark can load the same way without clipline installed.
+CLIP_benchmark can load the same way without clipline installed; the one exception is a model whose
+image tower is one of ours (``clipline.components.model.towers``, e.g. the demo's two-stream
+tower), which needs ``import clipline.components.model.towers`` first to register it in timm.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str = "auto") -> LoadedM
     """Load a checkpoint exactly as plain open_clip does (``local-dir:`` schema), in eval mode."""
     import open_clip
 
+    from clipline.components.model import towers  # noqa: F401  (registers our timm towers)
+
     path = check_checkpoint_dir(checkpoint_dir)
     dev = pick_device(device)
     try:
@@ -137,7 +141,8 @@ class ExportResult:
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> ExportResult:
     """Write a self-contained open_clip checkpoint to ``out_dir`` and check that open_clip loads it.
 
-    The result needs nothing from clipline: ``open_clip.create_model_and_transforms("local-dir:OUT")``
+    The result needs nothing from clipline (except a model with one of our image towers, see the
+    module docstring): ``open_clip.create_model_and_transforms("local-dir:OUT")``
     loads it, and so does ``clip_benchmark eval --model_type open_clip --model local-dir:OUT
     --pretrained OUT/open_clip_model.safetensors`` (CLIP_benchmark passes ``--model`` to open_clip;
     the ``local-dir:`` schema makes open_clip read the config and weights from OUT).
@@ -168,9 +173,17 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, overwrite
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     # the proof: plain open_clip builds the model from OUT with strict weight loading
     load_checkpoint(out, device="cpu")
-    return ExportResult(
-        out_dir=out, weights=out / WEIGHTS_FILE, config=out / CONFIG_FILE, n_tensors=len(state),
-        open_clip_command=f"open_clip.create_model_and_transforms('local-dir:{out}')",
-        clip_benchmark_command=(f"clip_benchmark eval --model_type open_clip --model local-dir:{out} "
-                                f"--pretrained {out / WEIGHTS_FILE} --output result.json --dataset ..."),
-    )
+    from clipline.components.model import towers
+
+    tower = towers.our_tower(json.loads((out / CONFIG_FILE).read_text()).get("model_cfg", {}))
+    load = f"open_clip.create_model_and_transforms('local-dir:{out}')"
+    bench = (f"eval --model_type open_clip --model local-dir:{out} "
+             f"--pretrained {out / WEIGHTS_FILE} --output result.json --dataset ...")
+    if tower:  # open_clip builds it through timm once the module that registers it is imported
+        load = f"import clipline.components.model.towers; {load}  # {tower} is clipline's own tower"
+        bench = ("python -c 'import sys, clipline.components.model.towers; from clip_benchmark.cli import main; "
+                 f"sys.exit(main())' {bench}")
+    else:
+        bench = f"clip_benchmark {bench}"
+    return ExportResult(out_dir=out, weights=out / WEIGHTS_FILE, config=out / CONFIG_FILE, n_tensors=len(state),
+                        open_clip_command=load, clip_benchmark_command=bench)

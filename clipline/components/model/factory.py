@@ -9,7 +9,9 @@ Checkpoint directory layout (the contract read by evaluate/export):
   ``open_clip_model.safetensors`` = the model's state_dict
   ``clipline.json`` = model_name, snapshot_id, step, run_id, train config
 Loadable with plain open_clip: ``create_model_and_transforms("local-dir:<dir>")`` or
-``create_model_and_transforms(<name>, pretrained="<dir>/open_clip_model.safetensors")``.
+``create_model_and_transforms(<name>, pretrained="<dir>/open_clip_model.safetensors")``; a model
+whose image tower is one of ours (:mod:`.towers`, e.g. ``clipline_two_stream``) needs
+``import clipline.components.model.towers`` first, which registers it in timm.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any, Callable
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
+
+from clipline.components.model import towers  # registers our timm towers (clipline_two_stream)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -167,6 +171,10 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     if weights is None and name in INIT_OPTIONS:
         apply_init(model, INIT_OPTIONS[name])
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
+    try:
+        towers.check_normalisation(model, pp.mean, pp.std, name)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
     train_tf = make_train_transform(pp, aug)
     val_tf = image_transform_v2(pp, is_train=False)
     if weights is not None:
