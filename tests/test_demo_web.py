@@ -154,6 +154,8 @@ def test_clean_captions_name_colour_and_shape_and_read_as_english(toy):
         assert r["color"] in words and r["shape"] in words, r
         assert [w for w in words if w in COLORS] == [r["color"]], r
         assert [w for w in words if w in SHAPES] == [r["shape"]], r
+        # the indefinite article agrees with the next word ("an orange star", never "a orange")
+        assert not re.search(r"\ba [aeiou]|\ban [^aeiou\W]", r["caption"].lower()), r
     english = sum(langid.classify(r["caption"])[0] == "en" for r in clean)
     assert english >= 0.95 * len(clean)
     assert len({r["caption"] for r in clean}) > 0.8 * len(clean)
@@ -398,6 +400,9 @@ def test_cli_demo_web_serves_until_interrupted(tmp_path):
         [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(tmp_path / "d"), "demo-web", "--n", "60",
          "--no-eval-sets"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        # Ctrl-C as in a terminal, even when this test runs in a background job, whose shell hands
+        # its children SIGINT ignored (then Python never raises KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = []

@@ -327,7 +327,7 @@ _TEMPLATES: tuple[str, ...] = (
     "{A} {color} {shape} with a {bg} background",
     "an image showing {a_np}",
     "only one {color} {shape} on a {bg} background",
-    "a {color} colored {shape} {pos}",
+    "{a} {color} colored {shape} {pos}",
     "look at this {color} {shape}!",
 )
 
