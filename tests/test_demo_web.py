@@ -427,6 +427,11 @@ def test_cli_demo_web_serves_until_interrupted(tmp_path):
         assert code == 200 and decode(body).format == "JPEG"
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # a server that ignored Ctrl-C must not outlive the test
+            out, _ = proc.communicate()
+            pytest.fail(f"demo-web did not stop within 30 s of Ctrl-C:\n{out}")
     assert proc.returncode == 0, out
     assert "stopped" in out
