@@ -34,8 +34,33 @@ class _State:
 state = _State()
 
 
+def _flush_prefect() -> None:
+    """Finish Prefect's exit work now: send what its background workers still hold (events,
+    API logs) and stop the temporary server it started, if any.
+
+    Otherwise both happen at interpreter exit and log ("Still processing items...",
+    "Stopping temporary server...") after the error line, which must stay the last line a
+    user sees. Does nothing if no flow ran; exit does the same work again, idempotently."""
+    if "prefect.events.worker" in sys.modules:
+        try:
+            from prefect._internal.concurrency.services import _QueueServiceBase
+
+            _QueueServiceBase.drain_all(timeout=30, at_exit=False)
+        except Exception:  # noqa: BLE001 - best effort; exit drains again anyway
+            pass
+    if "prefect.server.api.server" in sys.modules:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            for server in list(SubprocessASGIServer._instances.values()):
+                server.stop()
+        except Exception:  # noqa: BLE001 - best effort; exit stops it again anyway
+            pass
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line reason and exit non-zero."""
+    _flush_prefect()
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -714,6 +739,7 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:
+        _flush_prefect()
         err_console.print("[bold red]error:[/] interrupted")
         sys.exit(130)
     except SystemExit:
@@ -721,6 +747,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line, not a traceback
         if os.environ.get("CLIPLINE_DEBUG"):
             raise
+        _flush_prefect()
         err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
