@@ -77,6 +77,27 @@ def test_rules_are_configurable_and_language_switchable(data_dir):
     assert _kept_keys(cfg, res) == {"fr", "two", "small"}
 
 
+def test_word_count_rule_counts_words_as_string_split_does():
+    """too_few_words is written as a LIKE pattern; it drops exactly the captions with fewer than
+    min_caption_words space-separated parts, for every threshold and spacing."""
+    import duckdb
+
+    from clipline.components.config import CurateConfig
+    from clipline.components.curate.rules import sql_rules
+
+    rnd = random.Random(2)
+    captions = [None, "", " ", "  ", "a", "a b", "a b c", " a b", "a  b", "a b ", "a%b c", "a_b c_d e"]
+    captions += ["".join(rnd.choice("ab %_") for _ in range(rnd.randint(0, 9))) for _ in range(2000)]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t (caption VARCHAR)")
+    con.executemany("INSERT INTO t VALUES (?)", [[c] for c in captions])
+    for k in range(6):
+        rule = next(r for r in sql_rules(CurateConfig(min_caption_words=k)) if r.name == "too_few_words")
+        got = [r[0] for r in con.execute(f"SELECT ({rule.sql}\n) FROM t").fetchall()]
+        want = [None if c is None else len(c.split(" ")) < k for c in captions]
+        assert got == want, k
+
+
 def test_rules_file_is_editable_sql(data_dir, tmp_path):
     from clipline.components.curate.rules import RULES_FILE, parse_rules
 

@@ -51,6 +51,8 @@ def test_compiled_language_id_matches_langid_on_arrow_buffers():
     best, p = language.classify_arrow(arr, threads=2)
     assert [classes[b] if b >= 0 else None for b in best.tolist()] == want_lang
     assert np.allclose(p, want_p, atol=1e-9)
+    best_large, p_large = language.classify_arrow(arr.cast(pa.large_string()), threads=2)  # 64-bit offsets
+    assert (best_large == best).all() and (p_large == p).all()
     mask = language.other_language_mask_arrow(pa.chunked_array([arr.slice(0, 100), arr.slice(100)]), "en", 0.9)
     assert mask.tolist() == language.other_language_mask(texts, "en", 0.9, backend="langid").tolist()
     assert mask[-1] and not mask[-3]  # the French caption is flagged, the English one is not
@@ -124,3 +126,45 @@ def test_band_plan_widens_keys_as_rows_grow_and_still_finds_every_pair():
         for a, b in dedup._bucket_pairs(hashes, combo, 6).tolist():
             got.add((min(a, b), max(a, b)))
     assert got == brute and len(brute) >= 250
+
+
+def test_repeated_marks_exactly_the_values_that_occur_twice():
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 7, 5000):
+        for values in (rng.integers(-50, 50, n), rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64),
+                       (np.arange(n, dtype=np.int64) % 97) << 32):  # low bits all zero
+            values[: n // 10] = values[n // 10: 2 * (n // 10)]  # plant repeats
+            valid = rng.random(n) > 0.2
+            idx = np.flatnonzero(valid)
+            want = np.zeros(n, bool)
+            if len(idx):
+                _, inv, counts = np.unique(values[idx], return_inverse=True, return_counts=True)
+                want[idx] = counts[inv.reshape(-1)] > 1
+            assert (dedup.repeated(values, valid) == want).all()
+            assert (dedup.repeated(values.view(np.uint64)) == dedup.repeated(values)).all()
+            assert (dedup.unique_sorted(values) == np.unique(values)).all()
+
+
+def _partition(ids) -> list[int]:
+    first: dict = {}
+    return [first.setdefault(x, i) for i, x in enumerate(ids)]
+
+
+def test_hash_grouping_is_exact_even_when_hashes_collide():
+    from clipline.components.curate.stage import _exact_ids, _hashed_ids
+
+    rng = np.random.default_rng(11)
+    con = duckdb.connect()
+    for n in (1, 2, 40, 400):
+        values = [None if rng.random() < 0.15 else f"http://x.test/{rng.integers(0, n // 3 + 1)}" for _ in range(n)]
+        col = pa.chunked_array([pa.array(values[: n // 2], pa.string()), pa.array(values[n // 2:], pa.string())])
+        want = [None if v is None else values.index(v) for v in values]  # nulls are alone
+        want = [i if w is None else w for i, w in enumerate(want)]
+        hashes = pa.array(con.execute("SELECT hash(v) FROM unnest(?::VARCHAR[]) AS t(v)", [values]).fetchnumpy()
+                          ["hash(v)"], pa.uint64())
+        assert _partition(_exact_ids(col)) == want
+        got = _hashed_ids(col, hashes)
+        assert _partition(got) == want and got.min() >= 0 and got.max() < 2 * n
+        # every value given the same hash (a collision everywhere), or one of two hashes: still exact
+        assert _partition(_hashed_ids(col, pa.array([7] * n, pa.uint64()))) == want
+        assert _partition(_hashed_ids(col, pa.array(rng.integers(0, 2, n).astype(np.uint64)))) == want

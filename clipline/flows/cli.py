@@ -29,6 +29,7 @@ err_console = Console(stderr=True)
 class _State:
     config_file: Optional[Path] = None
     data_dir: Optional[Path] = None
+    in_main = False  # run as the `clipline` process (main()), not in-process (tests' CliRunner)
 
 
 state = _State()
@@ -40,7 +41,8 @@ def _flush_prefect() -> None:
 
     Otherwise both happen at interpreter exit and log ("Still processing items...",
     "Stopping temporary server...") after the error line, which must stay the last line a
-    user sees. Does nothing if no flow ran; exit does the same work again, idempotently."""
+    user sees. Does nothing if no flow ran; exit does the same work again, idempotently. Only for
+    a process about to exit: the temporary server is gone afterwards."""
     if "prefect.events.worker" in sys.modules:
         try:
             from prefect._internal.concurrency.services import _QueueServiceBase
@@ -60,7 +62,8 @@ def _flush_prefect() -> None:
 
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line reason and exit non-zero."""
-    _flush_prefect()
+    if state.in_main:  # the process ends next: finish Prefect's exit work before the reason
+        _flush_prefect()
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -736,6 +739,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Prefect's embedded server gets 20 s to start by default; a busy 2-core laptop needs more
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    state.in_main = True
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:

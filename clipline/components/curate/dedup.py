@@ -34,6 +34,16 @@ import pyarrow as pa
 from clipline.components.curate.phash import to_signed64
 
 
+def unique_sorted(x: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a 1-d integer array, as ``np.unique(x)``, by one sort: NumPy
+    2.4's ``np.unique`` without ``return_inverse`` takes a hash-table path that is 10-30x slower
+    than sorting here (0.2-0.3 s for 280k int64 against 8 ms)."""
+    s = np.sort(np.asarray(x).reshape(-1))
+    if len(s) < 2:
+        return s
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
 @dataclass(frozen=True)
 class BandPlan:
     max_distance: int
@@ -150,10 +160,10 @@ def near_pairs_numpy(hashes: np.ndarray, max_distance: int) -> np.ndarray:
         p = _bucket_pairs(hashes, combo, max_distance)
         if len(p):
             lo, hi = np.minimum(p[:, 0], p[:, 1]), np.maximum(p[:, 0], p[:, 1])
-            codes.append(np.unique(lo * n + hi))
+            codes.append(unique_sorted(lo * n + hi))
     if not codes:
         return np.zeros((0, 2), dtype=np.int64)
-    u = np.unique(np.concatenate(codes))
+    u = unique_sorted(np.concatenate(codes))
     return np.stack([u // n, u % n], axis=1)
 
 
@@ -209,7 +219,7 @@ def near_any(con: duckdb.DuckDBPyConnection, table: str, reference: str, max_dis
             WHERE bit_count(xor(k.phash, r.phash)) <= {int(max_distance)}""").fetchnumpy()["gid"]
         con.unregister("_masks")
         found.append(np.asarray(got, dtype=np.int64))
-    return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+    return unique_sorted(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -255,7 +265,11 @@ REASONS = ["dup_url", "dup_key", "dup_image", "dup_caption_image", "near_dup_ima
 
 
 def _dense(g: np.ndarray) -> np.ndarray:
-    """Group ids renumbered 0..k-1 (same partition)."""
+    """Group ids renumbered 0..k-1 (same partition); ids already within [0, 4n) are kept as
+    they are (the visit only needs small non-negative ids)."""
+    g = np.asarray(g, np.int64).reshape(-1)
+    if len(g) == 0 or (g.min() >= 0 and g.max() < 4 * len(g) + 16):
+        return g
     return np.unique(g, return_inverse=True)[1].astype(np.int64).reshape(-1)
 
 
@@ -307,6 +321,69 @@ def _compiled_loop():
     return njit(cache=True, nogil=True)(_keep_first_loop)
 
 
+def _repeated_loop(h, valid, out):  # pragma: no cover - compiled
+    """out[i] = True where valid row i's 64-bit value ``h[i]`` occurs at another valid row too:
+    one pass of an open-addressing hash table (splitmix64-mixed slots, linear probing) that holds
+    the first row of each value and whether the value repeated, then one pass reading it back."""
+    n = len(h)
+    size = 1
+    while size < 2 * n:
+        size *= 2
+    mask = np.uint64(size - 1)
+    first = np.full(size, -1, np.int64)
+    slot_of = np.empty(n, np.int64)
+    rep = np.zeros(size, np.bool_)
+    for i in range(n):
+        if not valid[i]:
+            slot_of[i] = -1
+            continue
+        x = np.uint64(h[i])
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
+        while True:
+            f = first[j]
+            if f < 0:
+                first[j] = i
+                break
+            if np.uint64(h[f]) == x:
+                rep[j] = True
+                break
+            j = (j + 1) & (size - 1)
+        slot_of[i] = j
+    for i in range(n):
+        out[i] = slot_of[i] >= 0 and rep[slot_of[i]]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_repeated():
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    return njit(cache=True, nogil=True)(_repeated_loop)
+
+
+def repeated(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """True where a 64-bit value (e.g. a hash of a URL) occurs at more than one position, among
+    the ``valid`` positions (all by default; the others are False). Exact on the values: equal
+    values repeat, nothing else; one compiled hash-table pass (numpy's sort where numba is missing)."""
+    values = np.ascontiguousarray(values).view(np.uint64) if np.asarray(values).dtype.itemsize == 8 \
+        else np.asarray(values, np.int64).view(np.uint64)
+    valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
+    out = np.zeros(len(values), np.bool_)
+    loop = _compiled_repeated()
+    if loop is not None:
+        loop(values, valid, out)
+        return out
+    idx = np.flatnonzero(valid)  # pragma: no cover - numba is a dependency
+    if len(idx):  # pragma: no cover
+        _, inv, counts = np.unique(values[idx], return_inverse=True, return_counts=True)
+        out[idx] = counts[inv.reshape(-1)] > 1
+    return out  # pragma: no cover
+
+
 def keep_first_codes(inp: DedupInput, opts: DedupOptions, compiled: bool = True) -> np.ndarray:
     """The drop reason of every row as an int8 code (0 = kept, else ``REASONS[code - 1]``) under
     the keep-first rule. Without the caption rule the visit is one compiled loop over dense group
@@ -322,7 +399,7 @@ def keep_first_codes(inp: DedupInput, opts: DedupOptions, compiled: bool = True)
         return codes
     ph = np.asarray(inp.ph_g, np.int64)
     valid = ph >= 0
-    ph_ids = np.unique(ph[valid]) if opts.near_image else np.zeros(0, np.int64)
+    ph_ids = unique_sorted(ph[valid]) if opts.near_image else np.zeros(0, np.int64)
     ph_dense = np.full(n, -1, np.int64)
     if opts.near_image:
         ph_dense[valid] = np.searchsorted(ph_ids, ph[valid])

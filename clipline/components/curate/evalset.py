@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from clipline.components.curate.dedup import unique_sorted
 from clipline.components.curate.phash import phash64
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -62,7 +63,7 @@ def eval_hashes(path: Path) -> np.ndarray:
             raise EvalSetError(f"eval set {path} has no 'image' (or 'phash') column; its columns: {names}")
     if not hashes:
         raise EvalSetError(f"eval set {path} holds no images")
-    return np.unique(np.asarray(hashes, dtype=np.int64))
+    return unique_sorted(np.asarray(hashes, dtype=np.int64))
 
 
 def fingerprint(hashes: np.ndarray | None) -> str | None:

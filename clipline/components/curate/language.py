@@ -237,10 +237,15 @@ def classify_arrow(texts: pa.Array | pa.ChunkedArray, max_bytes: int = 2048,
         langs, probs = classify_vectorized(texts.to_pylist(), max_bytes=max_bytes, threads=threads)
         index = {c: i for i, c in enumerate(classes)}
         return np.array([index[x] if x is not None else -1 for x in langs], dtype=np.int64), probs
-    arr = pc.fill_null(texts.cast(pa.large_string()), "")
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+    # read string and large_string buffers in place (no copy unless there are nulls or views)
+    arr = texts if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type) \
+        else texts.cast(pa.large_string())
+    if arr.null_count:
+        arr = pc.fill_null(arr, "")
+    width = np.int32 if pa.types.is_string(arr.type) else np.int64
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset:arr.offset + n + 1].astype(np.int64)
     data = (np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None
             else np.zeros(1, np.uint8))
     starts = offsets[:-1]

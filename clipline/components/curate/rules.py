@@ -98,6 +98,7 @@ def sql_rules(cfg: CurateConfig, rules_file: Path | None = None) -> list[Rule]:
         "min_image_side": str(int(cfg.min_image_side)),
         "max_aspect_ratio": repr(float(cfg.max_aspect_ratio)),
         "min_caption_words": str(int(cfg.min_caption_words)),
+        "min_words_like": _sql_literal("%" + " %" * max(int(cfg.min_caption_words) - 1, 0)),
         "min_caption_chars": str(int(cfg.min_caption_chars)),
         "max_caption_chars": str(int(cfg.max_caption_chars)),
         "blocklist_regex": blocklist_regex(load_blocklist(cfg.blocklist_file)),

@@ -46,7 +46,10 @@ regexp_full_match(caption,
   || '|[\d\W_]+')                                                     -- only digits/punctuation
 
 -- rule: too_few_words
-len(string_split(caption, ' ')) < {min_caption_words}
+-- fewer than {min_caption_words} space-separated words, i.e. fewer than {min_caption_words} - 1
+-- spaces: {min_words_like} is '%' followed by that many ' %' (for 3 words: '% % %'). The same
+-- rows as len(string_split(caption, ' ')) < {min_caption_words}, without splitting every caption
+caption NOT LIKE {min_words_like}
 
 -- rule: too_few_chars
 length(caption) < {min_caption_chars}

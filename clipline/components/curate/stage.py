@@ -13,6 +13,7 @@ configuration, the rules file, the blocklist or the eval set changed since the l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +30,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipline.components.catalog import Catalog
 from clipline.components.config import Config, CurateConfig
@@ -37,6 +40,9 @@ from clipline.components.curate.normalize import MAYBE_DIRTY, normalize_captions
 
 ProgressFn = Callable[[str, int, int], None]
 """progress(step_description, steps_done, steps_total)"""
+
+#: timing entry of the one-off work done before the steps (see :func:`_warm_up`); not a progress step
+SETUP = "setup: imports and compiled kernels"
 
 STEPS = ["read metadata and apply rules", "language", "decontamination", "deduplication",
          "split and content hash", "write snapshot", "report"]
@@ -53,7 +59,9 @@ DUCKDB_SHARE = 0.75
 #: Python bytes per distinct pHash in the numpy pair search, and per row visited by keep-first
 #: (measured peaks, rounded up): DuckDB's limit is lowered by this much during those passes
 PAIR_SEARCH_BYTES_PER_HASH = 96
-VISIT_BYTES_PER_ROW = 200
+VISIT_BYTES_PER_ROW = 400
+#: Python bytes per row of the candidate pass (fetched 64-bit hashes and masks, one hash table)
+HASH_BYTES_PER_ROW = 96
 
 #: config fields that do not change which rows are kept (so they never force a rebuild)
 NON_RULE_FIELDS = {"row_group_rows", "file_size_mb", "duckdb_memory_limit", "duckdb_temp_dir", "duckdb_threads",
@@ -101,6 +109,21 @@ def connect(cfg: Config) -> duckdb.DuckDBPyConnection:
     con.create_function("key_hash", hashing.key_hash_udf, [duckdb.sqltype("VARCHAR")],
                         duckdb.sqltype("UBIGINT"), type="arrow")
     return con
+
+
+def _warm_up(con: duckdb.DuckDBPyConnection, c: CurateConfig) -> None:
+    """Pay the once-per-process costs before the steps, so that step timings measure work on rows:
+    DuckDB's first registration of an Arrow table imports pandas and pyarrow.dataset (about 0.4 s),
+    and the compiled language and keep-first kernels load from numba's cache on their first call
+    (about 1 s; compiled once per machine). Timed on its own as :data:`SETUP`."""
+    con.register("_warm", pa.table({"x": pa.array([0], pa.int64())}))
+    con.unregister("_warm")
+    if c.language and c.language_backend == "compiled":
+        language.other_language_mask_arrow(pa.array(["a photo of a cat", "un chat noir"]), c.language,
+                                           c.language_min_confidence, "compiled", 1)
+    dedup.keep_first_codes(dedup.DedupInput(*(np.zeros(3, bool), *[np.arange(3)] * 5,
+                                              np.zeros((0, 2), np.int64))), dedup.DedupOptions())
+    dedup.repeated(np.arange(3, dtype=np.int64))
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -248,6 +271,10 @@ def curate(cfg: Config, eval_set: Path | None = None, progress: ProgressFn | Non
             return _result_from_record(parent, snapshots_dir, new=False)
         files = [sources.ShardFile(s.shard_id, Path(s.path), i) for i, s in enumerate(new_shards)]
         con = connect(cfg)
+        t_setup, c_setup = time.perf_counter(), time.process_time()
+        _warm_up(con, c)
+        steps.timings[SETUP] = round(time.perf_counter() - t_setup, 3)
+        steps.cpu_timings[SETUP] = round(time.process_time() - c_setup, 3)
         try:
             res = _build(cfg, con, cat, files, parent, sql_rules, fp, ehashes, efp, rebuild_reason, steps,
                          report_mod, all_shards=[s.shard_id for s in shards])
@@ -298,35 +325,35 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     dirty = MAYBE_DIRTY.replace("'", "''")
     con.execute(f"""
         CREATE TEMP TABLE rows AS
-        WITH raw AS (
-            SELECT filename, file_row_number, {sources.meta_select(schema)}
-            FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, filename = true,
-                              file_row_number = true) r
+        WITH raw AS (  -- file_index: the file's position in the list, which is its fid
+            SELECT file_index, file_row_number, {sources.meta_select(schema)}
+            FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, file_row_number = true) r
         ), norm AS (  -- captions already in normal form skip the Python normaliser
             SELECT * REPLACE (CASE WHEN regexp_matches(caption, '{dirty}') THEN normalize_caption(caption)
                                    ELSE caption END AS caption) FROM raw
         )
         SELECT (f.fid::BIGINT << 32) + n.file_row_number + 1 AS rid, f.fid, f.shard_rank,
-               n.* EXCLUDE (filename), {rules.case_expression(sql_rules)} AS reason
-        FROM norm n JOIN files f USING (filename)""")
+               n.* EXCLUDE (file_index), {rules.case_expression(sql_rules)} AS reason
+        FROM norm n JOIN files f ON n.file_index = f.fid""")
 
-    # ---- 2. language (only rows no earlier rule dropped; distinct captions, streamed) ----
+    # ---- 2. language (only rows no earlier rule dropped, streamed) ----
+    # every row's caption is classified, repeats included: the compiled model costs about 1 us a
+    # caption, less than finding the distinct captions first (a hash aggregate over all of them)
     steps.start(STEPS[1])
     if c.language:
-        reader = con.sql("SELECT DISTINCT caption FROM rows WHERE reason IS NULL AND caption IS NOT NULL") \
+        reader = con.sql("SELECT rid, caption FROM rows WHERE reason IS NULL AND caption IS NOT NULL") \
             .to_arrow_reader(BATCH_ROWS)
         flagged = []
         for batch in reader:
-            col = batch.column(0)
-            mask = language.other_language_mask_arrow(col, c.language, c.language_min_confidence,
+            mask = language.other_language_mask_arrow(batch.column(1), c.language, c.language_min_confidence,
                                                       c.language_backend, c.duckdb_threads)
             if mask.any():
-                flagged.append(col.filter(pa.array(mask)))
+                flagged.append(batch.column(0).filter(pa.array(mask)))
         del reader
         if flagged:
-            con.register("_lang", pa.table({"caption": pa.concat_arrays(flagged)}))
-            con.execute("""UPDATE rows SET reason = 'language' WHERE reason IS NULL
-                           AND caption IN (SELECT caption FROM _lang)""")
+            con.register("_lang", pa.table({"rid": pa.concat_arrays(flagged)}))
+            con.execute("""UPDATE rows SET reason = 'language' FROM _lang
+                           WHERE rows.rid = _lang.rid AND rows.reason IS NULL""")
             con.unregister("_lang")
 
     # ---- 3. decontamination against the eval set ----
@@ -373,40 +400,58 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         con.execute("DROP TABLE _phd")
     steps.timings["deduplication: phash pair search"] = round(time.perf_counter() - t_lsh, 3)
     steps.cpu_timings["deduplication: phash pair search"] = round(time.process_time() - c_lsh, 3)
-    con.register("_pe", pa.table({"phash": pa.array(np.unique(pairs), pa.int64())}))
     # only rows sharing a value with another row (or a pHash within d of another) can be dropped
-    # or make another row a duplicate: exactly those are visited, in the keep-first order. Group
-    # ids: the smallest rid of the group; NULL = the row is alone in that relation
-    everything = "TRUE" if c.caption_near_dedup else "FALSE"
+    # or make another row a duplicate: exactly those are visited, in the keep-first order.
+    # 1) candidates: rows whose URL / key / sha256 (/ caption+sha256) 64-bit hash or pHash repeats,
+    #    found by one compiled hash-table pass per relation over the fetched hashes (a superset of
+    #    the rows with a real duplicate: equal values have equal hashes);
+    # 2) the exact groups among the candidates, from their values themselves (Arrow's dictionary
+    #    encoding): a hash collision can add a candidate, never merge two different values
+    everything = c.caption_near_dedup  # the caption rule compares every row's caption
     # with dup_image on, a row sharing caption AND sha256 with a kept row always meets dup_image
-    # first, so the caption+sha256 groups are only built for exact_image_dedup = "image_and_caption"
+    # first, so the caption+sha256 relation is only needed for exact_image_dedup = "image_and_caption"
     same_image = c.exact_image_dedup == "image"
-    con.execute(f"""
-        CREATE TEMP TABLE _inv AS
-        WITH gu AS (SELECT url, min(rid) AS g FROM _u WHERE url IS NOT NULL GROUP BY url HAVING count(*) > 1),
-        gk AS (SELECT key, min(rid) AS g FROM _u WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1),
-        gs AS (SELECT sha256, min(rid) AS g FROM _u WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1),
-        gc AS (SELECT caption, sha256, min(rid) AS g FROM _u WHERE sha256 IS NOT NULL AND caption IS NOT NULL
-               AND {"FALSE" if same_image else "TRUE"} GROUP BY caption, sha256 HAVING count(*) > 1),
-        gp AS (SELECT phash FROM _u WHERE phash IS NOT NULL GROUP BY phash HAVING count(*) > 1
-               UNION SELECT phash FROM _pe)
-        SELECT u.rid, u.is_parent, u.key, u.shard_rank, u.area, u.file_row_number,
-               gu.g AS url_g, gk.g AS key_g, gs.g AS sha_g, gc.g AS ci_g,
-               CASE WHEN gp.phash IS NOT NULL THEN u.phash END AS ph
-               {", u.caption" if c.caption_near_dedup else ""}
-        FROM _u u LEFT JOIN gu ON u.url = gu.url LEFT JOIN gk ON u.key = gk.key
-             LEFT JOIN gs ON u.sha256 = gs.sha256 LEFT JOIN gc ON u.caption = gc.caption AND u.sha256 = gc.sha256
-             LEFT JOIN gp ON u.phash = gp.phash
-        WHERE {everything} OR gu.g IS NOT NULL OR gk.g IS NOT NULL OR gs.g IS NOT NULL OR gc.g IS NOT NULL
-              OR gp.phash IS NOT NULL""")
-    con.unregister("_pe")
-    n_inv = con.execute("SELECT count(*) FROM _inv").fetchall()[0][0]
-    with yield_memory(con, c, VISIT_BYTES_PER_ROW * n_inv if not c.caption_near_dedup else 0):
-        arr = con.execute(f"""
-            SELECT rid, is_parent, url_g, key_g, sha_g, ci_g, ph{", caption" if c.caption_near_dedup else ""} FROM _inv
-            ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").fetchnumpy()
-        con.execute("DROP TABLE _inv")
-        codes, rid_arr, n_visited = _visit(arr, pairs, c, d, steps)
+    n_u = con.execute("SELECT count(*) FROM _u").fetchall()[0][0]
+    with yield_memory(con, c, HASH_BYTES_PER_ROW * n_u if not everything else 0):
+        if everything:
+            cand = None
+        else:
+            h = con.execute(f"""
+                SELECT rid, CASE WHEN url IS NOT NULL THEN hash(url) END AS url,
+                       CASE WHEN key IS NOT NULL THEN hash(key) END AS key,
+                       CASE WHEN sha256 IS NOT NULL THEN hash(sha256) END AS sha256,
+                       {"NULL::UBIGINT" if same_image else "CASE WHEN caption IS NOT NULL AND sha256 IS NOT NULL THEN hash(caption, sha256) END"} AS ci,
+                       phash FROM _u""").fetchnumpy()
+            def rel(col: str) -> np.ndarray:  # candidates of one relation (numba releases the GIL)
+                v = h[col]
+                valid = ~np.ma.getmaskarray(v)
+                if not valid.any():
+                    return valid
+                vals = np.ma.getdata(v)
+                out = dedup.repeated(vals, valid)
+                if col == "phash" and len(pairs):  # a pHash within d of another is a candidate too
+                    near = dedup.unique_sorted(pairs)
+                    out |= valid & (near[np.searchsorted(near, vals).clip(0, len(near) - 1)] == vals)
+                return out
+
+            with ThreadPoolExecutor(max(1, min(2, int(c.duckdb_threads)))) as pool:
+                repeats = functools.reduce(np.logical_or, pool.map(rel, ["url", "key", "sha256", "ci", "phash"]))
+            cand = np.asarray(h["rid"], np.int64)[repeats]
+            del h, repeats
+    with yield_memory(con, c, VISIT_BYTES_PER_ROW * (n_u if cand is None else len(cand))
+                      if not c.caption_near_dedup else 0):
+        if cand is not None:
+            con.register("_cand", pa.table({"rid": pa.array(cand, pa.int64())}))
+        with_caption = c.caption_near_dedup or not same_image
+        tab = con.sql(f"""
+            SELECT rid, is_parent, url, key, sha256, phash{", caption" if with_caption else ""},
+                   hash(url) AS h_url, hash(key) AS h_key, hash(sha256) AS h_sha256
+            FROM _u {"SEMI JOIN _cand USING (rid)" if cand is not None else ""}
+            ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").to_arrow_table()
+        if cand is not None:
+            con.unregister("_cand")
+        del cand
+        codes, rid_arr, n_visited = _visit(tab, pairs, c, d, steps)
     drop = (codes > 0) & (rid_arr > 0)  # parent rows (rid <= 0) are never dropped
     if drop.any():
         con.register("_mark", pa.table({"rid": rid_arr[drop], "reason": pa.array(
@@ -414,7 +459,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         con.execute("""UPDATE rows SET reason = _mark.reason FROM _mark
                        WHERE rows.rid = _mark.rid AND rows.reason IS NULL""")
         con.unregister("_mark")
-    del arr, rid_arr, codes, pairs
+    del tab, rid_arr, codes, pairs
     con.execute("DROP VIEW _u")
 
     # ---- 5. split, counts, content hash ----
@@ -517,33 +562,79 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                         new=True, manifest=manifest)
 
 
-def _visit(arr: dict, pairs: np.ndarray, c: CurateConfig, d: int, steps: _Steps) -> tuple[np.ndarray, np.ndarray, int]:
+def _exact_ids(*cols: pa.ChunkedArray) -> np.ndarray:
+    """A group id per row: equal where all ``cols`` are equal and non-null; a row with a null
+    gets an id of its own. Exact (Arrow's dictionary encoding compares the values)."""
+    n = len(cols[0])
+    ids = np.zeros(n, np.int64)
+    null = np.zeros(n, np.bool_)
+    for col in cols:
+        enc = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+        idx = enc.indices
+        if idx.null_count:
+            null |= np.asarray(idx.is_null().to_numpy(zero_copy_only=False), np.bool_)
+            idx = pc.fill_null(idx, 0)
+        k = idx.to_numpy().astype(np.int64)
+        ids = k if len(cols) == 1 else np.unique(ids * (len(enc.dictionary) + 1) + k, return_inverse=True)[1].reshape(-1)
+    base = int(ids.max()) + 1 if n else 0
+    return np.where(null, base + np.arange(n, dtype=np.int64), ids)
+
+
+def _hashed_ids(values: pa.ChunkedArray, hashes: pa.ChunkedArray) -> np.ndarray:
+    """:func:`_exact_ids` of one column, given each value's 64-bit hash:
+    rows are grouped by hash with one sort, then every row's value is compared with its group's
+    first row; only if a hash collision put two different values together (never seen, but
+    possible) does it fall back to :func:`_exact_ids`. Ids are row positions, so within [0, 2n)."""
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    vals = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    valid = np.asarray(vals.is_valid().to_numpy(zero_copy_only=False), np.bool_) if vals.null_count \
+        else np.ones(n, np.bool_)
+    h = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
+    hv = np.asarray(pc.fill_null(h, 0).to_numpy() if h.null_count else h.to_numpy(), np.uint64)
+    order = np.argsort(hv, kind="stable")
+    sh = hv[order]
+    start = np.empty(n, np.bool_)
+    start[0] = True
+    np.not_equal(sh[1:], sh[:-1], out=start[1:])
+    first = order[np.flatnonzero(start)][np.cumsum(start) - 1]
+    ids = np.empty(n, np.int64)
+    ids[order] = first
+    ids = np.where(valid, ids, n + np.arange(n, dtype=np.int64))
+    same = pc.equal(vals, vals.take(pa.array(ids.clip(0, n - 1))))
+    if not pc.all(pc.or_(pc.fill_null(same, False), pc.invert(pa.array(valid)))).as_py():
+        return _exact_ids(values)
+    return ids
+
+
+def _visit(tab: pa.Table, pairs: np.ndarray, c: CurateConfig, d: int, steps: _Steps) -> tuple[np.ndarray, np.ndarray, int]:
     """Keep-first over the fetched rows (in visiting order): (reason codes, rids, rows visited)."""
     t_keep, c_keep = time.perf_counter(), time.process_time()
-    rid_arr = np.asarray(arr["rid"], np.int64)
-    alone = -(1 << 62) - np.arange(len(rid_arr), dtype=np.int64)  # a distinct id per row, never a rid
-
-    def gid(col: str) -> np.ndarray:
-        v = arr[col]
-        mask = np.ma.getmaskarray(v)
-        return np.where(mask, alone, np.ma.getdata(v).astype(np.int64))
-
-    ph_raw = arr["ph"]
-    ph_mask = np.ma.getmaskarray(ph_raw)
-    ph_vals = np.ma.getdata(ph_raw).astype(np.int64)
-    ph_ids = np.unique(np.concatenate([ph_vals[~ph_mask], pairs.reshape(-1)]))
-    ph_g = np.where(ph_mask, -1, np.searchsorted(ph_ids, ph_vals))
+    rid_arr = tab.column("rid").to_numpy().astype(np.int64)
+    same_image = c.exact_image_dedup == "image"
+    n = len(rid_arr)
+    ph_col = tab.column("phash")
+    ph_valid = np.asarray(ph_col.is_valid().to_numpy(zero_copy_only=False), np.bool_) if n else np.zeros(0, np.bool_)
+    ph_vals = np.asarray(pc.fill_null(ph_col, 0).to_numpy(), np.int64) if n else np.zeros(0, np.int64)
+    ph_ids = dedup.unique_sorted(np.concatenate([ph_vals[ph_valid], pairs.reshape(-1)]))
+    ph_g = np.where(ph_valid, np.searchsorted(ph_ids, ph_vals), -1)
+    alone = np.arange(n, dtype=np.int64)
     codes = dedup.keep_first_codes(
         dedup.DedupInput(
-            is_parent=np.asarray(arr["is_parent"], bool), url_g=gid("url_g"), key_g=gid("key_g"),
-            sha_g=gid("sha_g"), capimg_g=gid("ci_g"), ph_g=ph_g, ph_pairs=np.searchsorted(ph_ids, pairs),
-            captions=list(arr["caption"]) if c.caption_near_dedup else None),
-        dedup.DedupOptions(same_image=c.exact_image_dedup == "image", near_image=d >= 0,
+            is_parent=np.asarray(tab.column("is_parent").to_numpy(zero_copy_only=False), bool),
+            url_g=_hashed_ids(tab.column("url"), tab.column("h_url")),
+            key_g=_hashed_ids(tab.column("key"), tab.column("h_key")),
+            sha_g=_hashed_ids(tab.column("sha256"), tab.column("h_sha256")),
+            capimg_g=alone if same_image else _exact_ids(tab.column("caption"), tab.column("sha256")),
+            ph_g=ph_g, ph_pairs=np.searchsorted(ph_ids, pairs),
+            captions=tab.column("caption").to_pylist() if c.caption_near_dedup else None),
+        dedup.DedupOptions(same_image=same_image, near_image=d >= 0,
                            near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
                            minhash_perm=c.caption_minhash_perm, shingle_chars=c.caption_shingle_chars))
     steps.timings["deduplication: keep-first pass"] = round(time.perf_counter() - t_keep, 3)
     steps.cpu_timings["deduplication: keep-first pass"] = round(time.process_time() - c_keep, 3)
-    return codes, rid_arr, int(len(rid_arr))
+    return codes, rid_arr, int(n)
 
 
 def _cumulative(prev: dict | None, counts: dict) -> dict:
