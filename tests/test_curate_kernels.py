@@ -58,6 +58,25 @@ def test_compiled_language_id_matches_langid_on_arrow_buffers():
     assert mask[-1] and not mask[-3]  # the French caption is flagged, the English one is not
 
 
+def test_float32_language_verdicts_equal_the_float64_ones_even_at_the_threshold():
+    """other_language_mask_arrow scores in float32 and falls back to float64 where rounding could
+    change the verdict: thresholds set exactly at texts' own probabilities must not flip them."""
+    rnd = random.Random(9)
+    words = ["the", "photo", "chat", "noir", "casa", "de", "la", "und", "der", "sunset", "el", "und", "le",
+             "gato", "Hund", "a", "of", "in", "nuit"]
+    texts = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 6))) for _ in range(3000)] + ["", None]
+    arr = pa.array(texts, pa.string())
+    classes = language._tables()[3]
+    best, p = language.classify_arrow(arr, threads=2)  # float64 reference
+    probs_other = sorted({float(x) for b, x in zip(best, p) if b >= 0 and classes[b] != "en"})
+    assert len(probs_other) > 20
+    for conf in [0.0, 0.5, 0.9, 0.999, 1.0] + probs_other[:: max(1, len(probs_other) // 40)]:
+        want = (best >= 0) & (best != classes.index("en")) & (p >= conf)
+        got = language.other_language_mask_arrow(arr, "en", conf, threads=2)
+        assert (got == want).all(), conf
+    assert language.other_language_mask_arrow(arr, "xx", 0.5).sum() == ((best >= 0) & (p >= 0.5)).sum()
+
+
 def test_streamed_content_digest_equals_the_whole_column_digest():
     values = pa.array(["b", None, "ab", "c", "", "ü"] * 50, pa.string())
     con = duckdb.connect(config={"preserve_insertion_order": True})

@@ -323,16 +323,16 @@ def _compiled_loop():
 
 def _repeated_loop(h, valid, out):  # pragma: no cover - compiled
     """out[i] = True where valid row i's 64-bit value ``h[i]`` occurs at another valid row too:
-    one pass of an open-addressing hash table (splitmix64-mixed slots, linear probing) that holds
-    the first row of each value and whether the value repeated, then one pass reading it back."""
+    one pass of an open-addressing hash table (splitmix64-mixed slots, linear probing, at most
+    half full) holding each value and whether it repeated, then one pass reading it back."""
     n = len(h)
-    size = 1
+    size = 2
     while size < 2 * n:
         size *= 2
     mask = np.uint64(size - 1)
-    first = np.full(size, -1, np.int64)
+    keys = np.empty(size, np.uint64)
+    state = np.zeros(size, np.uint8)  # 0 empty, 1 seen once, 2 repeated
     slot_of = np.empty(n, np.int64)
-    rep = np.zeros(size, np.bool_)
     for i in range(n):
         if not valid[i]:
             slot_of[i] = -1
@@ -343,17 +343,19 @@ def _repeated_loop(h, valid, out):  # pragma: no cover - compiled
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         j = np.int64((z ^ (z >> np.uint64(31))) & mask)
         while True:
-            f = first[j]
-            if f < 0:
-                first[j] = i
+            st = state[j]
+            if st == 0:
+                keys[j] = x
+                state[j] = 1
                 break
-            if np.uint64(h[f]) == x:
-                rep[j] = True
+            if keys[j] == x:
+                state[j] = 2
                 break
             j = (j + 1) & (size - 1)
         slot_of[i] = j
     for i in range(n):
-        out[i] = slot_of[i] >= 0 and rep[slot_of[i]]
+        j = slot_of[i]
+        out[i] = j >= 0 and state[j] == 2
 
 
 @functools.lru_cache(maxsize=1)
