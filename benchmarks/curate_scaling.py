@@ -10,10 +10,10 @@ growth exponent of time with rows (least squares on log t vs log n).
 
 What the figures cover:
 - "rules + exact dedup" (the headline) = step "read metadata and apply rules" (Parquet read,
-  caption normalisation, every SQL rule of rules.sql) + step "language" (langid on the distinct
-  captions that survived the SQL rules; the rule is on by default, so it is counted) + step
-  "deduplication" minus its "phash pair search" part (exact groups on URL, key, sha256,
-  caption+sha256 in DuckDB, and the keep-first pass). The same figure without the language step is
+  caption normalisation, every SQL rule of rules.sql) + step "language" (langid on every caption
+  that survived the SQL rules; the rule is on by default, so it is counted) + step
+  "deduplication" minus its "phash pair search" part (the exact groups on URL, key, sha256,
+  caption+sha256 and pHash: hashes, repeat pass, candidate fetch, and the keep-first pass). The same figure without the language step is
   printed too, for comparison with earlier measurements; it is not the headline.
   Not in it: the "setup" entry, the once-per-process work done before the steps (DuckDB's first
   Arrow registration imports pandas; the compiled kernels load from numba's cache), printed on
