@@ -278,7 +278,9 @@ def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, d
     at the block level; resume restarts the current epoch (no exact data position, unlike SnapshotStream)."""
     import ray.data
 
-    ds = ray.data.read_parquet([str(f) for f in info.files], columns=COLUMNS + ["split"])
+    # select_columns after the read: Ray Data pushes the projection into the Parquet reader
+    # (read_parquet's own columns= is deprecated in Ray 2.60)
+    ds = ray.data.read_parquet([str(f) for f in info.files]).select_columns(COLUMNS + ["split"])
     ds = ds.randomize_block_order()
     return ds.map_batches(RayDecode, fn_constructor_kwargs={"model_name": model_name,
                                                             "crop_scale_min": crop_scale_min},
