@@ -405,8 +405,9 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     # 1) candidates: rows whose URL / key / sha256 (/ caption+sha256) 64-bit hash or pHash repeats,
     #    found by one compiled hash-table pass per relation over the fetched hashes (a superset of
     #    the rows with a real duplicate: equal values have equal hashes);
-    # 2) the exact groups among the candidates, from their values themselves (Arrow's dictionary
-    #    encoding): a hash collision can add a candidate, never merge two different values
+    # 2) the exact groups among the candidates, from their values themselves (grouped by hash,
+    #    then each value compared with its group's first; see _hashed_ids): a hash collision can
+    #    add a candidate, never merge two different values
     everything = c.caption_near_dedup  # the caption rule compares every row's caption
     # with dup_image on, a row sharing caption AND sha256 with a kept row always meets dup_image
     # first, so the caption+sha256 relation is only needed for exact_image_dedup = "image_and_caption"
@@ -422,6 +423,8 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                        CASE WHEN sha256 IS NOT NULL THEN hash(sha256) END AS sha256,
                        {"NULL::UBIGINT" if same_image else "CASE WHEN caption IS NOT NULL AND sha256 IS NOT NULL THEN hash(caption, sha256) END"} AS ci,
                        phash FROM _u""").fetchnumpy()
+            near = dedup.unique_sorted(pairs)  # pHash values within d of another one
+
             def rel(col: str) -> np.ndarray:  # candidates of one relation (numba releases the GIL)
                 v = h[col]
                 valid = ~np.ma.getmaskarray(v)
@@ -429,8 +432,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                     return valid
                 vals = np.ma.getdata(v)
                 out = dedup.repeated(vals, valid)
-                if col == "phash" and len(pairs):  # a pHash within d of another is a candidate too
-                    near = dedup.unique_sorted(pairs)
+                if col == "phash" and len(near):  # a pHash within d of another is a candidate too
                     out |= valid & (near[np.searchsorted(near, vals).clip(0, len(near) - 1)] == vals)
                 return out
 
