@@ -44,7 +44,9 @@ def test_each_rule_drops_exactly_its_rows(data_dir, tmp_path):
         "missing_caption": [row("nocap", None, seed=53), row("blankcap", "  \t\n ", seed=54)],
         "caption_is_pattern": [row("urlcap", "https://example.com/some/image/path.jpg", seed=55),
                                row("filecap", "IMG 2041 final (2).JPG", seed=56),
-                               row("numcap", "2019-07-04 12:30 #45", seed=57)],
+                               row("numcap", "2019-07-04 12:30 #45", seed=57),
+                               row("filecap2", "my holiday photo (1).jpeg", seed=73),
+                               row("symbols", "★ ★ ★ — 2019 — ★ ★ ★", seed=74)],
         "too_few_words": [row("words", "two words", seed=58)],
         "too_few_chars": [row("chars", "a b c", seed=59)],
         "too_long": [row("long", "a " + "very " * 300 + "long caption", seed=60)],
@@ -56,7 +58,8 @@ def test_each_rule_drops_exactly_its_rows(data_dir, tmp_path):
     # near misses that every rule must keep
     keep_extra = [row("forbiddenness", "a photo about forbiddenness in art", seed=70),  # not a whole word
                   row("exact200", "a photo exactly at the size limit", seed=71, ow=200, oh=600),  # ratio 3.0
-                  row("three", "three word caption", seed=72)]
+                  row("three", "three word caption", seed=72),
+                  row("midfile", "a photo of file.jpg on a desk", seed=75)]  # a file name, not only one
     rows = good + keep_extra + [r for rs in crafted.values() for r in rs]
     write_shard(data_dir, "s0", rows)
     cfg = config(data_dir, blocklist_file=blocklist)
@@ -69,12 +72,15 @@ def test_each_rule_drops_exactly_its_rows(data_dir, tmp_path):
 def test_rules_are_configurable_and_language_switchable(data_dir):
     rows = [row("fr", "un chat noir dort sur la table de la cuisine", seed=1),
             row("two", "two words", seed=2),
-            row("small", "a photo of a small image here", seed=3, ow=120, oh=120)]
+            row("small", "a photo of a small image here", seed=3, ow=120, oh=120),
+            # letters of other scripts are letters: not "a caption without letters"
+            row("ru", "фото чёрной кошки на столе", seed=4),
+            row("ja", "テーブル の 上 の 黒い 猫", seed=5)]
     write_shard(data_dir, "s0", rows)
     cfg = config(data_dir, language=None, min_caption_words=2, min_image_side=100)
     res = curate(cfg, track=False)
     assert _dropped(res) == {}
-    assert _kept_keys(cfg, res) == {"fr", "two", "small"}
+    assert _kept_keys(cfg, res) == {"fr", "two", "small", "ru", "ja"}
 
 
 def test_word_count_rule_counts_words_as_string_split_does():
@@ -96,6 +102,37 @@ def test_word_count_rule_counts_words_as_string_split_does():
         got = [r[0] for r in con.execute(f"SELECT ({rule.sql}\n) FROM t").fetchall()]
         want = [None if c is None else len(c.split(" ")) < k for c in captions]
         assert got == want, k
+
+
+def test_caption_pattern_rule_is_one_full_match_of_its_patterns():
+    """caption_is_pattern tries the file-name pattern only on captions with a '.' among their last
+    5 characters and not last; it drops exactly what one full match of all four patterns drops."""
+    import duckdb
+
+    from clipline.components.config import CurateConfig
+    from clipline.components.curate.rules import sql_rules
+
+    patterns = [r"(https?://|www\.)\S+", r"[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)",
+                r"(img|dsc|dscn|dscf|pxl|dcim|photo|image|pic|screenshot)[_\- ]?[\d_\- ]+", r"[^\pL]+"]
+    rnd = random.Random(3)
+    captions = [None, "", ".", "a.jpg", "A.JPG", "x.jpeg.", "x.jpeg ", "my photo (1).jpeg", "IMG_2041.heic",
+                "file.tiff", "file.tif", ".png", "a cat.", "www.example.com/x", "HTTPS://a.b", "img 12-3",
+                "12:30", "★ — ★", "日本語", "a photo of file.jpg on a desk", "é.png", "[a] b.webp"]
+    alphabet = ["a", "b", "I", "M", "G", "j", "p", "e", "g", "n", "f", "w", ".", " ", "_", "-", "(", ")", "1", "/",
+                ":", "h", "t", "s", "é", "★", "jpg", "JPEG", "webp", "tiff", "img", "www.", "http://"]
+    captions += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 8))) for _ in range(5000)]
+    captions += [rnd.choice(["img", "DSC", "photo", "Pic"]) + "".join(rnd.choice("12_- a.g") for _ in range(rnd.randint(0, 6)))
+                 for _ in range(1000)]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t (caption VARCHAR)")
+    con.executemany("INSERT INTO t VALUES (?)", [[c] for c in captions])
+    rule = next(r for r in sql_rules(CurateConfig()) if r.name == "caption_is_pattern")
+    got = con.execute(f"SELECT ({rule.sql}\n) FROM t").fetchall()
+    want = con.execute("SELECT regexp_full_match(caption, ?) FROM t", ["(?i)" + "|".join(patterns)]).fetchall()
+    assert got == want
+    for pattern in patterns:
+        hits = con.execute("SELECT count(*) FROM t WHERE regexp_full_match(caption, ?)", ["(?i)" + pattern]).fetchall()
+        assert hits[0][0] > 20, pattern  # the random captions hit each pattern
 
 
 def test_rules_file_is_editable_sql(data_dir, tmp_path):

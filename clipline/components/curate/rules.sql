@@ -39,11 +39,17 @@ greatest(coalesce(original_width, width), coalesce(original_height, height))
 caption IS NULL OR caption = ''
 
 -- rule: caption_is_pattern
+-- the whole caption is a URL, a camera file name, no letter at all (digits, punctuation,
+-- symbols), or a file name. The file-name pattern is tried only where one of the last 5
+-- characters is a '.' and the last is not (its extensions have 3 or 4 letters): matched in full,
+-- it would read every caption to its end, while the others give up at the first character that
+-- rules them out
 regexp_full_match(caption,
   '(?i)(https?://|www\.)\S+'                                              -- only a URL
-  || '|[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)'     -- only a file name
   || '|(img|dsc|dscn|dscf|pxl|dcim|photo|image|pic|screenshot)[_\- ]?[\d_\- ]+'  -- camera name
-  || '|[\d\W_]+')                                                     -- only digits/punctuation
+  || '|[^\pL]+')                                          -- no letter (of any script)
+OR (contains(right(caption, 5), '.') AND NOT ends_with(caption, '.') AND regexp_full_match(caption,
+  '(?i)[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)'))     -- only a file name
 
 -- rule: too_few_words
 -- fewer than {min_caption_words} space-separated words, i.e. fewer than {min_caption_words} - 1
