@@ -161,6 +161,9 @@ def test_repeated_marks_exactly_the_values_that_occur_twice():
                 want[idx] = counts[inv.reshape(-1)] > 1
             assert (dedup.repeated(values, valid) == want).all()
             assert (dedup.repeated(values.view(np.uint64)) == dedup.repeated(values)).all()
+            also = rng.choice(values, min(n, 5)) if n else np.zeros(0, np.int64)  # and members named as such
+            assert (dedup.repeated(values, valid, also=np.concatenate([also, also + 1])) ==
+                    (want | (valid & np.isin(values, np.concatenate([also, also + 1]))))).all()
             assert (dedup.unique_sorted(values) == np.unique(values)).all()
 
 
@@ -187,3 +190,8 @@ def test_hash_grouping_is_exact_even_when_hashes_collide():
         # every value given the same hash (a collision everywhere), or one of two hashes: still exact
         assert _partition(_hashed_ids(col, pa.array([7] * n, pa.uint64()))) == want
         assert _partition(_hashed_ids(col, pa.array(rng.integers(0, 2, n).astype(np.uint64)))) == want
+        if n > 1:  # an array that starts inside its buffers (a slice)
+            sliced = col.combine_chunks().slice(1)
+            want1 = [None if v is None else values[1:].index(v) for v in values[1:]]
+            assert _partition(_hashed_ids(sliced, pa.array([7] * (n - 1), pa.uint64()))) == \
+                [i if w is None else w for i, w in enumerate(want1)]

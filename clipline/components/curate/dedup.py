@@ -321,41 +321,108 @@ def _compiled_loop():
     return njit(cache=True, nogil=True)(_keep_first_loop)
 
 
-def _repeated_loop(h, valid, out):  # pragma: no cover - compiled
-    """out[i] = True where valid row i's 64-bit value ``h[i]`` occurs at another valid row too:
-    one pass of an open-addressing hash table (splitmix64-mixed slots, linear probing, at most
-    half full) holding each value and whether it repeated, then one pass reading it back."""
-    n = len(h)
+def _member_loop(members, h, valid, out):  # pragma: no cover - compiled
+    """out[i] = True where valid row i's 64-bit value ``h[i]`` is one of ``members``: they go into
+    an open-addressing set (splitmix64-mixed slots, linear probing, at most half full), and each
+    row looks its value up there. :func:`repeated` passes only the values that repeat, so the set
+    stays in the cache, where a table of every value would not (2-3x faster at 1M rows)."""
     size = 2
-    while size < 2 * n:
+    while size < 2 * len(members):
         size *= 2
     mask = np.uint64(size - 1)
     keys = np.empty(size, np.uint64)
-    state = np.zeros(size, np.uint8)  # 0 empty, 1 seen once, 2 repeated
-    slot_of = np.empty(n, np.int64)
-    for i in range(n):
+    used = np.zeros(size, np.bool_)
+    for i in range(len(members)):
+        x = np.uint64(members[i])
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
+        while used[j] and keys[j] != x:
+            j = (j + 1) & (size - 1)
+        keys[j] = x
+        used[j] = True
+    for i in range(len(h)):
         if not valid[i]:
-            slot_of[i] = -1
             continue
         x = np.uint64(h[i])
         z = x + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         j = np.int64((z ^ (z >> np.uint64(31))) & mask)
-        while True:
-            st = state[j]
-            if st == 0:
-                keys[j] = x
-                state[j] = 1
-                break
+        while used[j]:
             if keys[j] == x:
-                state[j] = 2
+                out[i] = True
                 break
             j = (j + 1) & (size - 1)
-        slot_of[i] = j
+
+
+def _group_loop(h, valid, data, starts, ends, ids):  # pragma: no cover - compiled
+    """ids[i] = the first row whose string equals row i's (found by its 64-bit hash ``h`` in an
+    open-addressing map, then compared byte by byte); n + i for an invalid (null) row. Returns
+    False, leaving ``ids`` unfinished, when two different strings share a hash."""
+    n = len(h)
+    size = 2
+    while size < 2 * n:
+        size *= 2
+    mask = np.uint64(size - 1)
+    keys = np.empty(size, np.uint64)
+    first = np.full(size, -1, np.int64)
     for i in range(n):
-        j = slot_of[i]
-        out[i] = j >= 0 and state[j] == 2
+        if not valid[i]:
+            ids[i] = n + i
+            continue
+        x = np.uint64(h[i])
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
+        while first[j] >= 0 and keys[j] != x:
+            j = (j + 1) & (size - 1)
+        f = first[j]
+        if f < 0:
+            keys[j] = x
+            first[j] = i
+            ids[i] = i
+            continue
+        ids[i] = f
+        a, b, fa = starts[i], ends[i], starts[f]
+        if b - a != ends[f] - fa:
+            return False
+        for k in range(b - a):
+            if data[a + k] != data[fa + k]:
+                return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_group():
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    return njit(cache=True, nogil=True)(_group_loop)
+
+
+def string_group_ids(values: pa.Array, hashes: np.ndarray) -> np.ndarray | None:
+    """A group id per string: the position of the first row holding the same string (rows in
+    [0, n)), or n + i for a null at row i; grouped by the strings' 64-bit ``hashes`` in one
+    compiled pass that compares every row's bytes with its group's first. None when a hash
+    collision put two different strings together, or without numba (the caller then groups by
+    the values themselves)."""
+    loop = _compiled_group()
+    if loop is None:  # pragma: no cover - numba is a dependency
+        return None
+    from clipline.components.curate.language import string_buffers
+
+    n = len(values)
+    valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), np.bool_) if values.null_count \
+        else np.ones(n, np.bool_)
+    data, starts, ends = string_buffers(values)
+    ids = np.empty(n, np.int64)
+    ok = loop(np.ascontiguousarray(hashes).view(np.uint64) if np.asarray(hashes).dtype.itemsize == 8
+              else np.asarray(hashes, np.int64).view(np.uint64), valid, data, starts, ends, ids)
+    return ids if ok else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -364,26 +431,31 @@ def _compiled_repeated():
         from numba import njit
     except ImportError:  # pragma: no cover - numba is a dependency
         return None
-    return njit(cache=True, nogil=True)(_repeated_loop)
+    return njit(cache=True, nogil=True)(_member_loop)
 
 
-def repeated(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+def repeated(values: np.ndarray, valid: np.ndarray | None = None, also: np.ndarray | None = None) -> np.ndarray:
     """True where a 64-bit value (e.g. a hash of a URL) occurs at more than one position, among
-    the ``valid`` positions (all by default; the others are False). Exact on the values: equal
-    values repeat, nothing else; one compiled hash-table pass (numpy's sort where numba is missing)."""
+    the ``valid`` positions (all by default; the others are False), or is one of ``also``. Exact
+    on the values: equal values repeat, nothing else. numpy's sort (it releases the GIL) finds
+    the values that repeat, then one compiled pass marks the rows holding them (numpy's isin
+    where numba is missing)."""
     values = np.ascontiguousarray(values).view(np.uint64) if np.asarray(values).dtype.itemsize == 8 \
         else np.asarray(values, np.int64).view(np.uint64)
+    all_valid = valid is None
     valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
+    s = np.sort(values if all_valid else values[valid])
+    members = s[1:][s[1:] == s[:-1]]
+    if also is not None:
+        members = np.concatenate([members, np.asarray(also).reshape(-1).astype(np.int64).view(np.uint64)])
     out = np.zeros(len(values), np.bool_)
+    if len(members) == 0:
+        return out
     loop = _compiled_repeated()
     if loop is not None:
-        loop(values, valid, out)
+        loop(members, values, valid, out)
         return out
-    idx = np.flatnonzero(valid)  # pragma: no cover - numba is a dependency
-    if len(idx):  # pragma: no cover
-        _, inv, counts = np.unique(values[idx], return_inverse=True, return_counts=True)
-        out[idx] = counts[inv.reshape(-1)] > 1
-    return out  # pragma: no cover
+    return valid & np.isin(values, members)  # pragma: no cover - numba is a dependency
 
 
 def keep_first_codes(inp: DedupInput, opts: DedupOptions, compiled: bool = True) -> np.ndarray:

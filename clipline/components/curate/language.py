@@ -330,10 +330,10 @@ def _kernel_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return nextmove.astype(np.int32), w, np.abs(w).sum(axis=1) > 0, np.ascontiguousarray(prior, dtype=np.float64)
 
 
-def _buffers(texts: pa.Array, max_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def string_buffers(texts: pa.Array, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(UTF-8 bytes, start, end) of each string of an Arrow string array, read in place (no copy
     unless there are nulls, which become empty strings, or another string type); ends are cut at
-    ``max_bytes`` after the start."""
+    ``max_bytes`` after the start (not at all for None)."""
     n = len(texts)
     arr = texts if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type) \
         else texts.cast(pa.large_string())
@@ -345,7 +345,7 @@ def _buffers(texts: pa.Array, max_bytes: int) -> tuple[np.ndarray, np.ndarray, n
             else np.zeros(1, np.uint8))
     data.flags.writeable = False  # one compiled signature, whoever made the buffer (DuckDB's is read-only)
     starts = offsets[:-1]
-    return data, starts, np.minimum(offsets[1:], starts + int(max_bytes))
+    return data, starts, offsets[1:] if max_bytes is None else np.minimum(offsets[1:], starts + int(max_bytes))
 
 
 def classify_arrow(texts: pa.Array | pa.ChunkedArray, max_bytes: int = 2048,
@@ -366,7 +366,7 @@ def classify_arrow(texts: pa.Array | pa.ChunkedArray, max_bytes: int = 2048,
         return np.array([index[x] if x is not None else -1 for x in langs], dtype=np.int64), probs
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    data, starts, ends = _buffers(texts, max_bytes)
+    data, starts, ends = string_buffers(texts, max_bytes)
     best = np.empty(n, dtype=np.int64)
     probs = np.empty(n, dtype=np.float64)
     import numba
@@ -403,7 +403,7 @@ def other_language_mask_arrow(texts: pa.Array | pa.ChunkedArray, language: str, 
     import numba
 
     numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    data, starts, ends = _buffers(texts, 2048)
+    data, starts, ends = string_buffers(texts, 2048)
     small, w32, has_w, rowmax, prior32, prior_abs = _mask_tables()
     nextmove, w, _, prior = _kernel_tables()
     log_min = math.log(min_confidence) if min_confidence > 0 else -math.inf

@@ -124,6 +124,7 @@ def _warm_up(con: duckdb.DuckDBPyConnection, c: CurateConfig) -> None:
     dedup.keep_first_codes(dedup.DedupInput(*(np.zeros(3, bool), *[np.arange(3)] * 5,
                                               np.zeros((0, 2), np.int64))), dedup.DedupOptions())
     dedup.repeated(np.arange(3, dtype=np.int64))
+    dedup.string_group_ids(pa.array(["a", "a"]), np.zeros(2, np.uint64))
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -403,8 +404,9 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     # only rows sharing a value with another row (or a pHash within d of another) can be dropped
     # or make another row a duplicate: exactly those are visited, in the keep-first order.
     # 1) candidates: rows whose URL / key / sha256 (/ caption+sha256) 64-bit hash or pHash repeats,
-    #    found by one compiled hash-table pass per relation over the fetched hashes (a superset of
-    #    the rows with a real duplicate: equal values have equal hashes);
+    #    found per relation by sorting the fetched hashes and one compiled pass marking the rows
+    #    whose hash repeats (a superset of the rows with a real duplicate: equal values have equal
+    #    hashes);
     # 2) the exact groups among the candidates, from their values themselves (grouped by hash,
     #    then each value compared with its group's first; see _hashed_ids): a hash collision can
     #    add a candidate, never merge two different values
@@ -423,18 +425,15 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                        CASE WHEN sha256 IS NOT NULL THEN hash(sha256) END AS sha256,
                        {"NULL::UBIGINT" if same_image else "CASE WHEN caption IS NOT NULL AND sha256 IS NOT NULL THEN hash(caption, sha256) END"} AS ci,
                        phash FROM _u""").fetchnumpy()
-            near = dedup.unique_sorted(pairs)  # pHash values within d of another one
+            near = pairs.reshape(-1)  # pHash values within d of another one
 
             def rel(col: str) -> np.ndarray:  # candidates of one relation (numba releases the GIL)
                 v = h[col]
                 valid = ~np.ma.getmaskarray(v)
                 if not valid.any():
                     return valid
-                vals = np.ma.getdata(v)
-                out = dedup.repeated(vals, valid)
-                if col == "phash" and len(near):  # a pHash within d of another is a candidate too
-                    out |= valid & (near[np.searchsorted(near, vals).clip(0, len(near) - 1)] == vals)
-                return out
+                # a pHash within d of another is a candidate too
+                return dedup.repeated(np.ma.getdata(v), valid, also=near if col == "phash" else None)
 
             with ThreadPoolExecutor(max(1, min(2, int(c.duckdb_threads)))) as pool:
                 repeats = functools.reduce(np.logical_or, pool.map(rel, ["url", "key", "sha256", "ci", "phash"]))
@@ -583,31 +582,19 @@ def _exact_ids(*cols: pa.ChunkedArray) -> np.ndarray:
 
 
 def _hashed_ids(values: pa.ChunkedArray, hashes: pa.ChunkedArray) -> np.ndarray:
-    """:func:`_exact_ids` of one column, given each value's 64-bit hash:
-    rows are grouped by hash with one sort, then every row's value is compared with its group's
-    first row; only if a hash collision put two different values together (never seen, but
-    possible) does it fall back to :func:`_exact_ids`. Ids are row positions, so within [0, 2n)."""
+    """:func:`_exact_ids` of one string column, given each value's 64-bit hash: one compiled pass
+    groups rows by hash and compares every row's value with its group's first
+    (:func:`dedup.string_group_ids`); only if a hash collision put two different values together
+    (never seen, but possible) does it fall back to :func:`_exact_ids`. Ids are row positions,
+    so within [0, 2n)."""
     n = len(values)
     if n == 0:
         return np.zeros(0, np.int64)
     vals = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    valid = np.asarray(vals.is_valid().to_numpy(zero_copy_only=False), np.bool_) if vals.null_count \
-        else np.ones(n, np.bool_)
     h = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
     hv = np.asarray(pc.fill_null(h, 0).to_numpy() if h.null_count else h.to_numpy(), np.uint64)
-    order = np.argsort(hv, kind="stable")
-    sh = hv[order]
-    start = np.empty(n, np.bool_)
-    start[0] = True
-    np.not_equal(sh[1:], sh[:-1], out=start[1:])
-    first = order[np.flatnonzero(start)][np.cumsum(start) - 1]
-    ids = np.empty(n, np.int64)
-    ids[order] = first
-    ids = np.where(valid, ids, n + np.arange(n, dtype=np.int64))
-    same = pc.equal(vals, vals.take(pa.array(ids.clip(0, n - 1))))
-    if not pc.all(pc.or_(pc.fill_null(same, False), pc.invert(pa.array(valid)))).as_py():
-        return _exact_ids(values)
-    return ids
+    ids = dedup.string_group_ids(vals, hv)
+    return _exact_ids(values) if ids is None else ids
 
 
 def _visit(tab: pa.Table, pairs: np.ndarray, c: CurateConfig, d: int, steps: _Steps) -> tuple[np.ndarray, np.ndarray, int]:
