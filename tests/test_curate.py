@@ -105,8 +105,8 @@ def test_word_count_rule_counts_words_as_string_split_does():
 
 
 def test_caption_pattern_rule_is_one_full_match_of_its_patterns():
-    """caption_is_pattern tries the file-name pattern only on captions with a '.' among their last
-    5 characters and not last; it drops exactly what one full match of all four patterns drops."""
+    """caption_is_pattern tries the file-name pattern only on captions that end with one of its
+    extensions; it drops exactly what one full match of all four patterns drops."""
     import duckdb
 
     from clipline.components.config import CurateConfig
@@ -118,6 +118,7 @@ def test_caption_pattern_rule_is_one_full_match_of_its_patterns():
     captions = [None, "", ".", "a.jpg", "A.JPG", "x.jpeg.", "x.jpeg ", "my photo (1).jpeg", "IMG_2041.heic",
                 "file.tiff", "file.tif", ".png", "a cat.", "www.example.com/x", "HTTPS://a.b", "img 12-3",
                 "12:30", "★ — ★", "日本語", "a photo of file.jpg on a desk", "é.png", "[a] b.webp"]
+    captions += [f"my file (2).{ext}" for ext in ["jpg", "JPEG", "png", "gif", "webp", "bmp", "tif", "TIFF", "heic", "avif"]]
     alphabet = ["a", "b", "I", "M", "G", "j", "p", "e", "g", "n", "f", "w", ".", " ", "_", "-", "(", ")", "1", "/",
                 ":", "h", "t", "s", "é", "★", "jpg", "JPEG", "webp", "tiff", "img", "www.", "http://"]
     captions += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 8))) for _ in range(5000)]

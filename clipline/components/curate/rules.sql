@@ -40,15 +40,15 @@ caption IS NULL OR caption = ''
 
 -- rule: caption_is_pattern
 -- the whole caption is a URL, a camera file name, no letter at all (digits, punctuation,
--- symbols), or a file name. The file-name pattern is tried only where one of the last 5
--- characters is a '.' and the last is not (its extensions have 3 or 4 letters): matched in full,
--- it would read every caption to its end, while the others give up at the first character that
+-- symbols), or a file name. The file-name pattern is tried only on captions that end with one of
+-- its extensions (RE2 checks a pattern anchored at the end from the end): matched in full, it
+-- would read every caption to its end, while the others give up at the first character that
 -- rules them out
 regexp_full_match(caption,
   '(?i)(https?://|www\.)\S+'                                              -- only a URL
   || '|(img|dsc|dscn|dscf|pxl|dcim|photo|image|pic|screenshot)[_\- ]?[\d_\- ]+'  -- camera name
   || '|[^\pL]+')                                          -- no letter (of any script)
-OR (contains(right(caption, 5), '.') AND NOT ends_with(caption, '.') AND regexp_full_match(caption,
+OR (regexp_matches(caption, '(?i)\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)$') AND regexp_full_match(caption,
   '(?i)[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)'))     -- only a file name
 
 -- rule: too_few_words
