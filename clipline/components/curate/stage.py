@@ -68,6 +68,13 @@ NON_RULE_FIELDS = {"row_group_rows", "file_size_mb", "duckdb_memory_limit", "duc
                    "contact_sheet_examples", "eval_set", "language_backend", "blocklist_file", "near_dup_engine", "rules_file"}
 
 
+#: DuckDB's 64-bit hashes of a row's URL, key and sha256 (NULL for a NULL value), computed once
+#: while the rows are read; exact deduplication groups by them and then compares the values
+_HASHES = ("CASE WHEN {p}url IS NOT NULL THEN hash({p}url) END AS h_url, "
+           "CASE WHEN {p}key IS NOT NULL THEN hash({p}key) END AS h_key, "
+           "CASE WHEN {p}sha256 IS NOT NULL THEN hash({p}sha256) END AS h_sha256")
+
+
 class CurateError(RuntimeError):
     """The stage cannot run; the message says why and what to do."""
 
@@ -334,7 +341,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                                    ELSE caption END AS caption) FROM raw
         )
         SELECT (f.fid::BIGINT << 32) + n.file_row_number + 1 AS rid, f.fid, f.shard_rank,
-               n.* EXCLUDE (file_index), {rules.case_expression(sql_rules)} AS reason
+               n.* EXCLUDE (file_index), {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="n.")}
         FROM norm n JOIN files f ON n.file_index = f.fid""")
 
     # ---- 2. language (only rows no earlier rule dropped, streamed) ----
@@ -387,9 +394,10 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     con.execute(f"""
         CREATE TEMP VIEW _u AS
         SELECT rid, TRUE AS is_parent, key, url, caption, sha256, phash, NULL::INTEGER AS shard_rank,
-               NULL::BIGINT AS area, NULL::BIGINT AS file_row_number FROM parent
+               NULL::BIGINT AS area, NULL::BIGINT AS file_row_number, {_HASHES.format(p="")} FROM parent
         UNION ALL
-        SELECT rid, FALSE, key, url, caption, sha256, phash, shard_rank, {area}, file_row_number
+        SELECT rid, FALSE, key, url, caption, sha256, phash, shard_rank, {area}, file_row_number,
+               h_url, h_key, h_sha256
         FROM rows WHERE reason IS NULL""")
     pairs = np.zeros((0, 2), dtype=np.int64)
     t_lsh, c_lsh = time.perf_counter(), time.process_time()
@@ -420,9 +428,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
             cand = None
         else:
             h = con.execute(f"""
-                SELECT rid, CASE WHEN url IS NOT NULL THEN hash(url) END AS url,
-                       CASE WHEN key IS NOT NULL THEN hash(key) END AS key,
-                       CASE WHEN sha256 IS NOT NULL THEN hash(sha256) END AS sha256,
+                SELECT rid, h_url AS url, h_key AS key, h_sha256 AS sha256,
                        {"NULL::UBIGINT" if same_image else "CASE WHEN caption IS NOT NULL AND sha256 IS NOT NULL THEN hash(caption, sha256) END"} AS ci,
                        phash FROM _u""").fetchnumpy()
             near = pairs.reshape(-1)  # pHash values within d of another one
@@ -446,7 +452,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         with_caption = c.caption_near_dedup or not same_image
         tab = con.sql(f"""
             SELECT rid, is_parent, url, key, sha256, phash{", caption" if with_caption else ""},
-                   hash(url) AS h_url, hash(key) AS h_key, hash(sha256) AS h_sha256
+                   h_url, h_key, h_sha256
             FROM _u {"SEMI JOIN _cand USING (rid)" if cand is not None else ""}
             ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").to_arrow_table()
         if cand is not None:
@@ -467,7 +473,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     steps.start(STEPS[4])
     con.execute(f"""
         CREATE TEMP TABLE kept AS
-        SELECT * EXCLUDE (reason, h), {hashing.split_sql("h", c.val_fraction)} AS split, h
+        SELECT * EXCLUDE (reason, h, h_url, h_key, h_sha256), {hashing.split_sql("h", c.val_fraction)} AS split, h
         FROM (SELECT *, key_hash(key) AS h FROM rows WHERE reason IS NULL)""")
     order = rules.rule_order(sql_rules)
     dropped_raw = dict(con.execute("SELECT reason, count(*) FROM rows WHERE reason IS NOT NULL GROUP BY 1").fetchall())
