@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import duckdb
@@ -36,6 +37,13 @@ def test_compiled_keep_first_equals_the_python_rule(same_image, near_image):
         assert got.tolist() == want.tolist()
         assert (dedup.keep_first_codes(inp, opts, compiled=False) == codes).all()
         assert not codes[:n_parent].any()  # parent rows are always kept
+        # large pHash ids (renumbered first), and pairs naming ids no row has: the same codes
+        big = 10**15
+        shifted = dataclasses.replace(inp, ph_g=np.where(inp.ph_g >= 0, inp.ph_g * 7 + big, -1),
+                                      ph_pairs=np.concatenate([inp.ph_pairs * 7 + big, [[big - 7, big + 7 * n * 9]]]))
+        assert (dedup.keep_first_codes(shifted, opts) == codes).all()
+        extra = dataclasses.replace(inp, ph_pairs=np.concatenate([inp.ph_pairs, [[0, n + 5], [n + 6, n + 7]]]))
+        assert (dedup.keep_first_codes(extra, opts) == codes).all()
     assert {"dup_url", "dup_key", "near_dup_image" if near_image else "dup_image"} <= set(got.tolist())
 
 
@@ -145,6 +153,20 @@ def test_band_plan_widens_keys_as_rows_grow_and_still_finds_every_pair():
         for a, b in dedup._bucket_pairs(hashes, combo, 6).tolist():
             got.add((min(a, b), max(a, b)))
     assert got == brute and len(brute) >= 250
+
+
+def test_first_ids_name_each_value_by_its_first_position():
+    rng = np.random.default_rng(9)
+    for n in (0, 1, 9, 4000):
+        values = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+        values[rng.integers(0, max(n, 1), n // 2)] = values[rng.integers(0, max(n, 1), n // 2)] if n else values[:0]
+        valid = rng.random(n) > 0.1
+        want = [-1] * n
+        first: dict = {}
+        for i, (v, ok) in enumerate(zip(values.tolist(), valid.tolist())):
+            if ok:
+                want[i] = first.setdefault(v, i)
+        assert dedup.first_ids(values, valid).tolist() == want
 
 
 def test_repeated_marks_exactly_the_values_that_occur_twice():

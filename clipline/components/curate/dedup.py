@@ -395,6 +395,60 @@ def _group_loop(h, valid, data, starts, ends, ids):  # pragma: no cover - compil
     return True
 
 
+def _first_loop(h, valid, ids):  # pragma: no cover - compiled
+    """ids[i] = the first valid position holding the 64-bit value ``h[i]`` (an open-addressing
+    map), -1 where invalid."""
+    n = len(h)
+    size = 2
+    while size < 2 * n:
+        size *= 2
+    mask = np.uint64(size - 1)
+    keys = np.empty(size, np.uint64)
+    first = np.full(size, -1, np.int64)
+    for i in range(n):
+        if not valid[i]:
+            ids[i] = -1
+            continue
+        x = np.uint64(h[i])
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
+        while first[j] >= 0 and keys[j] != x:
+            j = (j + 1) & (size - 1)
+        if first[j] < 0:
+            keys[j] = x
+            first[j] = i
+        ids[i] = first[j]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_first():
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    return njit(cache=True, nogil=True)(_first_loop)
+
+
+def first_ids(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """For each 64-bit value, the first position (among the ``valid`` ones) holding the same
+    value; -1 at invalid positions. Equal values get equal ids, and ids are within [0, n)."""
+    values = np.ascontiguousarray(values).view(np.uint64) if np.asarray(values).dtype.itemsize == 8 \
+        else np.asarray(values, np.int64).view(np.uint64)
+    valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
+    ids = np.empty(len(values), np.int64)
+    loop = _compiled_first()
+    if loop is not None:
+        loop(values, valid, ids)
+        return ids
+    idx = np.flatnonzero(valid)  # pragma: no cover - numba is a dependency
+    _, first, inv = np.unique(values[idx], return_index=True, return_inverse=True)  # pragma: no cover
+    ids[:] = -1  # pragma: no cover
+    ids[idx] = idx[first][inv.reshape(-1)]  # pragma: no cover
+    return ids  # pragma: no cover
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_group():
     try:
@@ -472,24 +526,31 @@ def keep_first_codes(inp: DedupInput, opts: DedupOptions, compiled: bool = True)
             codes[names == name] = k
         return codes
     ph = np.asarray(inp.ph_g, np.int64)
-    valid = ph >= 0
-    ph_ids = unique_sorted(ph[valid]) if opts.near_image else np.zeros(0, np.int64)
-    ph_dense = np.full(n, -1, np.int64)
-    if opts.near_image:
-        ph_dense[valid] = np.searchsorted(ph_ids, ph[valid])
     pairs = np.asarray(inp.ph_pairs, np.int64).reshape(-1, 2)
-    if opts.near_image and len(pairs) and len(ph_ids):
-        both = np.concatenate([pairs, pairs[:, ::-1]])
-        a = np.searchsorted(ph_ids, both[:, 0]).clip(0, len(ph_ids) - 1)
-        b = np.searchsorted(ph_ids, both[:, 1]).clip(0, len(ph_ids) - 1)
-        ok = (ph_ids[a] == both[:, 0]) & (ph_ids[b] == both[:, 1])  # pairs of phashes no row has: irrelevant
-        a, b = a[ok], b[ok]
-        order = np.argsort(a, kind="stable")
-        nbr = b[order]
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=len(ph_ids)))])
-    else:
-        nbr = np.zeros(0, np.int64)
-        indptr = np.zeros(len(ph_ids) + 1, np.int64)
+    bound = 4 * (n + len(pairs)) + 16
+    if not opts.near_image:
+        ph_dense, pairs, k = np.full(n, -1, np.int64), pairs[:0], 0
+    elif ph.max() < bound and pairs.min(initial=0) >= 0 and pairs.max(initial=-1) < bound:
+        # small non-negative ids (the stage passes positions): used as they are; an id of a pair
+        # that no row has is simply never kept
+        ph_dense = np.where(ph >= 0, ph, -1)
+        k = int(max(ph.max(), pairs.max(initial=-1))) + 1
+    else:  # any other ids: renumbered 0..k-1
+        valid = ph >= 0
+        ph_ids = unique_sorted(ph[valid])
+        ph_dense = np.full(n, -1, np.int64)
+        ph_dense[valid] = np.searchsorted(ph_ids, ph[valid])
+        k = len(ph_ids)
+        if len(pairs) and k:
+            a = np.searchsorted(ph_ids, pairs[:, 0]).clip(0, k - 1)
+            b = np.searchsorted(ph_ids, pairs[:, 1]).clip(0, k - 1)
+            ok = (ph_ids[a] == pairs[:, 0]) & (ph_ids[b] == pairs[:, 1])  # pairs of phashes no row has: irrelevant
+            pairs = np.stack([a[ok], b[ok]], axis=1)
+        else:
+            pairs = pairs[:0]
+    both = np.concatenate([pairs, pairs[:, ::-1]])  # neighbours of each id, as CSR (indptr, nbr)
+    nbr = both[np.argsort(both[:, 0], kind="stable"), 1]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(both[:, 0], minlength=k))])
     out = np.zeros(n, np.int8)
     loop = _compiled_loop() if compiled else _keep_first_loop
     loop(np.asarray(inp.is_parent, np.bool_), _dense(inp.url_g), _dense(inp.key_g), _dense(inp.sha_g),

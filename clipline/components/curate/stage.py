@@ -132,6 +132,7 @@ def _warm_up(con: duckdb.DuckDBPyConnection, c: CurateConfig) -> None:
                                               np.zeros((0, 2), np.int64))), dedup.DedupOptions())
     dedup.repeated(np.arange(3, dtype=np.int64))
     dedup.string_group_ids(pa.array(["a", "a"]), np.zeros(2, np.uint64))
+    dedup.first_ids(np.arange(3, dtype=np.int64))
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -612,8 +613,10 @@ def _visit(tab: pa.Table, pairs: np.ndarray, c: CurateConfig, d: int, steps: _St
     ph_col = tab.column("phash")
     ph_valid = np.asarray(ph_col.is_valid().to_numpy(zero_copy_only=False), np.bool_) if n else np.zeros(0, np.bool_)
     ph_vals = np.asarray(pc.fill_null(ph_col, 0).to_numpy(), np.int64) if n else np.zeros(0, np.int64)
-    ph_ids = dedup.unique_sorted(np.concatenate([ph_vals[ph_valid], pairs.reshape(-1)]))
-    ph_g = np.where(ph_valid, np.searchsorted(ph_ids, ph_vals), -1)
+    # one id per distinct pHash value, rows' and pairs' alike: the position of its first occurrence
+    ph_ids = dedup.first_ids(np.concatenate([ph_vals, pairs.reshape(-1)]),
+                             np.concatenate([ph_valid, np.ones(pairs.size, np.bool_)]))
+    ph_g = ph_ids[:n]
     alone = np.arange(n, dtype=np.int64)
     codes = dedup.keep_first_codes(
         dedup.DedupInput(
@@ -622,7 +625,7 @@ def _visit(tab: pa.Table, pairs: np.ndarray, c: CurateConfig, d: int, steps: _St
             key_g=_hashed_ids(tab.column("key"), tab.column("h_key")),
             sha_g=_hashed_ids(tab.column("sha256"), tab.column("h_sha256")),
             capimg_g=alone if same_image else _exact_ids(tab.column("caption"), tab.column("sha256")),
-            ph_g=ph_g, ph_pairs=np.searchsorted(ph_ids, pairs),
+            ph_g=ph_g, ph_pairs=ph_ids[n:].reshape(-1, 2),
             captions=tab.column("caption").to_pylist() if c.caption_near_dedup else None),
         dedup.DedupOptions(same_image=same_image, near_image=d >= 0,
                            near_caption=c.caption_near_dedup, minhash_threshold=c.caption_minhash_threshold,
