@@ -360,14 +360,16 @@ def _member_loop(members, h, valid, out):  # pragma: no cover - compiled
 def _group_loop(h, valid, data, starts, ends, ids):  # pragma: no cover - compiled
     """ids[i] = the first row whose string equals row i's (found by its 64-bit hash ``h`` in an
     open-addressing map, then compared byte by byte); n + i for an invalid (null) row. Returns
-    False, leaving ``ids`` unfinished, when two different strings share a hash."""
+    False, leaving ``ids`` unfinished, when two different strings share a hash. A slot of the map
+    packs a 32-bit fingerprint of the hash with the row position (8 bytes, so that the map of 200k
+    rows stays within the cache)."""
     n = len(h)
     size = 2
     while size < 2 * n:
         size *= 2
     mask = np.uint64(size - 1)
-    keys = np.empty(size, np.uint64)
-    first = np.full(size, -1, np.int64)
+    slots = np.zeros(size, np.uint64)  # 0: empty; else fingerprint << 32 | (position + 1)
+    low = np.uint64(0xFFFFFFFF)
     for i in range(n):
         if not valid[i]:
             ids[i] = n + i
@@ -376,13 +378,20 @@ def _group_loop(h, valid, data, starts, ends, ids):  # pragma: no cover - compil
         z = x + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
-        while first[j] >= 0 and keys[j] != x:
+        z = z ^ (z >> np.uint64(31))
+        fp = z >> np.uint64(32)
+        j = np.int64(z & mask)
+        f = -1
+        while slots[j] != 0:
+            e = slots[j]
+            if (e >> np.uint64(32)) == fp:
+                g = np.int64(e & low) - 1
+                if np.uint64(h[g]) == x:
+                    f = g
+                    break
             j = (j + 1) & (size - 1)
-        f = first[j]
         if f < 0:
-            keys[j] = x
-            first[j] = i
+            slots[j] = (fp << np.uint64(32)) | np.uint64(i + 1)
             ids[i] = i
             continue
         ids[i] = f
@@ -396,15 +405,15 @@ def _group_loop(h, valid, data, starts, ends, ids):  # pragma: no cover - compil
 
 
 def _first_loop(h, valid, ids):  # pragma: no cover - compiled
-    """ids[i] = the first valid position holding the 64-bit value ``h[i]`` (an open-addressing
-    map), -1 where invalid."""
+    """ids[i] = the first valid position holding the 64-bit value ``h[i]``, -1 where invalid (an
+    open-addressing map of fingerprint and position, as in :func:`_group_loop`)."""
     n = len(h)
     size = 2
     while size < 2 * n:
         size *= 2
     mask = np.uint64(size - 1)
-    keys = np.empty(size, np.uint64)
-    first = np.full(size, -1, np.int64)
+    slots = np.zeros(size, np.uint64)
+    low = np.uint64(0xFFFFFFFF)
     for i in range(n):
         if not valid[i]:
             ids[i] = -1
@@ -413,13 +422,22 @@ def _first_loop(h, valid, ids):  # pragma: no cover - compiled
         z = x + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
-        while first[j] >= 0 and keys[j] != x:
+        z = z ^ (z >> np.uint64(31))
+        fp = z >> np.uint64(32)
+        j = np.int64(z & mask)
+        f = -1
+        while slots[j] != 0:
+            e = slots[j]
+            if (e >> np.uint64(32)) == fp:
+                g = np.int64(e & low) - 1
+                if np.uint64(h[g]) == x:
+                    f = g
+                    break
             j = (j + 1) & (size - 1)
-        if first[j] < 0:
-            keys[j] = x
-            first[j] = i
-        ids[i] = first[j]
+        if f < 0:
+            slots[j] = (fp << np.uint64(32)) | np.uint64(i + 1)
+            f = i
+        ids[i] = f
 
 
 @functools.lru_cache(maxsize=1)
@@ -439,7 +457,7 @@ def first_ids(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray
     valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
     ids = np.empty(len(values), np.int64)
     loop = _compiled_first()
-    if loop is not None:
+    if loop is not None and len(values) < 2**31:  # positions are packed in 32 bits
         loop(values, valid, ids)
         return ids
     idx = np.flatnonzero(valid)  # pragma: no cover - numba is a dependency
@@ -465,7 +483,7 @@ def string_group_ids(values: pa.Array, hashes: np.ndarray) -> np.ndarray | None:
     collision put two different strings together, or without numba (the caller then groups by
     the values themselves)."""
     loop = _compiled_group()
-    if loop is None:  # pragma: no cover - numba is a dependency
+    if loop is None or len(values) >= 2**31:  # pragma: no cover - positions are packed in 32 bits
         return None
     from clipline.components.curate.language import string_buffers
 
