@@ -341,8 +341,8 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
             SELECT * REPLACE (CASE WHEN regexp_matches(caption, '{dirty}') THEN normalize_caption(caption)
                                    ELSE caption END AS caption) FROM raw
         )
-        SELECT (f.fid::BIGINT << 32) + n.file_row_number + 1 AS rid, f.fid, f.shard_rank,
-               n.* EXCLUDE (file_index), {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="n.")}
+        SELECT (f.fid::BIGINT << 32) + n.file_row_number + 1 AS rid, f.fid, f.shard_rank,  -- status: read by the rules only
+               n.* EXCLUDE (file_index, status), {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="n.")}
         FROM norm n JOIN files f ON n.file_index = f.fid""")
 
     # ---- 2. language (only rows no earlier rule dropped, streamed) ----
