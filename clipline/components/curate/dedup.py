@@ -33,6 +33,11 @@ import pyarrow as pa
 
 from clipline.components.curate.phash import to_signed64
 
+try:  # the compiled loops; without numba the numpy paths are used
+    from numba import njit
+except ImportError:  # pragma: no cover - numba is a dependency
+    njit = None
+
 
 def unique_sorted(x: np.ndarray) -> np.ndarray:
     """The sorted distinct values of a 1-d integer array, as ``np.unique(x)``, by one sort: NumPy
@@ -314,18 +319,26 @@ def _keep_first_loop(is_parent, url, key, sha, ci, ph, indptr, nbr, same_image, 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_loop():
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - numba is a dependency
-        return _keep_first_loop
-    return njit(cache=True, nogil=True)(_keep_first_loop)
+    return _keep_first_loop if njit is None else njit(cache=True, nogil=True)(_keep_first_loop)
+
+
+def _mix(x):  # pragma: no cover - compiled
+    """splitmix64's finaliser: a 64-bit value's bits spread over all 64 (slot and fingerprint)."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+if njit is not None:  # compiled into the loops below
+    _mix = njit(cache=True, nogil=True, inline="always")(_mix)
 
 
 def _member_loop(members, h, valid, out):  # pragma: no cover - compiled
     """out[i] = True where valid row i's 64-bit value ``h[i]`` is one of ``members``: they go into
-    an open-addressing set (splitmix64-mixed slots, linear probing, at most half full), and each
-    row looks its value up there. :func:`repeated` passes only the values that repeat, so the set
-    stays in the cache, where a table of every value would not (2-3x faster at 1M rows)."""
+    an open-addressing set (linear probing, at most half full), and each row looks its value up
+    there. :func:`repeated` passes only the values that repeat, so the set stays in the cache,
+    where a table of every value would not (2-3x faster at 1M rows)."""
     size = 2
     while size < 2 * len(members):
         size *= 2
@@ -334,10 +347,7 @@ def _member_loop(members, h, valid, out):  # pragma: no cover - compiled
     used = np.zeros(size, np.bool_)
     for i in range(len(members)):
         x = np.uint64(members[i])
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
+        j = np.int64(_mix(x) & mask)
         while used[j] and keys[j] != x:
             j = (j + 1) & (size - 1)
         keys[j] = x
@@ -346,10 +356,7 @@ def _member_loop(members, h, valid, out):  # pragma: no cover - compiled
         if not valid[i]:
             continue
         x = np.uint64(h[i])
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        j = np.int64((z ^ (z >> np.uint64(31))) & mask)
+        j = np.int64(_mix(x) & mask)
         while used[j]:
             if keys[j] == x:
                 out[i] = True
@@ -357,44 +364,12 @@ def _member_loop(members, h, valid, out):  # pragma: no cover - compiled
             j = (j + 1) & (size - 1)
 
 
-def _group_loop(h, valid, data, starts, ends, ids):  # pragma: no cover - compiled
-    """ids[i] = the first row whose string equals row i's (found by its 64-bit hash ``h`` in an
-    open-addressing map, then compared byte by byte); n + i for an invalid (null) row. Returns
-    False, leaving ``ids`` unfinished, when two different strings share a hash. A slot of the map
-    packs a 32-bit fingerprint of the hash with the row position (8 bytes, so that the map of 200k
-    rows stays within the cache)."""
-    n = len(h)
-    size = 2
-    while size < 2 * n:
-        size *= 2
-    mask = np.uint64(size - 1)
-    slots = np.zeros(size, np.uint64)  # 0: empty; else fingerprint << 32 | (position + 1)
-    low = np.uint64(0xFFFFFFFF)
-    for i in range(n):
-        if not valid[i]:
-            ids[i] = n + i
+def _same_strings_loop(ids, data, starts, ends):  # pragma: no cover - compiled
+    """True when every row i with ids[i] = f >= 0 holds the same bytes as row f."""
+    for i in range(len(ids)):
+        f = ids[i]
+        if f < 0 or f == i:
             continue
-        x = np.uint64(h[i])
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-        fp = z >> np.uint64(32)
-        j = np.int64(z & mask)
-        f = -1
-        while slots[j] != 0:
-            e = slots[j]
-            if (e >> np.uint64(32)) == fp:
-                g = np.int64(e & low) - 1
-                if np.uint64(h[g]) == x:
-                    f = g
-                    break
-            j = (j + 1) & (size - 1)
-        if f < 0:
-            slots[j] = (fp << np.uint64(32)) | np.uint64(i + 1)
-            ids[i] = i
-            continue
-        ids[i] = f
         a, b, fa = starts[i], ends[i], starts[f]
         if b - a != ends[f] - fa:
             return False
@@ -405,24 +380,22 @@ def _group_loop(h, valid, data, starts, ends, ids):  # pragma: no cover - compil
 
 
 def _first_loop(h, valid, ids):  # pragma: no cover - compiled
-    """ids[i] = the first valid position holding the 64-bit value ``h[i]``, -1 where invalid (an
-    open-addressing map of fingerprint and position, as in :func:`_group_loop`)."""
+    """ids[i] = the first valid position holding the 64-bit value ``h[i]``, -1 where invalid: an
+    open-addressing map whose 8-byte slots pack a 32-bit fingerprint of the value with the
+    position, so that the map of 200k values stays within the cache."""
     n = len(h)
     size = 2
     while size < 2 * n:
         size *= 2
     mask = np.uint64(size - 1)
-    slots = np.zeros(size, np.uint64)
+    slots = np.zeros(size, np.uint64)  # 0: empty; else fingerprint << 32 | (position + 1)
     low = np.uint64(0xFFFFFFFF)
     for i in range(n):
         if not valid[i]:
             ids[i] = -1
             continue
         x = np.uint64(h[i])
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = _mix(x)
         fp = z >> np.uint64(32)
         j = np.int64(z & mask)
         f = -1
@@ -442,11 +415,7 @@ def _first_loop(h, valid, ids):  # pragma: no cover - compiled
 
 @functools.lru_cache(maxsize=1)
 def _compiled_first():
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - numba is a dependency
-        return None
-    return njit(cache=True, nogil=True)(_first_loop)
+    return None if njit is None else njit(cache=True, nogil=True)(_first_loop)
 
 
 def first_ids(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -468,42 +437,34 @@ def first_ids(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray
 
 
 @functools.lru_cache(maxsize=1)
-def _compiled_group():
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - numba is a dependency
-        return None
-    return njit(cache=True, nogil=True)(_group_loop)
+def _compiled_same():
+    return None if njit is None else njit(cache=True, nogil=True)(_same_strings_loop)
 
 
 def string_group_ids(values: pa.Array, hashes: np.ndarray) -> np.ndarray | None:
     """A group id per string: the position of the first row holding the same string (rows in
-    [0, n)), or n + i for a null at row i; grouped by the strings' 64-bit ``hashes`` in one
-    compiled pass that compares every row's bytes with its group's first. None when a hash
-    collision put two different strings together, or without numba (the caller then groups by
-    the values themselves)."""
-    loop = _compiled_group()
-    if loop is None or len(values) >= 2**31:  # pragma: no cover - positions are packed in 32 bits
+    [0, n)), or n + i for a null at row i; grouped by the strings' 64-bit ``hashes``
+    (:func:`first_ids`), then every row's bytes are compared with its group's first in one
+    compiled pass. None when a hash collision put two different strings together, or without
+    numba (the caller then groups by the values themselves)."""
+    same = _compiled_same()
+    if same is None:  # pragma: no cover - numba is a dependency
         return None
     from clipline.components.curate.language import string_buffers
 
     n = len(values)
     valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), np.bool_) if values.null_count \
         else np.ones(n, np.bool_)
+    ids = first_ids(hashes, valid)
     data, starts, ends = string_buffers(values)
-    ids = np.empty(n, np.int64)
-    ok = loop(np.ascontiguousarray(hashes).view(np.uint64) if np.asarray(hashes).dtype.itemsize == 8
-              else np.asarray(hashes, np.int64).view(np.uint64), valid, data, starts, ends, ids)
-    return ids if ok else None
+    if not same(ids, data, starts, ends):
+        return None
+    return np.where(valid, ids, n + np.arange(n, dtype=np.int64)) if values.null_count else ids
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_repeated():
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - numba is a dependency
-        return None
-    return njit(cache=True, nogil=True)(_member_loop)
+    return None if njit is None else njit(cache=True, nogil=True)(_member_loop)
 
 
 def repeated(values: np.ndarray, valid: np.ndarray | None = None, also: np.ndarray | None = None) -> np.ndarray:
