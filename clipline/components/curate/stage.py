@@ -428,23 +428,25 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         if everything:
             cand = None
         else:
-            h = con.execute(f"""
+            h = con.sql(f"""
                 SELECT rid, h_url AS url, h_key AS key, h_sha256 AS sha256,
                        {"NULL::UBIGINT" if same_image else "CASE WHEN caption IS NOT NULL AND sha256 IS NOT NULL THEN hash(caption, sha256) END"} AS ci,
-                       phash FROM _u""").fetchnumpy()
+                       phash FROM _u""").to_arrow_table()
             near = pairs.reshape(-1)  # pHash values within d of another one
 
             def rel(col: str) -> np.ndarray:  # candidates of one relation (numba releases the GIL)
-                v = h[col]
-                valid = ~np.ma.getmaskarray(v)
-                if not valid.any():
-                    return valid
+                v = h.column(col).combine_chunks()
+                if v.null_count == len(v):
+                    return np.zeros(len(v), np.bool_)
+                valid = np.asarray(v.is_valid().to_numpy(zero_copy_only=False), np.bool_) if v.null_count else None
+                values = np.frombuffer(v.buffers()[1], np.uint64 if pa.types.is_unsigned_integer(v.type) else np.int64,
+                                       len(v), v.offset * 8)  # the value under a null is never read
                 # a pHash within d of another is a candidate too
-                return dedup.repeated(np.ma.getdata(v), valid, also=near if col == "phash" else None)
+                return dedup.repeated(values, valid, also=near if col == "phash" else None)
 
             with ThreadPoolExecutor(max(1, min(2, int(c.duckdb_threads)))) as pool:
                 repeats = functools.reduce(np.logical_or, pool.map(rel, ["url", "key", "sha256", "ci", "phash"]))
-            cand = np.asarray(h["rid"], np.int64)[repeats]
+            cand = h.column("rid").to_numpy()[repeats]
             del h, repeats
     with yield_memory(con, c, VISIT_BYTES_PER_ROW * (n_u if cand is None else len(cand))
                       if not c.caption_near_dedup else 0):
