@@ -343,7 +343,8 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         )
         SELECT (f.fid::BIGINT << 32) + n.file_row_number + 1 AS rid, f.fid, f.shard_rank,  -- status: read by the rules only
                n.* EXCLUDE (file_index, status), {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="n.")}
-        FROM norm n JOIN files f ON n.file_index = f.fid""")
+        FROM norm n JOIN files f ON n.file_index = f.fid::UBIGINT  -- file_index is UBIGINT: no cast of every row
+        """)
 
     # ---- 2. language (only rows no earlier rule dropped, streamed) ----
     # every row's caption is classified, repeats included: the compiled model costs about 1 us a
