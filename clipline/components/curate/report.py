@@ -100,9 +100,10 @@ def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Pat
     if per_rule <= 0:
         return {}
     sample = con.sql(f"""
-        SELECT reason, f.filename, file_row_number, caption FROM (
+        SELECT reason, f.filename, {sources.RID_ROW} AS file_row_number, caption FROM (
             SELECT *, row_number() OVER (PARTITION BY reason ORDER BY hash(coalesce(key, '')), rid) AS rk
-            FROM rows WHERE reason IS NOT NULL) x JOIN files f USING (fid) WHERE rk <= {int(per_rule)}""").to_arrow_table()
+            FROM rows WHERE reason IS NOT NULL) x JOIN files f ON f.fid = {sources.RID_FILE}
+        WHERE rk <= {int(per_rule)}""").to_arrow_table()
     if sample.num_rows == 0:
         return {}
     con.register("_sample", sample)
@@ -135,8 +136,8 @@ def write_report(con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dic
         text += f"\n![dropped examples per rule]({sheet.name})\n"
     decisions = report_dir / "dropped.parquet"
     con.execute(f"""
-        COPY (SELECT r.key, r.url, r.caption, f.shard_id, r.file_row_number AS shard_row, r.reason
-              FROM rows r JOIN files f USING (fid) WHERE r.reason IS NOT NULL ORDER BY r.rid)
+        COPY (SELECT r.key, r.url, r.caption, f.shard_id, {sources.RID_ROW} AS shard_row, r.reason
+              FROM rows r JOIN files f ON f.fid = {sources.RID_FILE} WHERE r.reason IS NOT NULL ORDER BY r.rid)
         TO '{str(decisions).replace("'", "''")}' (FORMAT parquet)""")
     text += (f"\nEvery dropped row (key, url, normalised caption, shard, row, rule): `{decisions.name}`\n")
     md.write_text(text)

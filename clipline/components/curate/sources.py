@@ -19,7 +19,12 @@ META_COLUMNS: dict[str, str] = {
     "width": "INTEGER", "height": "INTEGER", "original_width": "INTEGER", "original_height": "INTEGER",
     "sha256": "VARCHAR", "phash": "BIGINT",
 }
+SIZE_COLUMNS = ["width", "height", "original_width", "original_height"]
 IMAGE_COLUMNS = ["image", "jpg", "webp", "png"]
+#: a row's id in the curate stage is (file << 32) + row in the file + 1, where file is the shard's
+#: position in the list read (which is its rank in catalog order); these SQL expressions take it apart
+RID_FILE = "(rid >> 32)"
+RID_ROW = "((rid & 4294967295) - 1)"
 #: raw columns not carried into a snapshot
 NOT_CARRIED = set(IMAGE_COLUMNS) | {"status", "error_kind", "error_message", "split", "__index_level_0__"}
 SNAPSHOT_COLUMNS = ["key", "url", "caption", "image", "width", "height", "original_width", "original_height",
@@ -30,7 +35,7 @@ SNAPSHOT_COLUMNS = ["key", "url", "caption", "image", "width", "height", "origin
 class ShardFile:
     shard_id: str
     path: Path
-    rank: int  # position in catalog order (earlier shards win ties in dedup)
+    rank: int  # position in catalog order (earlier shards win ties in dedup); the stage reads files in rank order
 
 
 def quote_ident(name: str) -> str:
@@ -62,10 +67,12 @@ def union_schema(files: list[Path]) -> dict[str, pa.DataType]:
     return cols
 
 
-def meta_select(schema: dict[str, pa.DataType], alias: str = "r") -> str:
-    """SELECT-list items giving every META_COLUMNS column (typed NULL when absent)."""
+def meta_select(schema: dict[str, pa.DataType], alias: str = "r", names: list[str] | None = None) -> str:
+    """SELECT-list items giving every META_COLUMNS column, or those in ``names`` (typed NULL when absent)."""
     items = []
     for name, typ in META_COLUMNS.items():
+        if names is not None and name not in names:
+            continue
         if name in schema:
             items.append(f"CAST({alias}.{quote_ident(name)} AS {typ}) AS {name}")
         elif name == "status":

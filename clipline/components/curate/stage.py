@@ -324,13 +324,15 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
     steps.start(STEPS[0])
     paths = [f.path for f in files]
     schema = sources.union_schema(paths)
+    # a file's position in this list is its rank (files are listed in catalog order), so rid orders rows by shard
     con.register("_files_arrow", pa.table({
-        "filename": [str(f.path) for f in files], "fid": list(range(len(files))), "shard_rank": [f.rank for f in files],
-        "shard_id": [f.shard_id for f in files]}))
+        "filename": [str(f.path) for f in files], "fid": list(range(len(files))), "shard_id": [f.shard_id for f in files]}))
     con.execute("CREATE TEMP TABLE files AS SELECT * FROM _files_arrow")
     con.unregister("_files_arrow")
-    area = ("coalesce(original_width, width)::BIGINT * coalesce(original_height, height)::BIGINT")
     dirty = MAYBE_DIRTY.replace("'", "''")
+    # the table keeps what later steps read: rid (which holds the shard and the row in it), the values
+    # deduplication compares, the image area it orders by, the rule and the hashes. Status and sizes
+    # are read by the rules only; the snapshot takes its sizes from the shards when it is written
     con.execute(f"""
         CREATE TEMP TABLE rows AS
         WITH raw AS (  -- file_index: the file's position in the list, which is its fid
@@ -340,10 +342,11 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
             SELECT * REPLACE (CASE WHEN regexp_matches(caption, '{dirty}') THEN normalize_caption(caption)
                                    ELSE caption END AS caption) FROM raw
         )
-        SELECT (f.fid::BIGINT << 32) + n.file_row_number + 1 AS rid, f.fid, f.shard_rank,  -- status: read by the rules only
-               n.* EXCLUDE (file_index, status), {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="n.")}
-        FROM norm n JOIN files f ON n.file_index = f.fid::UBIGINT  -- file_index is UBIGINT: no cast of every row
-        """)
+        SELECT (file_index::BIGINT << 32) + file_row_number + 1 AS rid,
+               * EXCLUDE (file_index, file_row_number, status, width, height, original_width, original_height),
+               coalesce(original_width, width)::BIGINT * coalesce(original_height, height)::BIGINT AS area,
+               {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="")}
+        FROM norm""")
 
     # ---- 2. language (only rows no earlier rule dropped, streamed) ----
     # every row's caption is classified, repeats included: the compiled model costs about 1 us a
@@ -394,11 +397,10 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
                        sha256 VARCHAR, phash BIGINT, split VARCHAR)""")
     con.execute(f"""
         CREATE TEMP VIEW _u AS
-        SELECT rid, TRUE AS is_parent, key, url, caption, sha256, phash, NULL::INTEGER AS shard_rank,
-               NULL::BIGINT AS area, NULL::BIGINT AS file_row_number, {_HASHES.format(p="")} FROM parent
+        SELECT rid, TRUE AS is_parent, key, url, caption, sha256, phash, NULL::BIGINT AS area,
+               {_HASHES.format(p="")} FROM parent
         UNION ALL
-        SELECT rid, FALSE, key, url, caption, sha256, phash, shard_rank, {area}, file_row_number,
-               h_url, h_key, h_sha256
+        SELECT rid, FALSE, key, url, caption, sha256, phash, area, h_url, h_key, h_sha256
         FROM rows WHERE reason IS NULL""")
     pairs = np.zeros((0, 2), dtype=np.int64)
     t_lsh, c_lsh = time.perf_counter(), time.process_time()
@@ -457,7 +459,7 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
             SELECT rid, is_parent, url, key, sha256, phash{", caption" if with_caption else ""},
                    h_url, h_key, h_sha256
             FROM _u {"SEMI JOIN _cand USING (rid)" if cand is not None else ""}
-            ORDER BY is_parent DESC, shard_rank, area DESC NULLS LAST, key, rid""").to_arrow_table()
+            ORDER BY is_parent DESC, {sources.RID_FILE}, area DESC NULLS LAST, key, rid""").to_arrow_table()
         if cand is not None:
             con.unregister("_cand")
         del cand
@@ -517,12 +519,13 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
         carried_sql = "".join(f", r.{sources.quote_ident(col)}" for col in carried)
         con.execute(f"""
             COPY (
-                SELECT k.key, k.url, k.caption, {sources.image_expr(schema)} AS image, k.width, k.height,
-                       k.original_width, k.original_height, k.sha256, k.phash, k.split{carried_sql}
+                SELECT k.key, k.url, k.caption, {sources.image_expr(schema)} AS image,
+                       {sources.meta_select(schema, names=sources.SIZE_COLUMNS)}, k.sha256, k.phash, k.split{carried_sql}
                 FROM read_parquet({sources.sql_list(paths)}, union_by_name = true, filename = true,
                                   file_row_number = true) r
                 JOIN files f ON r.filename = f.filename
-                JOIN (SELECT *, shuffle_key(h) AS shuffle FROM kept) k
+                JOIN (SELECT *, {sources.RID_FILE} AS fid, {sources.RID_ROW} AS file_row_number,
+                             shuffle_key(h) AS shuffle FROM kept) k
                   ON f.fid = k.fid AND r.file_row_number = k.file_row_number
                 ORDER BY k.shuffle
             ) TO '{tmp_dir}' (FORMAT parquet, ROW_GROUP_SIZE {int(c.row_group_rows)},
