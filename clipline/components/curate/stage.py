@@ -342,11 +342,15 @@ def _build(cfg: Config, con: duckdb.DuckDBPyConnection, cat: Catalog, files: lis
             SELECT * REPLACE (CASE WHEN regexp_matches(caption, '{dirty}') THEN normalize_caption(caption)
                                    ELSE caption END AS caption) FROM raw
         )
-        SELECT (file_index::BIGINT << 32) + file_row_number + 1 AS rid,
-               * EXCLUDE (file_index, file_row_number, status, width, height, original_width, original_height),
+        SELECT (f.fid << 32) + n.file_row_number + 1 AS rid,
+               n.* EXCLUDE (file_index, file_row_number, status, width, height, original_width, original_height),
                coalesce(original_width, width)::BIGINT * coalesce(original_height, height)::BIGINT AS area,
-               {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="")}
-        FROM norm""")
+               {rules.case_expression(sql_rules)} AS reason, {_HASHES.format(p="n.")}
+        FROM norm n JOIN files f ON n.file_index = f.fid::UBIGINT""")
+    # the join with files (rid could be computed from file_index alone) is kept on purpose: a plain
+    # read_parquet -> CREATE TABLE goes through DuckDB's ordered batch insert, which writes compressed
+    # row groups, and the UPDATEs of reason that follow then take 10x longer (0.25 s against 0.025 s
+    # for 10k rows; measured with DuckDB 2.0)
 
     # ---- 2. language (only rows no earlier rule dropped, streamed) ----
     # every row's caption is classified, repeats included: the compiled model costs about 1 us a
