@@ -31,7 +31,7 @@ What the figures cover:
 Each size up to 1M rows runs --repeat times (default 3), every run in a fresh process on a fresh copy
 of the same generated shards; the run with the median rules + exact dedup time is the one reported
 (its steps, memory and rows/s), and every run's rules + exact dedup figure is printed beside it. A
-single run is a poor figure on shared cores: this machine's speed drifts by up to a third from one
+single run is a poor figure on shared cores: this machine's speed drifts by up to half from one
 minute to the next. 4M rows runs once.
 
 The headline (last line) is rules + exact dedup throughput at 1M rows (or the largest size run), of
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--no-language", action="store_true", help="switch the language rule off")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs per size up to 1M rows (4M runs once); the run with the median rules + exact "
-                         "dedup time is reported (default 3: this machine's speed drifts by a third between runs)")
+                         "dedup time is reported (default 3: this machine's speed drifts by up to half between runs)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_baseline", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -167,7 +167,7 @@ def main() -> None:
                 shutil.rmtree(run_dir)
         # the run with the median rules + exact time stands for this size; every run's figure is printed
         runs_sorted = sorted(runs, key=lambda r: rules_exact(r["timings"]))
-        r = runs_sorted[(len(runs) - 1) // 2]
+        r = runs_sorted[len(runs) // 2]  # an even count takes the slower of the middle two
         r["n"], r["gen_s"], r["all_rules_exact"] = n, gen_s, [rules_exact(x["timings"]) for x in runs]
         r["peak_all_mb"] = max(x["peak_mb"] for x in runs)
         results.append(r)
