@@ -130,7 +130,7 @@ def _warm_up(con: duckdb.DuckDBPyConnection, c: CurateConfig) -> None:
                                            c.language_min_confidence, "compiled", 1)
     dedup.keep_first_codes(dedup.DedupInput(*(np.zeros(3, bool), *[np.arange(3)] * 5,
                                               np.zeros((0, 2), np.int64))), dedup.DedupOptions())
-    dedup.repeated(np.arange(3, dtype=np.int64))
+    dedup.repeated(np.array([1, 1, 2], np.int64))  # a value that repeats: the compiled pass runs only then
     dedup.string_group_ids(pa.array(["a", "a"]), np.zeros(2, np.uint64))  # loads first_ids' loop too
 
 
