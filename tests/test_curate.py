@@ -459,6 +459,39 @@ def test_report_table_contact_sheet_and_mlflow(data_dir, mlflow_uri):
     assert {"curate/report.md", "curate/contact_sheet.png", "curate/manifest.json"} <= arts
 
 
+CAPTIONS_IN_SCRIPTS = [
+    "São Tomé & Príncipe flag emoji",     # Latin with accents
+    "Łódź, Zürich, Ørsted, façade, œuvre",
+    "Ελληνική σημαία στον άνεμο",          # Greek
+    "Красный круг на белом фоне",          # Cyrillic
+    "דגל ישראל",                           # Hebrew
+    "علم المغرب",                          # Arabic
+]
+
+
+def test_contact_sheet_draws_letters_of_several_scripts(tmp_path):
+    """Every letter of captions in Latin (accented), Greek, Cyrillic, Hebrew and Arabic has a glyph
+    in the sheet's font: none is drawn as the missing-glyph box."""
+    from clipline.components.curate.report import _font, contact_sheet
+
+    from PIL import ImageDraw
+
+    font = _font()
+
+    def glyph(ch: str) -> bytes:
+        im = Image.new("L", (32, 32))
+        ImageDraw.Draw(im).text((4, 4), ch, font=font, fill=255)
+        return im.tobytes()
+
+    missing = glyph("\U0010FFFD")  # a private-use code point no font draws: the missing-glyph box
+    boxes = sorted({ch for cap in CAPTIONS_IN_SCRIPTS for ch in cap if ch.isalpha() and glyph(ch) == missing})
+    assert boxes == []
+    examples = {"too_few_words": [(None, cap) for cap in CAPTIONS_IN_SCRIPTS[:3]],
+                "language": [(None, cap) for cap in CAPTIONS_IN_SCRIPTS[3:]]}
+    sheet = Image.open(contact_sheet(examples, tmp_path / "sheet.png", per_rule=3))
+    assert sheet.format == "PNG" and sheet.height >= 2 * 128
+
+
 def test_vectorised_language_id_matches_langid():
     rnd = random.Random(1)
     words = ["red", "the", "photo", "chat", "noir", "Kreis", "über", "casa", "日本", "car", "de", "la", "sunset"]

@@ -5,7 +5,6 @@ Also logs the run to MLflow (experiment ``cfg.tracking.experiment``, tag ``stage
 from __future__ import annotations
 
 import io
-import textwrap
 from pathlib import Path
 
 import duckdb
@@ -43,11 +42,34 @@ def markdown_table(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _font() -> ImageFont.ImageFont:
+def _font(size: int = 11) -> ImageFont.ImageFont:
+    """DejaVu Sans, which matplotlib ships: Latin with its accents, Greek, Cyrillic, Arabic, Hebrew
+    and more (Pillow's built-in font draws boxes for most non-ASCII letters). No CJK: those draw
+    as boxes still, as in most sans fonts."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     try:
-        return ImageFont.load_default(size=11)
-    except TypeError:  # older Pillow
-        return ImageFont.load_default()
+        return ImageFont.truetype(str(path), size)
+    except OSError:  # a matplotlib without its fonts: Pillow's own (ASCII and little else)
+        return ImageFont.load_default(size=size)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Lines of ``text`` no wider than ``width`` pixels in ``font`` (a word too long for a line is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        while len(word) > 1 and font.getlength(word) > width:  # cut a word wider than the tile
+            n = len(word) - 1
+            while n > 1 and font.getlength(word[:n]) > width:
+                n -= 1
+            lines.append(word[:n])
+            word = word[n:]
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
 
 
 def _tile(image_bytes: bytes | None, caption: str | None, font) -> Image.Image:
@@ -67,7 +89,7 @@ def _tile(image_bytes: bytes | None, caption: str | None, font) -> Image.Image:
     else:
         draw.rectangle([0, 0, THUMB - 1, THUMB - 1], fill=(235, 235, 235))
         draw.text((8, THUMB // 2 - 6), "no image" if not image_bytes else "undecodable", fill="gray", font=font)
-    text = "\n".join(textwrap.wrap((caption or "(no caption)")[:80], 22)[:3])
+    text = "\n".join(_wrap((caption or "(no caption)")[:80], font, THUMB - 4)[:3])
     draw.multiline_text((2, THUMB + 2), text, fill="black", font=font, spacing=1)
     return tile
 
