@@ -193,6 +193,56 @@ def test_imagefolder_and_parquet_give_the_same_set(tmp_path, tiny):
     assert ra.acc1 == rb.acc1 and ra.confusion == rb.confusion
 
 
+def _folder_set(root: Path, folder_names: list[str]) -> Path:
+    from evalkit import draw
+
+    for ci, name in enumerate(folder_names):
+        (root / name).mkdir(parents=True)
+        (root / name / "0.png").write_bytes(draw("red", "circle", seed=ci))
+    return root
+
+
+def test_imagefolder_classnames_in_another_order_are_matched_by_name(tmp_path, tiny):
+    """Folders named after the classes, a classnames file listing them in another order and
+    another spelling: every image is scored against its own folder's class, as CLIP_benchmark does."""
+    folder = _folder_set(tmp_path / "set", ["blue_square", "green_triangle", "red_circle"])
+    cls_file = tmp_path / "classnames.json"
+    cls_file.write_text(json.dumps(["Red Circle", "blue square", "green triangle"]))
+    ds = load_eval_dataset(folder, classnames=cls_file)
+    assert ds.classnames == ["Red Circle", "blue square", "green triangle"]  # the file's order, kept
+    by_image = {Path(img).parent.name: ds.classnames[label] for img, label in zip(ds.images, ds.labels)}
+    assert by_image == {"blue_square": "blue square", "green_triangle": "green triangle", "red_circle": "Red Circle"}
+    # the same set given in sorted folder order scores the same
+    sorted_file = tmp_path / "sorted.json"
+    sorted_file.write_text(json.dumps(["blue square", "green triangle", "red circle"]))
+    ref = load_eval_dataset(folder, classnames=sorted_file)
+    ra = run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, ds)
+    rb = run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, ref)
+    assert ra.acc1 == rb.acc1 and ra.acc5 == rb.acc5
+
+
+def test_imagefolder_with_ids_for_folders_reads_classnames_in_folder_order(tmp_path):
+    """Folders named by id (ImageNet's WordNet ids) share no name with the classnames file: the
+    file is read in sorted folder order, torchvision's and CLIP_benchmark's convention."""
+    folder = _folder_set(tmp_path / "set", ["n02", "n01"])
+    cls_file = tmp_path / "classnames.json"
+    cls_file.write_text(json.dumps(["tench", "goldfish"]))
+    ds = load_eval_dataset(folder, classnames=cls_file)
+    by_image = {Path(img).parent.name: ds.classnames[label] for img, label in zip(ds.images, ds.labels)}
+    assert by_image == {"n01": "tench", "n02": "goldfish"}
+
+
+def test_imagefolder_and_classnames_that_half_agree_stop_with_the_mismatches(tmp_path):
+    folder = _folder_set(tmp_path / "set", ["blue_square", "red_circle", "red_sqaure"])
+    cls_file = tmp_path / "classnames.json"
+    cls_file.write_text(json.dumps(["red circle", "red square", "blue square"]))
+    with pytest.raises(DatasetError, match=r"1 of 3 class folders.*red_sqaure.*'red square'"):
+        load_eval_dataset(folder, classnames=cls_file)
+    cls_file.write_text(json.dumps(["red circle", "blue square"]))
+    with pytest.raises(DatasetError, match="3 class folders but the classnames file lists 2"):
+        load_eval_dataset(folder, classnames=cls_file)
+
+
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         load_eval_dataset(tmp_path / "nope")

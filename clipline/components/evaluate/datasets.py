@@ -4,7 +4,9 @@ Zero-shot sets come in three shapes, all described by an :class:`EvalDataset`:
 
 - a Parquet table with an image column (bytes) and a label column (class index or class name),
   for example the toy web's held-out set;
-- an ImageFolder directory (torchvision's convention: one sub-folder per class);
+- an ImageFolder directory (torchvision's convention: one sub-folder per class; with a classnames
+  file whose names are the folders' names, each folder is matched by name, see
+  :func:`_imagefolder_labels`);
 - either of them with class names and templates in CLIP_benchmark's JSON format:
   ``{"<dataset>": ["class a", ...]}`` and ``{"<dataset>": ["a photo of a {c}.", ...]}`` (a plain
   list is accepted too; templates may also be CuPL-style ``{"<classname>": [prompts]}``).
@@ -220,20 +222,64 @@ def load_eval_dataset(path: str | Path, classnames: str | Path | None = None, te
     return ds
 
 
-def _load_imagefolder(path: Path, name: str, classnames: list[str] | None) -> EvalDataset:
-    folders = sorted(p for p in path.iterdir() if p.is_dir())
-    if classnames is not None and len(classnames) != len(folders):
+def _spelling(name: str) -> str:
+    """A class name with the differences that are only spelling removed: case, '_' for ' ', spacing."""
+    return " ".join(name.replace("_", " ").casefold().split())
+
+
+def _imagefolder_labels(path: Path, folders: list[Path], classnames: list[str]) -> list[int]:
+    """The class index of each folder, given a classnames file.
+
+    - The folder names and the class names are the same set, up to spelling (case, '_' for ' '):
+      each folder takes the index of its own name, whatever order the file lists them in.
+    - They share no name at all (WordNet ids such as ``n01440764``, or numbers): the classnames
+      file is read in sorted folder order, torchvision's and CLIP_benchmark's convention.
+    - They share some names but not all: the set is mislabelled one way or the other, so stop and
+      show the first mismatches rather than score against a guess.
+    """
+    if len(classnames) != len(folders):
         raise DatasetError(
             f"ImageFolder {path} has {len(folders)} class folders but the classnames file lists {len(classnames)}: "
-            "they must match one to one, in sorted folder order"
+            "they must match one to one (by name, or in sorted folder order)"
         )
-    names = classnames or [f.name.replace("_", " ") for f in folders]
+    by_spelling: dict[str, int] = {}
+    for i, c in enumerate(classnames):
+        key = _spelling(c)
+        if key in by_spelling:
+            raise DatasetError(f"classnames for ImageFolder {path} list '{classnames[by_spelling[key]]}' "
+                               f"and '{c}', which are the same name: each class must appear once")
+        by_spelling[key] = i
+    folder_keys = [_spelling(f.name) for f in folders]
+    matched = [k in by_spelling for k in folder_keys]
+    if all(matched):
+        return [by_spelling[k] for k in folder_keys]
+    if not any(matched):
+        return list(range(len(folders)))
+    unmatched_folders = [f.name for f, m in zip(folders, matched) if not m]
+    unused = [classnames[i] for i in sorted(set(by_spelling.values()) - {by_spelling[k] for k in folder_keys if k in by_spelling})]
+    raise DatasetError(
+        f"ImageFolder {path}: {len(unmatched_folders)} of {len(folders)} class folders are not in the classnames file "
+        f"(first: {unmatched_folders[:5]}; names of the file no folder has: {unused[:5]}): rename the folders "
+        "or fix the classnames file so that the two name the same classes"
+    )
+
+
+def _load_imagefolder(path: Path, name: str, classnames: list[str] | None) -> EvalDataset:
+    """One class per sub-folder. Without a classnames file the classes are the folder names in
+    sorted order ('_' read as ' '); with one, see :func:`_imagefolder_labels`."""
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    if classnames is None:
+        names = [f.name.replace("_", " ") for f in folders]
+        folder_label = list(range(len(folders)))
+    else:
+        names = list(classnames)
+        folder_label = _imagefolder_labels(path, folders, names)
     images, labels = [], []
-    for idx, folder in enumerate(folders):
+    for folder, label in zip(folders, folder_label):
         for f in sorted(folder.rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(f)
-                labels.append(idx)
+                labels.append(label)
     return EvalDataset(name=name, source=path, kind="imagefolder", classnames=names, templates=[],
                        labels=labels, images=images)
 
