@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_LOGIT_SCALE = 100.0
-INIT_LOGIT_SCALE = 1 / 0.07
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:

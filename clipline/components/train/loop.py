@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,14 +83,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
         t = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return f
-
-
-def _lower_priority(_worker_id: int) -> None:
-    """DataLoader workers yield the CPU to the training step (the feed has ample headroom)."""
-    try:
-        os.nice(5)
-    except OSError:
-        pass
 
 
 def _rng_state() -> dict[str, Any]:
@@ -287,8 +278,6 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     summary = LoopSummary(steps=step, samples_per_s=sps, train_seconds=train_seconds, final_loss=loss_val,
                           final_dir=str(final), metrics={"bad_images": bad_images})
     if logger and logger.client is not None:
-        import mlflow
-
         logger.log(step, {"train/final_loss": loss_val, "train/samples_per_s_mean": sps,
                           "train/seconds": train_seconds, "data/bad_images": bad_images})
         logger.flush()
@@ -298,10 +287,12 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
 
 def _log_final(spec: LoopSpec, model: torch.nn.Module, final: Path) -> str:
     """Log the final checkpoint as artifacts under ``checkpoint/`` and as an MLflow pytorch model
-    tagged with the snapshot id; returns the model URI."""
+    tagged with the snapshot id, with its signature (tracking/signature.py); returns the model URI."""
     import mlflow
 
     from contextlib import nullcontext
+
+    from clipline.components.tracking.signature import clip_signature
 
     mlflow.set_tracking_uri(spec.mlflow_uri)
     active = mlflow.active_run()
@@ -310,6 +301,7 @@ def _log_final(spec: LoopSpec, model: torch.nn.Module, final: Path) -> str:
         mlflow.log_artifacts(str(final), artifact_path="checkpoint")
         plain = factory.unwrap(model).cpu().eval()
         info = mlflow.pytorch.log_model(plain, name="model", tags={"snapshot_id": spec.snapshot.snapshot_id},
-                                        serialization_format="pickle", pip_requirements=["torch", "open_clip_torch"])
+                                        signature=clip_signature(plain), serialization_format="pickle",
+                                        pip_requirements=["torch", "open_clip_torch"])
         mlflow.set_tag("snapshot_id", spec.snapshot.snapshot_id)
     return info.model_uri

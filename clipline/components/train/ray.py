@@ -8,6 +8,7 @@ worker failure is restarted by ``FailureConfig`` from the last reported checkpoi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def _train_func(config: dict[str, Any]) -> None:
         summary = run_loop(spec, WorkerContext(rank=rank, world_size=world, device=device, batches=batches,
                                                on_checkpoint=on_checkpoint, resume_from=Path(d) if d else None))
     if summary is not None:
-        Path(spec.run_dir / "summary.json").write_text(__import__("json").dumps(summary.__dict__, default=str))
+        Path(spec.run_dir / "summary.json").write_text(json.dumps(summary.__dict__, default=str))
 
 
 def resolve_use_gpu(setting: str, workers: int) -> bool:

@@ -111,28 +111,3 @@ def write_snapshot(snapshots_dir: Path, n: int = 512, *, seed: int = 0, size: in
     (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return sid
 
-
-def heldout_eval(model, tokenizer, transform, *, n_per_pair: int = 20, heldout: int = 12, seed: int = 0,
-                 size: int = 128) -> dict[str, float]:
-    """Zero-shot top-1 over all colour x shape classes on fresh images of the held-out pairs and of
-    the seen pairs (a quick check for benchmarks; the evaluate stage owns the real one)."""
-    import torch
-
-    seen, held = pairs(heldout, seed)
-    classes = [(c, s) for c in COLORS for s in SHAPES]
-    rng = np.random.default_rng(seed + 12345)
-    model.eval()
-    with torch.no_grad():
-        t = model.encode_text(tokenizer([f"a photo of a {c} {s}" for c, s in classes]), normalize=True)
-        out = {}
-        for name, plist in (("heldout", held), ("seen", seen)):
-            imgs, labels = [], []
-            for p in plist:
-                for _ in range(n_per_pair):
-                    imgs.append(transform(draw(p[0], p[1], rng, size)))
-                    labels.append(classes.index(p))
-            f = model.encode_image(torch.stack(imgs), normalize=True)
-            pred = (f @ t.T).argmax(1)
-            out[f"{name}_acc1"] = float((pred == torch.tensor(labels)).float().mean())
-    out["chance"] = 1 / len(classes)
-    return out
