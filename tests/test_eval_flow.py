@@ -81,3 +81,65 @@ def app_():
     from clipline.flows.cli import app
 
     return app
+
+
+def test_a_checkpoint_from_another_tracking_store_is_evaluated_into_a_new_run_and_registered(
+        setup, prefect_harness, tmp_path, monkeypatch):
+    """A colleague's checkpoint (its run and snapshot live in their store and data dir), on an eval
+    set not named 'heldout', with the default configuration."""
+    import shutil
+
+    from clipline.components.evaluate.checkpoint import load_checkpoint
+    from clipline.components.tracking.registry import resolve_model, run_exists
+
+    cfg, _, _, _, _, _ = setup
+    colleague = load_config(None, {"data_dir": tmp_path / "colleague",
+                                   "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'colleague.db'}"}})
+    their_ckpt = make_checkpoint(tmp_path / "colleague" / "ckpt", seed=3)
+    my_uri = cfg.mlflow_uri
+    their_run, _ = simulate_training_run(colleague, their_ckpt, "snapTheirs", seed=3)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", my_uri)  # mlflow.set_tracking_uri(theirs) also set the variable
+    copied = tmp_path / "from-colleague"
+    shutil.copytree(their_ckpt, copied)
+    pets = make_zeroshot_set(tmp_path / "pets", [(c, s) for c in list(COLORS)[2:4] for s in SHAPES], per_class=2,
+                             name="pets")
+    monkeypatch.setenv("CLIPLINE_TRACKING__REGISTERED_MODEL", "outside")
+    mine = load_config(None, {"data_dir": cfg.data_dir})
+    assert mine.tracking.registered_model == "outside" and not run_exists(mine, their_run)
+    c = client(mine)
+    exp_id = c.get_experiment_by_name(mine.tracking.experiment).experiment_id
+    n_runs = len(c.search_runs([exp_id]))
+    from clipline.flows.evaluate import evaluate_flow
+
+    plain = evaluate_flow(model=str(copied), datasets=[str(pets)], cfg=mine)  # not registered: nothing logged
+    assert "zeroshot/pets/acc1" in plain.eval.metrics and plain.registry is None
+    assert any("metrics not logged" in n and their_run in n for n in plain.eval.notes)
+    assert any("snapshot snapTheirs is not in" in n for n in plain.eval.notes)  # retrieval skipped, said so
+    assert len(c.search_runs([exp_id])) == n_runs
+
+    res = CliRunner().invoke(app_(), ["--data-dir", str(cfg.data_dir), "evaluate", "--model", str(copied),
+                                      "--dataset", str(pets / "pets.parquet"),
+                                      "--classnames", str(pets / "classnames.json"), "--register"],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "registered outside version 1 as champion" in res.output
+    mv = c.get_model_version("outside", "1")
+    assert mv.run_id != their_run and len(c.search_runs([exp_id])) == n_runs + 1
+    run = c.get_run(mv.run_id)
+    assert run.data.tags["clipline.source_checkpoint"] == str(copied.resolve())
+    assert run.data.tags["clipline.source_run_id"] == their_run and run.data.tags["snapshot_id"] == "snapTheirs"
+    assert 0.0 <= run.data.metrics["zeroshot/pets/acc1"] <= 1.0
+    assert {a.path for a in c.list_artifacts(mv.run_id, "eval")} >= {"eval/report.md", "eval/metrics.json"}
+    assert mv.tags["promotion.metric"] == "zeroshot/pets/acc1" and mv.tags["source_run_id"] == their_run
+    assert f"trained in run {their_run} of another tracking store" in mv.description
+    # registered like any version: it resolves to its checkpoint in this store, with the same weights
+    resolved = resolve_model(mine, "1")
+    assert resolved.run_id == mv.run_id and resolved.checkpoint_dir != copied.resolve()
+    import torch
+
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_checkpoint(resolved.checkpoint_dir, "cpu").model.encode_image(x),
+                              load_checkpoint(copied, "cpu").model.encode_image(x))
+    assert "zeroshot/pets/acc1" not in client(colleague).get_run(their_run).data.metrics  # their store untouched
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", my_uri)

@@ -33,6 +33,8 @@ def test_pipeline_registers_a_champion_and_a_rerun_does_no_new_work(prefect_harn
     assert reg.alias == "champion"
     v = client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert str(v.version) == reg.version and v.tags["snapshot_id"] == first.curate.snapshot_id
+    assert v.tags["promotion.metric"] == "zeroshot/heldout/acc1"  # the default primary metric: the first eval set
+    assert "training recipe: clipline-nano, 8 steps, batch 16" in v.description
     with Catalog(cfg.catalog_path, read_only=True) as cat:
         assert cat.get_snapshot(first.curate.snapshot_id)["n_rows"] == first.curate.n_rows
 

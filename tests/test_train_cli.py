@@ -46,3 +46,9 @@ def test_train_flow_returns_the_result_and_an_artifact(data_dir: Path, mlflow_ur
     res, md = run_flow_with_artifact(train_flow, "train-report", cfg, snapshot_id=sid)
     assert res.snapshot_id == sid and res.steps == 2 and res.checkpoint_dir.is_dir()
     assert sid in md and res.run_id in md
+    # the logged model says what it takes and returns (the registry page's schema)
+    from mlflow.models import get_model_info
+
+    sig = get_model_info(res.model_uri).signature
+    assert [(s.name, s.shape[1:]) for s in sig.inputs.inputs] == [("image", (3, 32, 32)), ("text", (16,))]  # clipline-nano
+    assert [s.name for s in sig.outputs.inputs][:2] == ["image_features", "text_features"]

@@ -153,7 +153,10 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    primary_metric: str = Field("zeroshot/heldout/acc1", description="metric the promotion rule compares")
+    primary_metric: str = Field(
+        "auto", min_length=1,
+        description="metric the promotion rule compares, e.g. zeroshot/<set>/acc1; auto: top-1 on the first zero-shot "
+                    "set evaluated, else text-to-image R@5 on the snapshot's val split")
     promotion_margin: float = Field(0.0, ge=0, description="a new version must beat the champion by more than this")
     batch_size: int = Field(256, ge=1)
     datasets: list[Path] = Field(default_factory=list, description="zero-shot sets (Parquet or ImageFolder) evaluated by default")

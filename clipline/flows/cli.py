@@ -415,11 +415,15 @@ def evaluate_cmd(
     snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="ID",
                                            help="Snapshot whose val split is used for retrieval (default: the model's)."),
     register: bool = typer.Option(False, "--register/--no-register",
-                                  help="Register as a new model version and apply the promotion rule."),
+                                  help="Register as a new model version and apply the promotion rule, which compares "
+                                       "evaluate.primary_metric (default auto: top-1 on the first zero-shot set, "
+                                       "else text-to-image R@5 on the snapshot's val split). A checkpoint trained "
+                                       "with another tracking store is logged into a new run of this one first."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Zero-shot accuracy and retrieval recall of a model; metrics go to its MLflow run."""
+    """Zero-shot accuracy and retrieval recall of a model; metrics go to its MLflow run (a checkpoint
+    whose run is in another tracking store: to a new run of this one, with --register)."""
     cfg = get_config(evaluate={k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None})
     from clipline.components.evaluate.checkpoint import CheckpointError
     from clipline.components.evaluate.datasets import DatasetError
@@ -482,15 +486,18 @@ def compare_cmd(
                                                    help="Versions or aliases (default: all versions)."),
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric to chart (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Where to write the PNG and JSON."),
-    log: bool = typer.Option(True, "--log/--no-log", help="Log the chart and table to MLflow."),
+    log_run: bool = typer.Option(False, "--log-run",
+                                 help="Also log the chart and table to MLflow, as artifacts of a new run tagged "
+                                      "clipline.kind=compare (default: nothing is written to MLflow)."),
 ) -> None:
-    """Registered model versions side by side: a table here, a PNG chart on disk and in MLflow."""
+    """Registered model versions side by side: a table here, a PNG chart and a JSON table on disk
+    (default <data-dir>/reports/compare). Read-only for MLflow unless --log-run."""
     cfg = get_config()
     from clipline.components.tracking.compare import compare_versions, comparison_table
     from clipline.components.tracking.registry import RegistryError
 
     try:
-        comp = compare_versions(cfg, versions or None, metric or cfg.evaluate.compare_metrics or None, out, log)
+        comp = compare_versions(cfg, versions or None, metric or cfg.evaluate.compare_metrics or None, out, log_run)
     except RegistryError as e:
         fail(str(e))
         return

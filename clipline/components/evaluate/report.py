@@ -93,9 +93,27 @@ def worst_classes_markdown(result: ZeroShotResult, n: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fit_suptitle(fig: Any, title: str, fontsize: float = 12) -> Any:
+    """A figure title wrapped onto as many lines as it needs to stay inside the figure's width."""
+    import textwrap
+
+    t = fig.suptitle(title, fontsize=fontsize)
+    avail = fig.bbox.width * 0.94
+    renderer = fig.canvas.get_renderer()
+    width = t.get_window_extent(renderer).width
+    if width > avail:
+        chars = max(8, int(len(title) * avail / width))
+        t.set_text("\n".join(textwrap.wrap(title, chars, break_long_words=True, break_on_hyphens=False)))
+        while t.get_window_extent(renderer).width > avail and chars > 8:
+            chars -= 2
+            t.set_text("\n".join(textwrap.wrap(title, chars, break_long_words=True, break_on_hyphens=False)))
+    return t
+
+
 def compare_chart_png(versions: Sequence[str], series: Mapping[str, Sequence[float | None]], path: str | Path,
                       title: str = "") -> Path:
-    """Grouped bars: one group per version, one bar per metric (missing values left out)."""
+    """Grouped bars: one group per version, one bar per metric (missing values left out); the
+    metric names are in the legend, the title is wrapped to fit the image."""
     import numpy as np
 
     plt = _plt()
@@ -109,8 +127,8 @@ def compare_chart_png(versions: Sequence[str], series: Mapping[str, Sequence[flo
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(x, versions)
     ax.set_xlabel("model version")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title or "metrics by model version")
+    ax.set_ylim(0, 1.1)
+    _fit_suptitle(fig, title or "metrics by model version")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)

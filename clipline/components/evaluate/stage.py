@@ -47,18 +47,24 @@ def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = 
 
     ``datasets`` None means ``cfg.evaluate.datasets``. ``snapshot_id`` None means the snapshot
     recorded in the checkpoint's clipline.json; retrieval is skipped (with a note) when there is
-    none. ``run_id`` None means the checkpoint's run; when there is a run and ``log_to_mlflow``,
-    metrics and report files are logged into it (artifacts under ``eval/``).
+    none, or when that snapshot is not in this data dir (a checkpoint trained elsewhere). ``run_id``
+    None means the checkpoint's run; when there is a run and ``log_to_mlflow``, metrics and report
+    files are logged into it (artifacts under ``eval/``, see ``log_result``).
     """
     loaded = model if isinstance(model, LoadedModel) else load_checkpoint(model, cfg.evaluate.device)
     run_id = run_id or loaded.run_id
-    snapshot_id = snapshot_id or loaded.snapshot_id
+    notes = []
+    if snapshot_id is None and loaded.snapshot_id and not (cfg.snapshots_dir / loaded.snapshot_id).is_dir():
+        notes.append(f"the checkpoint's snapshot {loaded.snapshot_id} is not in {cfg.snapshots_dir}: retrieval "
+                     "skipped (give --snapshot to measure it on one of this data dir's snapshots)")
+    else:
+        snapshot_id = snapshot_id or loaded.snapshot_id
     ds_list = list(datasets) if datasets is not None else default_datasets(cfg)
     ecfg = cfg.evaluate
     report_dir = cfg.reports_dir / "eval" / (run_id or loaded.checkpoint_dir.name)
     report_dir.mkdir(parents=True, exist_ok=True)
     result = EvalResult(metrics={}, checkpoint_dir=loaded.checkpoint_dir, run_id=run_id,
-                        snapshot_id=snapshot_id, report_dir=report_dir)
+                        snapshot_id=snapshot_id or loaded.snapshot_id, report_dir=report_dir, notes=notes)
     md = [f"# Evaluation of `{loaded.checkpoint_dir}`", ""]
 
     for ds in ds_list:
@@ -92,7 +98,7 @@ def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = 
                 report_dir / "retrieval_grid.png",
                 correct=[[j == i for j in rr.top_images[i]] for i in q],
             )
-    else:
+    elif not notes:
         result.notes.append("no snapshot id: retrieval on the val split skipped")
 
     md.insert(2, metrics_markdown(result.metrics, "Metrics"))
@@ -104,10 +110,16 @@ def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = 
     result.reports["metrics"] = report_dir / "metrics.json"
 
     if log_to_mlflow and run_id:
-        from clipline.components.tracking.runs import log_artifacts, log_metrics
-
-        log_metrics(cfg, run_id, result.metrics)
-        log_artifacts(cfg, run_id, result.reports, "eval")
+        log_result(cfg, result, run_id)
     elif log_to_mlflow:
         result.notes.append("no MLflow run: metrics not logged")
     return result
+
+
+def log_result(cfg: Config, result: EvalResult, run_id: str) -> None:
+    """Log an evaluation's metrics and report files (under ``eval/``) into ``run_id``."""
+    from clipline.components.tracking.runs import log_artifacts, log_metrics
+
+    log_metrics(cfg, run_id, result.metrics)
+    log_artifacts(cfg, run_id, result.reports, "eval")
+    result.run_id = run_id

@@ -1,4 +1,9 @@
-"""Compare registered model versions side by side: a table and a PNG chart, logged to MLflow."""
+"""Compare registered model versions side by side: a table and a PNG chart on disk.
+
+A comparison is read-only by default: it adds nothing to the tracking store, so calling it often
+does not fill the experiment's run list. Asked to (``log_to_mlflow``, ``clipline compare
+--log-run``), it logs the chart and table as artifacts of one new run (tag
+``clipline.kind=compare``) in ``cfg.tracking.experiment``."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class VersionRow:
     n_train: int | None
     train_seconds: float | None
     metrics: dict[str, float] = field(default_factory=dict)
+    promotion_metric: str | None = None  # the primary metric its registration compared
 
 
 @dataclass
@@ -102,22 +108,30 @@ def collect_versions(cfg: Config, versions: Sequence[str] | None = None) -> list
             train_seconds=_train_seconds(run) if run else None,
             metrics={k: float(val) for k, val in (run.data.metrics.items() if run else [])
                      if k.startswith(("zeroshot/", "retrieval/"))},
+            promotion_metric=(mv.tags or {}).get("promotion.metric") or None,
         ))
     return rows
 
 
 def default_metrics(cfg: Config, rows: Sequence[VersionRow]) -> list[str]:
-    """The primary metric first, then every zero-shot top-1 and retrieval R@5 any row has."""
+    """The primary metric first (``evaluate.primary_metric``, or with ``auto`` the one the newest
+    version's registration compared), then every zero-shot top-1 and retrieval R@5 any row has."""
     present = sorted({k for r in rows for k in r.metrics})
-    chosen = [cfg.evaluate.primary_metric] if any(cfg.evaluate.primary_metric in r.metrics for r in rows) else []
+    primary = cfg.evaluate.primary_metric
+    if primary == "auto":
+        primary = next((r.promotion_metric for r in sorted(rows, key=lambda r: -int(r.version)) if r.promotion_metric),
+                       None)
+    chosen = [primary] if primary and any(primary in r.metrics for r in rows) else []
     chosen += [k for k in present if (k.endswith("/acc1") or k.endswith("_R5")) and k not in chosen]
     return chosen or present[:6]
 
 
 def compare_versions(cfg: Config, versions: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
-                     out_dir: Path | None = None, log_to_mlflow: bool = True) -> Comparison:
-    """Collect the versions, draw the chart of ``metrics`` and log chart + table to an MLflow run
-    (tagged ``clipline.kind=compare`` in ``cfg.tracking.experiment``)."""
+                     out_dir: Path | None = None, log_to_mlflow: bool = False) -> Comparison:
+    """Collect the versions and draw the chart of ``metrics`` (PNG) beside the table (JSON) in
+    ``out_dir`` (default ``<reports>/compare``). With ``log_to_mlflow``, also log both to a new
+    MLflow run tagged ``clipline.kind=compare`` in ``cfg.tracking.experiment``; by default nothing
+    is written to the tracking store."""
     from clipline.components.evaluate.report import compare_chart_png
 
     rows = collect_versions(cfg, versions)
@@ -126,7 +140,8 @@ def compare_versions(cfg: Config, versions: Sequence[str] | None = None, metrics
     out.mkdir(parents=True, exist_ok=True)
     label = "-".join(f"v{r.version}" for r in rows)
     chart = compare_chart_png([f"v{r.version}" for r in rows], {m: [r.metrics.get(m) for r in rows] for m in names},
-                              out / f"compare_{label}.png", title=f"{cfg.tracking.registered_model}: {', '.join(names)}")
+                              out / f"compare_{label}.png",
+                              title=f"{cfg.tracking.registered_model}: {len(rows)} version(s) compared")
     table = out / f"compare_{label}.json"
     table.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
     run_id = None

@@ -1,27 +1,38 @@
 """The model registry: one registered model, a new version per trained model, and the promotion rule.
 
 Promotion rule (``decide_promotion``): a new version becomes ``champion`` when there is no
-champion yet, or when its primary metric (``cfg.evaluate.primary_metric``, for example
-``zeroshot/heldout/acc1``: a metric on a chosen eval set) is strictly greater than the current
-champion's value plus ``cfg.evaluate.promotion_margin``. Otherwise it gets the ``challenger``
-alias. A version without the primary metric is never promoted over an existing champion. The
-decision, its reason and both numbers are logged into the candidate's run (tags
+champion yet, or when its primary metric is strictly greater than the current champion's value
+plus ``cfg.evaluate.promotion_margin``. Otherwise it gets the ``challenger`` alias. The primary
+metric is ``cfg.evaluate.primary_metric`` (for example ``zeroshot/heldout/acc1``: a metric on a
+chosen eval set); its default, ``auto``, is the top-1 accuracy on the first zero-shot set the
+candidate was evaluated on, else its text-to-image recall@5 on the snapshot's val split
+(``primary_metric_for``). A champion without the metric is replaced. A candidate without the
+metric stops registration with a ``RegistryError`` (nothing is registered): no decision can be
+made. The decision, its reason and both numbers are logged into the candidate's run (tags
 ``promotion.*``, metrics ``promotion/candidate`` and ``promotion/champion``) and set as tags on
-the model version.
+the model version; the version's description sums up the primary metric, snapshot, parent
+version and training recipe, and its model carries a signature (``clip_signature``).
+
+A checkpoint whose training run is not in this tracking store (``adopt_checkpoint``) is logged
+into a new run of this store, tagged with where it came from, and registered like any version.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from clipline.components.config import Config
 from clipline.components.tracking.runs import client, code_version, config_hash, log_metrics
 
+log = logging.getLogger(__name__)
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+AUTO = "auto"
 
 
 class RegistryError(ValueError):
@@ -57,12 +68,12 @@ class RegistryResult:
 
 def decide_promotion(candidate: float | None, champion: float | None, margin: float, metric: str,
                      champion_version: str | None = None) -> PromotionDecision:
-    """The documented rule (see the module docstring), as a pure function."""
+    """The documented rule (see the module docstring), as a pure function. A candidate without the
+    metric cannot be compared: RegistryError."""
+    if candidate is None:
+        raise RegistryError(f"the candidate has no '{metric}' metric: the promotion rule cannot compare it")
     if champion_version is None:
         return PromotionDecision(True, metric, candidate, None, None, margin, "no champion yet")
-    if candidate is None:
-        return PromotionDecision(False, metric, None, champion, champion_version, margin,
-                                 f"candidate has no '{metric}' metric")
     if champion is None:
         return PromotionDecision(True, metric, candidate, None, champion_version, margin,
                                  f"champion v{champion_version} has no '{metric}' metric")
@@ -71,6 +82,30 @@ def decide_promotion(candidate: float | None, champion: float | None, margin: fl
                                  f"{candidate:.4f} > champion {champion:.4f} + margin {margin:g}")
     return PromotionDecision(False, metric, candidate, champion, champion_version, margin,
                              f"{candidate:.4f} <= champion {champion:.4f} + margin {margin:g}")
+
+
+def primary_metric_for(cfg: Config, metrics: Mapping[str, float], zeroshot_sets: Sequence[str] | None = None) -> str:
+    """The metric the promotion rule compares for a candidate evaluated into ``metrics``.
+
+    ``cfg.evaluate.primary_metric`` unless it is ``auto``; then ``zeroshot/<set>/acc1`` of the first
+    zero-shot set evaluated (``zeroshot_sets`` in evaluation order, else the order of ``metrics``),
+    else ``retrieval/val/text_to_image_R5`` (the smallest k evaluated when 5 was not). Raises
+    RegistryError when ``auto`` finds neither."""
+    name = cfg.evaluate.primary_metric
+    if name != AUTO:
+        return name
+    sets = list(zeroshot_sets) if zeroshot_sets is not None else [
+        k.split("/")[1] for k in metrics if k.startswith("zeroshot/") and k.endswith("/acc1") and k.count("/") == 2]
+    for s in sets:
+        if f"zeroshot/{s}/acc1" in metrics:
+            return f"zeroshot/{s}/acc1"
+    recall = sorted((int(m["k"]), k) for k in metrics
+                    if (m := re.fullmatch(r"retrieval/val/text_to_image_R(?P<k>\d+)", k)))
+    if recall:
+        return next((k for n, k in recall if n == 5), recall[0][1])
+    raise RegistryError("evaluate.primary_metric is 'auto' but the evaluation measured no zero-shot top-1 and no "
+                        "retrieval recall: evaluate on a zero-shot set (--dataset or evaluate.datasets) or on a "
+                        "snapshot's val split (--snapshot), or set evaluate.primary_metric")
 
 
 def current_alias(cfg: Config, alias: str) -> Any | None:
@@ -83,43 +118,94 @@ def current_alias(cfg: Config, alias: str) -> Any | None:
         return None
 
 
-def run_metric(cfg: Config, run_id: str, metric: str) -> float | None:
-    """The latest value of ``metric`` in a run, or None."""
+def run_metric(cfg: Config, run_id: str | None, metric: str) -> float | None:
+    """The latest value of ``metric`` in a run, or None (also when there is no run)."""
+    if not run_id:
+        return None
     return client(cfg).get_run(run_id).data.metrics.get(metric)
 
 
-def register_and_promote(cfg: Config, run_id: str, model_uri: str, metrics: Mapping[str, float],
-                         snapshot_id: str | None, parent_version: str | None = None) -> RegistryResult:
-    """Register ``model_uri`` as a new version of ``cfg.tracking.registered_model`` and set its alias.
+def run_exists(cfg: Config, run_id: str) -> bool:
+    """Whether ``run_id`` is a run of this tracking store (False for a run of another store)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-    Tags on the version: ``snapshot_id``, ``parent_version`` (when fine-tuned), ``config_hash``,
-    ``code_version``, ``run_id``, and the promotion decision. ``metrics`` are the candidate's
-    evaluation metrics (they are also looked up in the run when the primary one is missing).
-    """
-    import mlflow
+    try:
+        client(cfg).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise
+    return True
 
-    c = client(cfg)
-    name = cfg.tracking.registered_model
-    primary = cfg.evaluate.primary_metric
+
+def _measured(metrics: Mapping[str, float]) -> str:
+    """The headline metrics a candidate has, for an error message."""
+    names = [k for k in metrics if k.endswith("/acc1") or re.search(r"_R\d+$", k)]
+    if not names:
+        return "no zero-shot or retrieval metric"
+    return "it has " + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def plan_promotion(cfg: Config, metrics: Mapping[str, float], run_id: str | None = None,
+                   zeroshot_sets: Sequence[str] | None = None) -> PromotionDecision:
+    """The promotion decision for a candidate evaluated into ``metrics`` (its run's logged metrics
+    fill in a missing primary one), made before anything is registered. RegistryError when the
+    candidate lacks the primary metric: the message says which metric and what to do."""
+    primary = primary_metric_for(cfg, metrics, zeroshot_sets)
     champion_mv = current_alias(cfg, CHAMPION)
     champion_value = run_metric(cfg, champion_mv.run_id, primary) if champion_mv is not None else None
     candidate_value = metrics.get(primary)
     if candidate_value is None:
         candidate_value = run_metric(cfg, run_id, primary)
+    if candidate_value is None:
+        has = _measured(metrics)
+        if champion_mv is None:
+            why = f"this model has no '{primary}' metric ({has}) and there is no champion to compare with"
+        elif champion_value is None:
+            why = f"neither this model ({has}) nor champion v{champion_mv.version} has the metric '{primary}'"
+        else:
+            why = (f"this model has no '{primary}' metric ({has}), so it cannot be compared with champion "
+                   f"v{champion_mv.version} ({champion_value:.4f})")
+        raise RegistryError(f"cannot register: {why}; evaluate on the zero-shot set that evaluate.primary_metric "
+                            f"names, or set evaluate.primary_metric to a metric the evaluation measures (or to "
+                            f"'{AUTO}')")
+    return decide_promotion(candidate_value, champion_value, cfg.evaluate.promotion_margin, primary,
+                            champion_version=str(champion_mv.version) if champion_mv is not None else None)
 
+
+def register_and_promote(cfg: Config, run_id: str, model_uri: str, metrics: Mapping[str, float],
+                         snapshot_id: str | None, parent_version: str | None = None,
+                         zeroshot_sets: Sequence[str] | None = None,
+                         extra_tags: Mapping[str, str] | None = None) -> RegistryResult:
+    """Register ``model_uri`` as a new version of ``cfg.tracking.registered_model`` and set its alias.
+
+    Tags on the version: ``snapshot_id``, ``parent_version`` (when fine-tuned), ``config_hash``,
+    ``code_version``, ``run_id``, ``extra_tags``, and the promotion decision; a description (see
+    ``version_description``); the model gets a signature when it was logged without one.
+    ``metrics`` are the candidate's evaluation metrics (they are also looked up in the run when the
+    primary one is missing); ``zeroshot_sets`` the zero-shot sets in evaluation order (for the
+    ``auto`` primary metric). Raises RegistryError, registering nothing, when no decision can be made.
+    """
+    import mlflow
+
+    c = client(cfg)
+    name = cfg.tracking.registered_model
+    decision = plan_promotion(cfg, metrics, run_id, zeroshot_sets)
+    primary, candidate_value, champion_value = decision.metric, decision.candidate_value, decision.champion_value
+
+    ensure_signature(cfg, model_uri)
     tags = {"snapshot_id": snapshot_id or "", "config_hash": config_hash(cfg), "code_version": code_version(),
-            "run_id": run_id}
+            "run_id": run_id, **dict(extra_tags or {})}
     if parent_version:
         tags["parent_version"] = str(parent_version)
     mv = mlflow.register_model(model_uri, name, tags=tags)
     version = str(mv.version)
 
-    decision = decide_promotion(candidate_value, champion_value, cfg.evaluate.promotion_margin, primary,
-                                champion_version=str(champion_mv.version) if champion_mv is not None else None)
     alias = CHAMPION if decision.promote else CHALLENGER
     c.set_registered_model_alias(name, alias, version)
-    if decision.promote and champion_mv is not None and str(champion_mv.version) != version:
-        c.set_model_version_tag(name, str(champion_mv.version), "replaced_by", version)
+    if decision.promote and decision.champion_version is not None and decision.champion_version != version:
+        c.set_model_version_tag(name, decision.champion_version, "replaced_by", version)
 
     # log the decision and both numbers, on the version and in the run
     vtags = {"promotion.decision": alias, "promotion.reason": decision.reason, "promotion.metric": primary,
@@ -136,8 +222,117 @@ def register_and_promote(cfg: Config, run_id: str, model_uri: str, metrics: Mapp
         nums["promotion/champion"] = champion_value
     if nums:
         log_metrics(cfg, run_id, nums)
+    run = c.get_run(run_id)
+    c.update_model_version(name, version, description=version_description(
+        decision, alias, snapshot_id, parent_version, run.data.params, extra_tags or {}))
     return RegistryResult(name=name, version=version, alias=alias, decision=decision, model_uri=model_uri,
                           run_id=run_id)
+
+
+# ----- what the registry page shows: description and signature -----
+
+def training_recipe(params: Mapping[str, str]) -> str | None:
+    """One line from a train run's parameters (``train.*``, ``total_steps``, ``pretrained``), or None."""
+    model = params.get("train.model")
+    if not model:
+        return None
+    steps = params.get("total_steps") or params.get("train.steps")
+    parts = [model]
+    if steps and steps != "0":
+        parts.append(f"{steps} steps")
+    elif params.get("train.epochs"):
+        parts.append(f"{params['train.epochs']} epochs")
+    for key, label in (("train.batch_size", "batch"), ("train.lr", "lr")):
+        if params.get(key):
+            parts.append(f"{label} {params[key]}")
+    if params.get("train.workers") and params["train.workers"] != "1":
+        parts.append(f"{params['train.workers']} workers")
+    if params.get("pretrained"):
+        parts.append(f"from {params['pretrained']}")
+    return ", ".join(parts)
+
+
+def version_description(decision: PromotionDecision, alias: str, snapshot_id: str | None,
+                        parent_version: str | None, params: Mapping[str, str],
+                        extra_tags: Mapping[str, str]) -> str:
+    """The model version's description (Markdown): primary metric and decision, snapshot, parent
+    version, training recipe, and where an outside checkpoint came from."""
+    d = decision
+    champ = "" if d.champion_value is None else f" (champion v{d.champion_version}: {d.champion_value:.4f})"
+    lines = [f"- **{d.metric}**: {d.candidate_value:.4f}{champ} -> **{alias}**: {d.reason}",
+             f"- snapshot: {snapshot_id or 'none recorded'}",
+             f"- parent version: {'v' + str(parent_version) if parent_version else 'none (trained from scratch)'}",
+             f"- training recipe: {training_recipe(params) or 'not recorded in its run'}"]
+    if extra_tags.get("source_checkpoint"):
+        src = f"- evaluated from checkpoint `{extra_tags['source_checkpoint']}`"
+        if extra_tags.get("source_run_id"):
+            src += f", trained in run {extra_tags['source_run_id']} of another tracking store"
+        lines.append(src)
+    lines.append("- load: `mlflow.pytorch.load_model(uri)` gives the open_clip model; its signature is "
+                 "`model(image, text)`")
+    return "\n".join(lines)
+
+
+def ensure_signature(cfg: Config, model_uri: str) -> None:
+    """Give the logged model at ``model_uri`` a signature when it was logged without one (models
+    logged before signatures were written, or by other code)."""
+    import mlflow
+    from mlflow.models import get_model_info, set_signature
+
+    from clipline.components.tracking.signature import clip_signature
+
+    client(cfg)
+    try:
+        if get_model_info(model_uri).signature is not None:
+            return
+    except Exception:  # noqa: BLE001 - no MLmodel there: register_model reports it
+        return
+    try:
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        set_signature(model_uri, clip_signature(model))
+    except Exception as e:  # noqa: BLE001 - a nicety: never block registration on it
+        log.warning("model %s keeps no signature: %s: %s", model_uri, type(e).__name__, e)
+
+
+# ----- a checkpoint from elsewhere -----
+
+def adopt_checkpoint(cfg: Config, checkpoint_dir: Path, source_run_id: str | None = None) -> tuple[str, str, dict[str, str]]:
+    """Log a checkpoint whose training run is not in this store into a new run of this store's
+    experiment: its files under ``checkpoint/``, its model as ``model`` (with a signature), its
+    recorded training settings as ``train.*`` parameters, and tags saying where it came from.
+    Returns (run_id, model_uri, source tags for the model version)."""
+    import mlflow
+
+    from clipline.components.evaluate.checkpoint import load_checkpoint, read_meta
+    from clipline.components.tracking.runs import ensure_experiment
+    from clipline.components.tracking.signature import clip_signature
+
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    meta = read_meta(checkpoint_dir)
+    source = {"source_checkpoint": str(checkpoint_dir)}
+    if source_run_id:
+        source["source_run_id"] = source_run_id
+    tags = {"stage": "evaluate", "clipline.source": "outside checkpoint",
+            **{f"clipline.{k}": v for k, v in source.items()}}
+    if meta.get("snapshot_id"):
+        tags["snapshot_id"] = str(meta["snapshot_id"])
+    if meta.get("model_name"):
+        tags["model_name"] = str(meta["model_name"])
+    if meta.get("exported_from"):
+        tags["clipline.exported_from"] = str(meta["exported_from"])
+    params = {f"train.{k}": str(v)[:500] for k, v in (meta.get("train") or {}).items()
+              if isinstance(v, (str, int, float, bool)) or v is None}
+    model = load_checkpoint(checkpoint_dir, "cpu").model
+    client(cfg)
+    exp_id = ensure_experiment(cfg)
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"outside {checkpoint_dir.name}", tags=tags) as run:
+        if params:
+            mlflow.log_params(params)
+        mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
+        info = mlflow.pytorch.log_model(model, name="model", signature=clip_signature(model),
+                                        tags={"snapshot_id": str(meta.get("snapshot_id") or "")},
+                                        serialization_format="pickle", pip_requirements=["torch", "open_clip_torch"])
+        return run.info.run_id, info.model_uri, source
 
 
 # ----- resolving what the user calls a model -----
