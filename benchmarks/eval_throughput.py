@@ -6,9 +6,11 @@ its default amp=True is timed too and printed for information). Each side is tim
 class-prompt encoding + image decoding/preprocessing + image encoding + scoring. Best of
 ``--repeats`` runs, alternating sides.
 
+    pip install -e '.[bench]'     # clip-benchmark
     python benchmarks/eval_throughput.py [--images 512] [--classes 24] [--templates 8] [--repeats 3]
 
-Prints images/s for each side and, last, ``ratio: X.XX`` (ours / CLIP_benchmark's, >1 = faster).
+Prints images/s for each side and, last, ``ratio: X.XX`` (ours / CLIP_benchmark's, >1 = faster). Tiny, to
+check it runs: ``--images 8 --classes 2 --templates 1 --batch-size 8 --repeats 1``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    try:
+        import clip_benchmark.metrics.zeroshot_classification  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"CLIP_benchmark cannot be imported ({e}); install the benchmarks' dependencies: "
+                         "pip install -e '.[bench]'") from None
+    with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
+        measure(args, Path(tmp))
+
+
+def measure(args, tmp: Path) -> None:
     import open_clip
     import torch
     from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
@@ -77,7 +89,6 @@ def main() -> None:
     from clipline.components.evaluate.datasets import load_eval_dataset
     from clipline.components.evaluate.zeroshot import make_loader, run_zeroshot
 
-    tmp = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     torch.manual_seed(0)
     save_checkpoint(open_clip.CLIP(**TINY), TINY, tmp / "ckpt", preprocess_cfg={})
     m = load_checkpoint(tmp / "ckpt", "cpu")
@@ -104,8 +115,7 @@ def main() -> None:
     import contextlib
     import os
 
-    quiet = contextlib.redirect_stderr(open(os.devnull, "w"))  # CLIP_benchmark's tqdm bars
-    with quiet:
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # CLIP_benchmark's tqdm bars
         ours(), theirs(False)  # warm-up
         best = {"ours": float("inf"), "clip_benchmark": float("inf"), "clip_benchmark_amp": float("inf")}
         accs = {}

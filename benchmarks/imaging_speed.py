@@ -64,8 +64,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.images:
         import glob
+        from pathlib import Path
 
-        imgs = [open(f, "rb").read() for f in sorted(glob.glob(args.images))[: args.n]]
+        imgs = [Path(f).read_bytes() for f in sorted(glob.glob(args.images))[: args.n]]
         if not imgs:
             raise SystemExit(f"no file matches {args.images}")
     else:

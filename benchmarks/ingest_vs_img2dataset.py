@@ -12,6 +12,10 @@ cores. Prints images/s and peak memory (summed RSS of the process tree) of each,
 last, as `ratio: X.XX`.
 
     python benchmarks/ingest_vs_img2dataset.py [--n 10000] [--skip-img2dataset]
+
+Images and img2dataset's venv are cached in ~/.cache/clipline-bench (or $CLIPLINE_BENCH_CACHE):
+images40kb-N/ and i2d-venv/, which imaging_vs_cv2.py uses too. With --skip-img2dataset only clipline
+runs and the headline is `clipline_images_per_s: X` (tiny, to check it runs: --n 12).
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("CLIPLINE_BENCH_CACHE", Path.home() / ".cache" / "clipline-bench"))
 I2D_VERSION = "1.47.0"
-IMAGES_VERSION = "images40kb"  # change when _make_image changes, so a stale cache is not reused
+IMAGES_VERSION = "images40kb"  # change when make_image changes, so a stale cache is not reused
 
 
 # ----------------------------------------------------------------------------- data
-def _make_image(i: int) -> bytes:
+def make_image(i: int) -> bytes:
     from PIL import Image, ImageDraw, ImageFilter
 
     rnd = random.Random(i)
@@ -58,12 +62,13 @@ def _make_image(i: int) -> bytes:
 
 def _write_one(args: tuple[int, str]) -> int:
     i, d = args
-    data = _make_image(i)
+    data = make_image(i)
     Path(d, f"{i:06d}.jpg").write_bytes(data)
     return len(data)
 
 
 def ensure_images(n: int) -> Path:
+    """A cached folder with at least ``n`` of these images (``{i:06d}.jpg``), generated on first use."""
     for have in sorted(CACHE.glob(f"{IMAGES_VERSION}-*")):  # a larger generated set serves too
         if (have / ".complete").exists() and int(have.name.rsplit("-", 1)[1]) >= n:
             return have
@@ -285,7 +290,7 @@ def main() -> None:
             ratio = results["img2dataset"][0] / results["clipline"][0]
             print(f"ratio: {ratio:.2f}")
         else:
-            print(f"clipline_images_per_s: {args.n / wall:.0f}")
+            print(f"clipline_images_per_s: {args.n / wall:.1f}")
     finally:
         stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -6,10 +6,12 @@ same images written as files plus a CSV (its `--dataset-type csv`). Throughput =
 over the steps after a warm-up, from per-step timestamps (ours: the progress callback; theirs: the
 per-step `Batch (t)` it logs with `--log-every-n-steps 1`, which includes waiting for data).
 
-    PYTHONPATH=. python benchmarks/train_throughput.py [--model clipline-tiny] [--batch-size 128]
+    pip install -e '.[bench]'     # open_clip_train's own imports: webdataset, braceexpand, pandas
+    python benchmarks/train_throughput.py [--model clipline-tiny] [--batch-size 128]
         [--steps 40] [--warmup-steps 5] [--images 2048] [--image-px 256] [--loader-workers 1]
 
-Prints both figures, then the headline `ratio: X.XX` (ours / open_clip's) last.
+Prints both figures, then the headline `ratio: X.XX` (ours / open_clip's) last. Tiny, to check it runs:
+`--model clipline-nano --batch-size 8 --steps 3 --warmup-steps 1 --images 32 --image-px 64 --loader-workers 0`.
 """
 
 from __future__ import annotations
@@ -108,16 +110,19 @@ def theirs(args, data_dir: Path, csv_path: Path) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or os.cpu_count())}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     times: list[float] = []
+    tail: list[str] = []  # its last lines, to show when it stops early
     for line in proc.stdout:
+        tail = [*tail[-29:], line]
         m = re.search(r"Batch \(t\): ([0-9.]+)", line)
         if m:
             times.append(float(m.group(1)))
             if len(times) >= args.steps:
                 proc.terminate()
                 break
-    proc.wait()
+    rc = proc.wait()
     if len(times) <= args.warmup_steps:
-        raise SystemExit(f"open_clip_train logged only {len(times)} steps; its output did not parse")
+        raise SystemExit(f"open_clip_train logged only {len(times)} steps (exit code {rc}); its last output:\n"
+                         + "".join(tail))
     t = times[args.warmup_steps:]
     sps = args.batch_size * len(t) / sum(t)
     print(f"open_clip_train: {len(times)} steps, samples/s after warm-up {sps:.1f}")
@@ -136,6 +141,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = all cores)")
     args = ap.parse_args()
     args.threads = args.threads or os.cpu_count() or 1
+    if args.steps <= args.warmup_steps:
+        ap.error("--steps must exceed --warmup-steps")
+    try:  # before anything is timed: open_clip_train needs packages open_clip itself does not
+        import open_clip_train.main  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"open_clip_train cannot start here ({e}); install the benchmarks' dependencies: "
+                         "pip install -e '.[bench]'") from None
 
     from clipline.components.train import synthetic
 
