@@ -1,5 +1,6 @@
-"""`clipline demo` end to end at a small scale, then again on the same data dir: the rerun serves
-the same URLs (the port recorded in the data dir), fetches nothing, trains nothing and says so."""
+"""`clipline demo` end to end with its real recipe (3,000 URLs, clipline-demo, 700 steps: about
+5 minutes on 2 cores), then again on the same data dir: the rerun serves the same URLs (the port recorded
+in the data dir), fetches nothing, trains nothing and says so."""
 
 from __future__ import annotations
 
@@ -10,54 +11,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from clipline.components.demo.server import recorded_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# one [train] setting that the recipe also sets, to a value that leaves the model as the recipe trains
+# it (an extra checkpoint half way): the config file's [train] wins over the recipe, the rest of the
+# recipe stays
 CONFIG = """
-[ingest]
-processes = 1
-[curate]
-min_image_side = 64
 [train]
-model = "clipline-nano"
-steps = 6
-batch_size = 16
-warmup_steps = 1
-system_metrics = false
-[evaluate]
-retrieval_max_pairs = 200
+checkpoint_every = 350
 """
 
+#: held-out top-1 the real recipe must reach: chance is 1/48 = 0.021; the demo reached 0.787, 0.932 and
+#: 0.910 on three toy webs (README), and an image tower that does not compose colour and shape (an RGB
+#: CNN of the same size) 0.46-0.50. A pipeline that scrambles captions, labels or images, or does not
+#: train, stays near chance
+MIN_HELDOUT_ACC1 = 0.5
 
-def _demo(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+
+def _demo(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """`clipline demo` as a user runs it: its own process (Prefect: the session's test server)."""
     from prefect.settings import get_current_settings
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(get_current_settings().api.url),
            "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "clipline.flows.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+                          env=env, cwd=cwd, timeout=timeout)
 
 
-def test_demo_prints_summary_and_a_rerun_does_nothing_new(prefect_harness, mlflow_uri, tmp_path):
-    from clipline.components.config import load_config
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_demo_learns_the_held_out_pairings_and_a_rerun_does_nothing_new(prefect_harness, mlflow_uri, tmp_path):
+    from clipline.components.config import DEMO_TRAIN, load_config
     from clipline.components.tracking.runs import client
 
     cfg_file = tmp_path / "clipline.toml"
     cfg_file.write_text(CONFIG)
     data = tmp_path / "data"
-    args = ["--config", str(cfg_file), "--data-dir", str(data), "demo", "--n", "72"]
+    args = ["--config", str(cfg_file), "--data-dir", str(data), "demo"]
 
-    first = _demo(args, tmp_path)
+    first = _demo(args, tmp_path, timeout=3000)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     s1 = json.loads((data / "reports" / "demo_summary.json").read_text())
-    assert s1["n_fetched"] == 72 and s1["skipped"] is None
-    # [train] settings of the config file win over the demo's recipe
-    assert s1["train"]["model"] == "clipline-nano" and s1["train"]["steps"] == 6
-    assert "steps" not in s1["train_recipe"] and "model" not in s1["train_recipe"]
-    assert 0.0 <= s1["heldout_acc1"] <= 1.0 and 0.0 <= s1["seen_acc1"] <= 1.0
+    assert s1["skipped"] is None and s1["n_urls"] == 3000
+    assert s1["n_fetched"] > 0.85 * s1["n_urls"], s1["n_fetched"]  # the toy web's faults cost 8% at most
     assert abs(s1["chance_acc1"] - 1 / 48) < 1e-9
+    # the model learned colour x shape pairings it never saw: far above chance, as the README says
+    assert s1["heldout_acc1"] >= MIN_HELDOUT_ACC1, s1["heldout_acc1"]
+    assert s1["seen_acc1"] >= MIN_HELDOUT_ACC1, s1["seen_acc1"]
+    # the demo's recipe trained, and the config file's [train] setting won over the recipe's
+    assert s1["train"]["model"] == DEMO_TRAIN["model"] and s1["train"]["steps"] == DEMO_TRAIN["steps"]
+    assert "checkpoint_every" not in s1["train_recipe"] and s1["train_recipe"]["steps"] == DEMO_TRAIN["steps"]
+    cfg = load_config(cfg_file, {"data_dir": data})
+    assert list(cfg.checkpoints_dir.glob("*/step-00000350")), "no checkpoint at step 350"
     assert s1["model_version"]["alias"] == "champion"
     labels = [label for label, _ in s1["rows"]]
     for label in ("URLs fetched", "rows kept", "training", "zero-shot top-1 (heldout)", "zero-shot top-1 (seen)",
@@ -69,13 +78,12 @@ def test_demo_prints_summary_and_a_rerun_does_nothing_new(prefect_harness, mlflo
     ports = recorded_ports(data / "toyweb")
     assert ports is not None
 
-    second = _demo(args, tmp_path)
+    second = _demo(args, tmp_path, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     s2 = json.loads((data / "reports" / "demo_summary.json").read_text())
     assert recorded_ports(data / "toyweb") == ports  # same port, so the same URLs
     assert s2["n_fetched"] == 0 and s2["train"] is None and s2["model_version"] is None
     assert "nothing new" in s2["skipped"] and "nothing new" in second.stdout
-    cfg = load_config(cfg_file, {"data_dir": data})
     versions = client(cfg).search_model_versions(f"name = '{cfg.tracking.registered_model}'")
     assert len(versions) == 1
 
