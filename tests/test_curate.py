@@ -455,6 +455,8 @@ def test_report_table_contact_sheet_and_mlflow(data_dir, mlflow_uri):
     assert run.data.metrics["dropped/too_few_words"] == 1 and run.data.metrics["rows_kept"] == 5
     exp = mlflow.get_experiment(run.info.experiment_id)
     assert exp.name == cfg.tracking.experiment
+    # curate as the first command of a data dir keeps its artifacts there, not in ./mlruns
+    assert exp.artifact_location == (cfg.data_dir / "mlartifacts").resolve().as_uri()
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "curate")}
     assert {"curate/report.md", "curate/contact_sheet.png", "curate/manifest.json"} <= arts
 

@@ -173,8 +173,11 @@ def log_to_mlflow(cfg, result) -> str:
     """Log a curate run to MLflow; returns the run id."""
     import mlflow
 
+    from clipline.components.tracking.runs import ensure_experiment
+
     mlflow.set_tracking_uri(cfg.mlflow_uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    # the experiment's artifact location under the data dir, not ./mlruns of the working directory
+    mlflow.set_experiment(experiment_id=ensure_experiment(cfg))
     m = result.manifest
     with mlflow.start_run(run_name=f"curate-{result.snapshot_id}",
                           tags={"stage": "curate", "snapshot_id": result.snapshot_id,
