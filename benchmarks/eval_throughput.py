@@ -85,7 +85,7 @@ def measure(args, tmp: Path) -> None:
     import torch
     from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
 
-    from clipline.components.evaluate.checkpoint import load_checkpoint, save_checkpoint
+    from clipline.components.model.checkpoint import load_checkpoint, save_checkpoint
     from clipline.components.evaluate.datasets import load_eval_dataset
     from clipline.components.evaluate.zeroshot import make_loader, run_zeroshot
 

@@ -37,7 +37,7 @@ def make_checkpoint(out_dir: Path, seed: int = 0, run_id: str | None = None, sna
     """A random tiny model written in the checkpoint layout of the common contract."""
     import torch
 
-    from clipline.components.evaluate.checkpoint import CONFIG_FILE, save_checkpoint
+    from clipline.components.model.checkpoint import CONFIG_FILE, save_checkpoint
 
     model = tiny_model(seed)
     meta = {"model_name": "tiny-test", "snapshot_id": snapshot_id, "step": 0, "run_id": run_id, "train": {}}
@@ -130,7 +130,7 @@ def simulate_training_run(cfg: Any, checkpoint_dir: Path, snapshot_id: str | Non
     Returns (run_id, model_uri)."""
     import mlflow
 
-    from clipline.components.evaluate.checkpoint import load_checkpoint
+    from clipline.components.model.checkpoint import load_checkpoint
     from clipline.components.tracking.runs import client, ensure_experiment
 
     client(cfg)

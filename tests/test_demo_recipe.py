@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipline.components.model import factory
+from clipline.components.model import checkpoint, factory
 from clipline.components.train.data import RayDecode
 
 
@@ -95,8 +95,8 @@ def test_uniform_text_attention_averages_the_caption_through_training_and_export
     assert not torch.allclose(before, embed(b.model, captions))  # it did learn
     assert not qk(b.model).any() and attends_uniformly(b.model)
     # a checkpoint is a plain open_clip model that reads captions the same way
-    d = factory.save_checkpoint_dir(tmp_path / "ckpt", b.model, b.model_cfg, b.preprocess_cfg, {"model_name": b.name})
-    loaded = factory.load_checkpoint_dir(d)
+    d = checkpoint.save_checkpoint(b.model, b.model_cfg, tmp_path / "ckpt", b.preprocess_cfg, {"model_name": b.name})
+    loaded = checkpoint.load_checkpoint(d, "cpu")
     assert torch.allclose(embed(loaded.model, captions), embed(b.model, captions), atol=1e-6)
     assert attends_uniformly(loaded.model)
     # a model whose config asks for nothing keeps open_clip's own initialisation
@@ -165,7 +165,7 @@ def test_two_stream_tower_trains_saves_and_loads_with_plain_open_clip(tmp_path):
     after = model.visual.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "form." in k)  # both streams learn
     assert any(not torch.equal(before[k], after[k]) for k in before if "colour." in k)
-    out = factory.save_checkpoint_dir(tmp_path / "ck", model, b.model_cfg, b.preprocess_cfg, {"model_name": "clipline-demo"})
+    out = checkpoint.save_checkpoint(model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg, {"model_name": "clipline-demo"})
     plain, _, val = open_clip.create_model_and_transforms(f"local-dir:{out}")
     model.eval()
     plain.eval()

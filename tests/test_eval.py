@@ -125,7 +125,7 @@ def test_retrieval_recall_on_known_embeddings():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from clipline.components.evaluate.checkpoint import load_checkpoint
+    from clipline.components.model.checkpoint import load_checkpoint
 
     d = tmp_path_factory.mktemp("tiny")
     return load_checkpoint(make_checkpoint(d / "ckpt", seed=3), "cpu")

@@ -89,7 +89,7 @@ def test_a_checkpoint_from_another_tracking_store_is_evaluated_into_a_new_run_an
     set not named 'heldout', with the default configuration."""
     import shutil
 
-    from clipline.components.evaluate.checkpoint import load_checkpoint
+    from clipline.components.model.checkpoint import load_checkpoint
     from clipline.components.tracking.registry import resolve_model, run_exists
 
     cfg, _, _, _, _, _ = setup

@@ -75,9 +75,10 @@ def test_clip_benchmark_cli_evaluates_the_export_with_our_numbers(tmp_path, data
     on a Flickr-format retrieval set (its classification path hits a NumPy 2 bug in its accuracy())."""
     from evalkit import COLORS, SHAPES, draw
 
-    from clipline.components.evaluate.checkpoint import export_checkpoint, load_checkpoint
     from clipline.components.evaluate.datasets import PairSet
     from clipline.components.evaluate.retrieval import run_retrieval
+    from clipline.components.model.checkpoint import load_checkpoint
+    from clipline.components.model.export import export_checkpoint
 
     out = export_checkpoint(make_checkpoint(tmp_path / "ckpt", seed=5), tmp_path / "exported").out_dir
     root = tmp_path / "flickr"
@@ -112,7 +113,8 @@ def test_clip_benchmark_cli_evaluates_the_export_with_our_numbers(tmp_path, data
 def test_export_converts_bin_weights_to_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    from clipline.components.evaluate.checkpoint import export_checkpoint, load_checkpoint
+    from clipline.components.model.checkpoint import load_checkpoint
+    from clipline.components.model.export import export_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=9, weights="bin")
     res = export_checkpoint(ckpt, tmp_path / "out")
@@ -144,12 +146,12 @@ def test_export_of_a_model_with_our_own_tower_says_which_import_loads_it(tmp_pat
     """The demo's two-stream image tower is clipline's own (registered in timm on import): the
     export's printed command includes that import and works in a fresh process; plain open_clip
     without it fails naming the tower."""
-    from clipline.components.evaluate.checkpoint import export_checkpoint
-    from clipline.components.model import factory
+    from clipline.components.model import checkpoint, factory
+    from clipline.components.model.export import export_checkpoint
 
     b = factory.create("clipline-demo")
-    ck = factory.save_checkpoint_dir(tmp_path / "ck", b.model, b.model_cfg, b.preprocess_cfg,
-                                     {"model_name": "clipline-demo"})
+    ck = checkpoint.save_checkpoint(b.model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg,
+                                    {"model_name": "clipline-demo"})
     res = export_checkpoint(ck, tmp_path / "out")
     assert "import clipline.components.model.towers" in res.open_clip_command
     assert "import sys, clipline.components.model.towers" in res.clip_benchmark_command

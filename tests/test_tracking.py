@@ -147,7 +147,7 @@ def test_default_primary_metric_promotes_on_any_eval_set_and_a_missing_one_stops
 def test_model_loads_back_by_alias(registry, tmp_path):
     import mlflow
 
-    from clipline.components.evaluate.checkpoint import load_checkpoint
+    from clipline.components.model.checkpoint import load_checkpoint
     from evalkit import tiny_model
 
     cfg, _, runs = registry
@@ -192,7 +192,7 @@ def test_compare_chart_title_stays_inside_the_image(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from clipline.components.evaluate.report import compare_chart_png
+    from clipline.components.tracking.compare import compare_chart_png
 
     metrics = ["zeroshot/imagenet-1k-validation/acc1", "zeroshot/flowers102/acc1", "retrieval/val/image_to_text_R5",
                "retrieval/val/text_to_image_R5"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from clipline.components.model import factory
+from clipline.components.model import checkpoint, factory
 from clipline.components.train import synthetic
 from clipline.components.train.data import SnapshotError
 from clipline.components.train.loop import InjectedFailure, TrainingDiverged
@@ -101,8 +101,8 @@ def test_resume_is_exact(data_dir, snapshot, mlflow_uri):
     resumed = train(cfg, snapshot)
     from safetensors.torch import load_file
 
-    a = load_file(str(straight.checkpoint_dir / factory.WEIGHTS_FILE))
-    b = load_file(str(resumed.checkpoint_dir / factory.WEIGHTS_FILE))
+    a = load_file(str(straight.checkpoint_dir / checkpoint.WEIGHTS_FILE))
+    b = load_file(str(resumed.checkpoint_dir / checkpoint.WEIGHTS_FILE))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
@@ -112,7 +112,7 @@ def test_nan_loss_stops_with_a_clear_message_after_saving(data_dir, snapshot, ml
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*saved to"):
         train(cfg, snapshot)
     saved = list((cfg.checkpoints_dir / "diverges").glob("step-*"))
-    assert len(saved) == 1 and (saved[0] / factory.WEIGHTS_FILE).is_file()
+    assert len(saved) == 1 and (saved[0] / checkpoint.WEIGHTS_FILE).is_file()
 
 
 def test_fine_tuning_starts_from_the_given_checkpoint(data_dir, snapshot, mlflow_uri):
@@ -123,7 +123,7 @@ def test_fine_tuning_starts_from_the_given_checkpoint(data_dir, snapshot, mlflow
     assert res.model_name == "clipline-nano" and res.steps == 1
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(r.checkpoint_dir / factory.WEIGHTS_FILE)) for r in (first, res))
+    a, b = (load_file(str(r.checkpoint_dir / checkpoint.WEIGHTS_FILE)) for r in (first, res))
     assert torch.allclose(a["text_projection"], b["text_projection"], atol=1e-6)
 
 

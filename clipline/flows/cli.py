@@ -425,7 +425,7 @@ def evaluate_cmd(
     """Zero-shot accuracy and retrieval recall of a model; metrics go to its MLflow run (a checkpoint
     whose run is in another tracking store: to a new run of this one, with --register)."""
     cfg = get_config(evaluate={k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None})
-    from clipline.components.evaluate.checkpoint import CheckpointError
+    from clipline.components.model.checkpoint import CheckpointError
     from clipline.components.evaluate.datasets import DatasetError
     from clipline.components.tracking.registry import RegistryError
     from clipline.flows.evaluate import evaluate_flow
@@ -466,7 +466,7 @@ def export_cmd(
 ) -> None:
     """Write an open_clip-loadable checkpoint + config that needs no clipline code."""
     cfg = get_config()
-    from clipline.components.evaluate.checkpoint import CheckpointError, export_checkpoint
+    from clipline.components.model.export import CheckpointError, export_checkpoint
     from clipline.components.tracking.registry import RegistryError, resolve_model
 
     try:

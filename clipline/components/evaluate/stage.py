@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Sequence
 
 from clipline.components.config import Config
-from clipline.components.evaluate.checkpoint import LoadedModel, load_checkpoint
 from clipline.components.evaluate.datasets import EvalDataset, load_eval_dataset, load_snapshot_pairs
 from clipline.components.evaluate.report import (
     confusion_png, metrics_markdown, retrieval_grid_png, worst_classes_markdown,
 )
 from clipline.components.evaluate.retrieval import RetrievalResult, run_retrieval
 from clipline.components.evaluate.zeroshot import ZeroShotResult, run_zeroshot
+from clipline.components.model.checkpoint import LoadedModel, load_checkpoint
 
 
 @dataclass

@@ -3,24 +3,13 @@
 Our own configs live in ``configs/*.json`` (open_clip's format) and are registered into open_clip
 on import, so ``open_clip.create_model("clipline-tiny")`` works anywhere this module was imported.
 open_clip's built-in names (``ViT-B-32``, ``ViT-B-16``, ``RN50``...) are accepted unchanged.
-
-Checkpoint directory layout (the contract read by evaluate/export):
-  ``open_clip_config.json`` = {"model_cfg": ..., "preprocess_cfg": ...}
-  ``open_clip_model.safetensors`` = the model's state_dict
-  ``clipline.json`` = model_name, snapshot_id, step, run_id, train config
-Loadable with plain open_clip: ``create_model_and_transforms("local-dir:<dir>")`` or
-``create_model_and_transforms(<name>, pretrained="<dir>/open_clip_model.safetensors")``; a model
-whose image tower is one of ours (:mod:`.towers`, e.g. ``clipline_two_stream``) needs
-``import clipline.components.model.towers`` first, which registers it in timm.
+Checkpoints are read and written by :mod:`.checkpoint`; :func:`create` starts from one through it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +19,10 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from clipline.components.model import towers  # registers our timm towers (clipline_two_stream)
+from clipline.components.model import checkpoint, towers  # towers: registers ours in timm (clipline_two_stream)
+from clipline.components.model.errors import ModelError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-WEIGHTS_FILE = "open_clip_model.safetensors"
-CONFIG_FILE = "open_clip_config.json"
-META_FILE = "clipline.json"
-
 
 
 def _register_configs() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -96,10 +82,6 @@ def apply_init(model: torch.nn.Module, init_cfg: dict[str, Any]) -> None:
                     attn.in_proj_bias[: 2 * w].zero_()
 
 
-class ModelError(ValueError):
-    """A model name or checkpoint that cannot be used; the message says which and what to do."""
-
-
 @dataclass
 class ModelBundle:
     """A model with everything needed to feed it."""
@@ -139,33 +121,19 @@ def model_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
-def resolve_weights(path: str | os.PathLike) -> Path:
-    """The weights file for a checkpoint given as a directory (our layout or any open_clip local
-    dir) or as a file. Raises ModelError when nothing loadable is there."""
-    p = Path(path)
-    if p.is_dir():
-        for cand in (WEIGHTS_FILE, "open_clip_pytorch_model.bin", "open_clip_model.bin", "model.pt"):
-            if (p / cand).is_file():
-                return p / cand
-        raise ModelError(f"checkpoint directory {p} holds no {WEIGHTS_FILE}: give a directory written by "
-                         "`clipline train` or a weights file")
-    if p.is_file():
-        return p
-    raise ModelError(f"pretrained checkpoint {p} does not exist: give a checkpoint directory or a weights file")
-
-
 def create(name: str, pretrained: str | os.PathLike | None = None, device: str | torch.device = "cpu",
            aug: dict[str, Any] | None = None) -> ModelBundle:
     """Build model ``name`` (fp32, on ``device``) with its tokenizer and transforms.
 
-    ``pretrained``: a local checkpoint directory or weights file to start from (fine-tuning); it
-    must match the architecture. Nothing is downloaded: timm towers are built without ImageNet
-    weights and the tokenizer vocabulary ships in the open_clip wheel.
+    ``pretrained``: a local checkpoint directory or weights file to start from (fine-tuning, read
+    by :func:`.checkpoint.load_weights`); it must match the architecture, else CheckpointError.
+    Nothing is downloaded: timm towers are built without ImageNet weights and the tokenizer
+    vocabulary ships in the open_clip wheel.
     """
     cfg = model_config(name)
     weights = None
     if pretrained is not None:
-        weights = resolve_weights(pretrained)
+        weights = checkpoint.weights_file(pretrained)  # a missing checkpoint fails before any work
     model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True,
                                    force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name))
     if weights is None and name in INIT_OPTIONS:
@@ -178,11 +146,7 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     train_tf = make_train_transform(pp, aug)
     val_tf = image_transform_v2(pp, is_train=False)
     if weights is not None:
-        try:
-            open_clip.load_checkpoint(model, str(weights))
-        except RuntimeError as e:
-            raise ModelError(f"checkpoint {weights} does not fit model {name!r}: {str(e).splitlines()[0]}; "
-                             "train with the model the checkpoint was made with") from e
+        checkpoint.load_weights(model, weights, model_name=name)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     return ModelBundle(name=name, model=model, tokenizer=open_clip.get_tokenizer(name),
                        train_transform=train_tf, val_transform=val_tf, model_cfg=cfg,
@@ -230,68 +194,3 @@ def letterbox_train_transform(val_tf: Callable, pp: PreprocessCfg, scale_min: fl
     fill = pp.fill_color if isinstance(pp.fill_color, int) else tuple(pp.fill_color)
     affine = T.RandomAffine(degrees=0, translate=(max_shift, max_shift), scale=(zoom, 1 / zoom), fill=fill)
     return T.Compose(steps[:2] + [affine] + steps[2:])
-
-
-def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """``clipline.json`` of a checkpoint directory ({} when absent)."""
-    f = Path(path) / META_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under DDP/compile wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def save_checkpoint_dir(out_dir: str | os.PathLike, model: torch.nn.Module, model_cfg: dict[str, Any],
-                        preprocess_cfg: dict[str, Any], meta: dict[str, Any],
-                        extra_files: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically: everything goes into a temporary sibling that is
-    renamed into place, so a reader sees either the whole directory or none of it.
-
-    ``extra_files`` maps file names to objects saved with ``torch.save`` (optimiser state...).
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(
-            {"model_cfg": model_cfg, "preprocess_cfg": _jsonable(preprocess_cfg)}, indent=2))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        for fname, obj in (extra_files or {}).items():
-            torch.save(obj, tmp / fname)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def load_checkpoint_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
-    """Load a checkpoint directory with plain open_clip (``local-dir:``), as any consumer would."""
-    p = Path(path)
-    if not (p / CONFIG_FILE).is_file():
-        raise ModelError(f"{p} is not a checkpoint directory (no {CONFIG_FILE})")
-    cfg = json.loads((p / CONFIG_FILE).read_text())
-    model, train_tf, val_tf = open_clip.create_model_and_transforms(f"local-dir:{p}", device=device)
-    name = read_checkpoint_meta(p).get("model_name", f"local-dir:{p}")
-    return ModelBundle(name=name, model=model, tokenizer=open_clip.get_tokenizer(f"local-dir:{p}"),
-                       train_transform=train_tf, val_transform=val_tf, model_cfg=cfg["model_cfg"],
-                       preprocess_cfg=dict(model.visual.preprocess_cfg))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from clipline.components.config import Config
 from clipline.components.tracking.registry import RegistryError
@@ -132,8 +132,6 @@ def compare_versions(cfg: Config, versions: Sequence[str] | None = None, metrics
     ``out_dir`` (default ``<reports>/compare``). With ``log_to_mlflow``, also log both to a new
     MLflow run tagged ``clipline.kind=compare`` in ``cfg.tracking.experiment``; by default nothing
     is written to the tracking store."""
-    from clipline.components.evaluate.report import compare_chart_png
-
     rows = collect_versions(cfg, versions)
     names = list(metrics) if metrics else default_metrics(cfg, rows)
     out = Path(out_dir) if out_dir else cfg.reports_dir / "compare"
@@ -156,6 +154,60 @@ def compare_versions(cfg: Config, versions: Sequence[str] | None = None, metrics
         c.set_terminated(run_id)
     return Comparison(name=cfg.tracking.registered_model, rows=rows, metric_names=names, chart=chart,
                       table_json=table, mlflow_run_id=run_id)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fit_suptitle(fig: Any, title: str, fontsize: float = 12) -> Any:
+    """A figure title wrapped onto as many lines as it needs to stay inside the figure's width."""
+    import textwrap
+
+    t = fig.suptitle(title, fontsize=fontsize)
+    avail = fig.bbox.width * 0.94
+    renderer = fig.canvas.get_renderer()
+    width = t.get_window_extent(renderer).width
+    if width > avail:
+        chars = max(8, int(len(title) * avail / width))
+        t.set_text("\n".join(textwrap.wrap(title, chars, break_long_words=True, break_on_hyphens=False)))
+        while t.get_window_extent(renderer).width > avail and chars > 8:
+            chars -= 2
+            t.set_text("\n".join(textwrap.wrap(title, chars, break_long_words=True, break_on_hyphens=False)))
+    return t
+
+
+def compare_chart_png(versions: Sequence[str], series: Mapping[str, Sequence[float | None]], path: str | Path,
+                      title: str = "") -> Path:
+    """Grouped bars: one group per version, one bar per metric (missing values left out); the
+    metric names are in the legend, the title is wrapped to fit the image."""
+    import numpy as np
+
+    plt = _plt()
+    n_v, n_m = len(versions), max(1, len(series))
+    width = 0.8 / n_m
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * n_v * max(1, n_m) * 0.6 + 2), 4))
+    x = np.arange(n_v)
+    for j, (name, values) in enumerate(series.items()):
+        vals = [np.nan if v is None else v for v in values]
+        bars = ax.bar(x + (j - (n_m - 1) / 2) * width, vals, width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(x, versions)
+    ax.set_xlabel("model version")
+    ax.set_ylim(0, 1.1)
+    _fit_suptitle(fig, title or "metrics by model version")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def comparison_table(comp: Comparison) -> Any:

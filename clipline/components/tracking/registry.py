@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from clipline.components.config import Config
+from clipline.components.model.checkpoint import CONFIG_FILE, load_checkpoint, read_meta
 from clipline.components.tracking.runs import client, code_version, config_hash, log_metrics
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,6 @@ def adopt_checkpoint(cfg: Config, checkpoint_dir: Path, source_run_id: str | Non
     Returns (run_id, model_uri, source tags for the model version)."""
     import mlflow
 
-    from clipline.components.evaluate.checkpoint import load_checkpoint, read_meta
     from clipline.components.tracking.runs import ensure_experiment
     from clipline.components.tracking.signature import clip_signature
 
@@ -371,7 +371,7 @@ def download_checkpoint(cfg: Config, run_id: str, label: str) -> Path:
 
     dst = cfg.data_dir / "models" / label
     local = dst / "checkpoint"
-    if (local / "open_clip_config.json").is_file():
+    if (local / CONFIG_FILE).is_file():
         return local
     dst.mkdir(parents=True, exist_ok=True)
     try:
@@ -386,7 +386,7 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     """The most recently written checkpoint directory under ``cfg.checkpoints_dir``."""
     if not cfg.checkpoints_dir.is_dir():
         return None
-    found = sorted((p for p in cfg.checkpoints_dir.rglob("open_clip_config.json")
+    found = sorted((p for p in cfg.checkpoints_dir.rglob(CONFIG_FILE)
                     if not any(part.startswith(".") for part in p.relative_to(cfg.checkpoints_dir).parts)),
                    key=lambda p: p.stat().st_mtime)  # hidden dirs are checkpoints still being written
     return found[-1].parent if found else None
@@ -396,8 +396,6 @@ def resolve_model(cfg: Config, ref: str | Path | None) -> ResolvedModel:
     """Resolve a checkpoint path, ``models:/NAME/N``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID``, a
     version number or an alias of ``cfg.tracking.registered_model``; None means the champion,
     else the newest local checkpoint."""
-    from clipline.components.evaluate.checkpoint import read_meta
-
     if ref is None:
         if current_alias(cfg, CHAMPION) is not None:
             return resolve_model(cfg, CHAMPION)

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from clipline.components.model import factory
+from clipline.components.model import checkpoint, factory
 from clipline.components.model.loss import ContrastiveLoss, clamp_logit_scale_
-from clipline.components.train import checkpoint as ckpt
+from clipline.components.train import resume as run_state
 from clipline.components.train.data import BatchDecoder, SnapshotInfo, SnapshotStream, normalize_on_device
 
 
@@ -147,10 +147,10 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
         opt, lr_lambda(min(cfg["warmup_steps"], max(1, spec.total_steps // 10)), spec.total_steps, cfg["min_lr_ratio"]))
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    resume = ctx.resume_from or ckpt.latest(spec.run_dir)
+    resume = ctx.resume_from or run_state.latest(spec.run_dir)
     if resume is not None:
-        ckpt.load_weights(model, resume)
-        st = ckpt.load_state(resume)
+        checkpoint.load_weights(model, resume)
+        st = run_state.load_state(resume)
         opt.load_state_dict(st.optimizer)
         sched.load_state_dict(st.scheduler)
         step, epoch, batch_in_epoch = st.step, st.epoch, st.batch_in_epoch
@@ -169,16 +169,16 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     meta = {"model_name": cfg["model"], "snapshot_id": spec.snapshot.snapshot_id, "run_id": spec.mlflow_run_id,
             "run_name": spec.run_name, "train": cfg}
 
-    def state_now() -> ckpt.TrainState:
-        return ckpt.TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, optimizer=opt.state_dict(),
+    def state_now() -> run_state.TrainState:
+        return run_state.TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, optimizer=opt.state_dict(),
                                scheduler=sched.state_dict(), scaler=None, rng=_rng_state())
 
     def save(name: str, metrics: dict[str, float]) -> Path | None:
         path = None
         if rank0:
-            path = ckpt.save(spec.run_dir / name, model, bundle.model_cfg, bundle.preprocess_cfg,
+            path = run_state.save(spec.run_dir / name, model, bundle.model_cfg, bundle.preprocess_cfg,
                              {**meta, "step": step}, state_now())
-            ckpt.prune(spec.run_dir, cfg["keep_checkpoints"])
+            run_state.prune(spec.run_dir, cfg["keep_checkpoints"])
             if logger:
                 logger.flush()
         if ctx.on_checkpoint:
@@ -299,7 +299,7 @@ def _log_final(spec: LoopSpec, model: torch.nn.Module, final: Path) -> str:
     same = active is not None and active.info.run_id == spec.mlflow_run_id
     with nullcontext() if same else mlflow.start_run(run_id=spec.mlflow_run_id):
         mlflow.log_artifacts(str(final), artifact_path="checkpoint")
-        plain = factory.unwrap(model).cpu().eval()
+        plain = checkpoint.unwrap(model).cpu().eval()
         info = mlflow.pytorch.log_model(plain, name="model", tags={"snapshot_id": spec.snapshot.snapshot_id},
                                         signature=clip_signature(plain), serialization_format="pickle",
                                         pip_requirements=["torch", "open_clip_torch"])

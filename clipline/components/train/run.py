@@ -64,8 +64,8 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
     import mlflow
     import torch
 
-    from clipline.components.model import factory
-    from clipline.components.train import checkpoint as ckpt
+    from clipline.components.model import checkpoint, factory
+    from clipline.components.train import resume as run_state
     from clipline.components.train.data import resolve_snapshot
     from clipline.components.train.loop import LoopSpec, TrainingDiverged, WorkerContext, run_loop
 
@@ -74,8 +74,8 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
     pretrained = from_model if from_model is not None else tc.pretrained
     model_name = tc.model
     if pretrained is not None:
-        weights = factory.resolve_weights(pretrained)  # fails early with a clear message
-        meta_name = factory.read_checkpoint_meta(weights.parent).get("model_name")
+        weights = checkpoint.weights_file(pretrained)  # fails early with a clear message
+        meta_name = checkpoint.read_meta(weights.parent).get("model_name")
         if meta_name and meta_name != model_name:
             model_name = meta_name
         pretrained = weights
@@ -91,7 +91,7 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_name = tc.run_name or f"{model_name}-{info.snapshot_id[:12]}-{stamp}"
     run_dir = cfg.checkpoints_dir / run_name
-    previous = ckpt.read_run(run_dir)
+    previous = run_state.read_run(run_dir)
     if previous and previous.get("snapshot_id") != info.snapshot_id:
         raise ValueError(f"run {run_name!r} was trained on snapshot {previous.get('snapshot_id')}, not "
                          f"{info.snapshot_id}: choose another train.run_name")
@@ -108,7 +108,7 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
                               log_system_metrics=sysmetrics or None)
     run_id = active.info.run_id
-    ckpt.write_run(run_dir, {"run_id": run_id, "snapshot_id": info.snapshot_id, "model_name": model_name,
+    run_state.write_run(run_dir, {"run_id": run_id, "snapshot_id": info.snapshot_id, "model_name": model_name,
                              "total_steps": total_steps, "mlflow_uri": cfg.mlflow_uri})
     status = "FAILED"
     try:

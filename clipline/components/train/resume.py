@@ -1,11 +1,16 @@
-"""Training checkpoints: the open_clip checkpoint directory (see model.factory) plus ``train_state.pt``
-(optimiser, scheduler, grad-scaler state, step, data position, RNG states).
+"""Resuming a training run: the run directory's layout and the state a resumed run needs.
+
+This is the train stage's own contract, read only by the train stage: what a restarted run needs
+beyond the model. Each checkpoint in it is a checkpoint directory of the model contract
+(:mod:`clipline.components.model.checkpoint`, which writes it atomically and loads it) plus
+``train_state.pt`` (optimiser, scheduler, grad-scaler state, step, data position, RNG states).
 
 Layout of one run, ``<checkpoints_dir>/<run_name>/``:
   ``step-00000200/``   intermediate checkpoints (the newest ``keep`` are kept)
-  ``final/``           the end-of-run checkpoint (the contract directory evaluate/export read)
+  ``final/``           the end-of-run checkpoint (the directory evaluate, tracking and export read)
   ``run.json``         run name -> MLflow run id, model, snapshot (so a restart by name continues)
-Every directory is written to a temporary name and renamed, so a crash never leaves half a
+A checkpoint counts as resumable only once its ``train_state.pt`` is there, and the model contract
+renames a directory into place only when it is complete, so a crash never leaves half a
 checkpoint that a resume would pick up.
 """
 
@@ -20,7 +25,7 @@ from typing import Any
 
 import torch
 
-from clipline.components.model import factory
+from clipline.components.model import checkpoint
 
 STATE_FILE = "train_state.pt"
 RUN_FILE = "run.json"
@@ -56,27 +61,20 @@ def latest(run_dir: Path) -> Path | None:
     cands = step_dirs(run_dir)
     final = run_dir / "final"
     if (final / STATE_FILE).is_file():
-        cands.append((int(factory.read_checkpoint_meta(final).get("step", 0)), final))
+        cands.append((int(checkpoint.read_meta(final).get("step", 0)), final))
         cands.sort()
     return cands[-1][1] if cands else None
 
 
 def save(path: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, meta: dict,
          state: TrainState) -> Path:
-    """Write a full checkpoint directory atomically (weights + configs + train state)."""
-    return factory.save_checkpoint_dir(path, model, model_cfg, preprocess_cfg, meta,
-                                       extra_files={STATE_FILE: state.__dict__})
+    """Write a resumable checkpoint directory atomically: the model checkpoint plus its train state."""
+    return checkpoint.save_checkpoint(model, model_cfg, path, preprocess_cfg, meta,
+                                      extra_files={STATE_FILE: state.__dict__})
 
 
 def load_state(path: Path) -> TrainState:
     return TrainState(**torch.load(Path(path) / STATE_FILE, weights_only=False))
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a checkpoint directory's weights into ``model`` (strict)."""
-    from safetensors.torch import load_file
-
-    factory.unwrap(model).load_state_dict(load_file(str(Path(path) / factory.WEIGHTS_FILE)))
 
 
 def prune(run_dir: Path, keep: int) -> None:
