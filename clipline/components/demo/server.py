@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from aiohttp import web
 
 from clipline.components.config import DemoConfig
-from clipline.components.demo import faults as F
 from clipline.components.demo.store import ToyItem, ToyStore
 
 URL_LIST_NAME = "toyweb_urls.parquet"
