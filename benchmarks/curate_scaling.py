@@ -109,9 +109,19 @@ def run_baseline() -> None:
 def _cfg(data_dir: str, memory_limit: str, language: bool, store: str):
     from clipline.components.config import load_config
 
-    return load_config(None, {"data_dir": Path(data_dir), "tracking": {"tracking_uri": f"sqlite:///{store}/mlflow.db"},
-                              "curate": {"duckdb_memory_limit": memory_limit, "duckdb_threads": 2,
-                                         "language": "en" if language else None, "contact_sheet_examples": 4}})
+    return load_config(
+        None,
+        {
+            "data_dir": Path(data_dir),
+            "tracking": {"tracking_uri": f"sqlite:///{store}/mlflow.db"},
+            "curate": {
+                "duckdb_memory_limit": memory_limit,
+                "duckdb_threads": 2,
+                "language": "en" if language else None,
+                "contact_sheet_examples": 4,
+            },
+        },
+    )
 
 
 def make_store(store: str) -> None:
@@ -154,13 +164,26 @@ def run_one(data_dir: str, memory_limit: str, language: bool, store: str) -> Non
     ru = resource.getrusage(resource.RUSAGE_SELF)
     if not res.new or not res.mlflow_run_id:
         sys.exit(f"curate made no new snapshot or no MLflow run (new={res.new}, run={res.mlflow_run_id})")
-    print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime,
-                      "track": tracked.get("wall", 0.0), "track_cpu": tracked.get("cpu", 0.0), "imports": imports_s,
-                      "load0": load0, "load": os.getloadavg()[0],
-                      "peak_mb": peak_rss_mb(), "timings": res.timings, "cpu_timings": res.cpu_timings,
-                      "counts": res.counts, "n_rows": res.n_rows,
-                      "spilled_mb": res.manifest.get("duckdb_spilled_bytes_max", 0) / 2**20,
-                      "visited": res.manifest.get("dedup_rows_visited")}))
+    print(
+        json.dumps(
+            {
+                "wall": wall,
+                "cpu": ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime,
+                "track": tracked.get("wall", 0.0),
+                "track_cpu": tracked.get("cpu", 0.0),
+                "imports": imports_s,
+                "load0": load0,
+                "load": os.getloadavg()[0],
+                "peak_mb": peak_rss_mb(),
+                "timings": res.timings,
+                "cpu_timings": res.cpu_timings,
+                "counts": res.counts,
+                "n_rows": res.n_rows,
+                "spilled_mb": res.manifest.get("duckdb_spilled_bytes_max", 0) / 2**20,
+                "visited": res.manifest.get("dedup_rows_visited"),
+            }
+        )
+    )
 
 
 def _child(args: list[str]) -> dict:
@@ -195,9 +218,11 @@ def rate(n: int, s: float) -> str:
 def report(r: dict, baseline: float, memory_limit: str) -> None:
     n, tm, cp = r["n"], r["timings"], r["cpu_timings"]
     runs = r["all_wall"]
-    print(f"\n== {n:,} rows, {r['mix']} captions ({r['non_ascii']:.0%} not printable ASCII, {r['dirty']:.0%} through "
-          f"the normaliser; generated in {r['gen_s']:.1f} s; {len(runs)} run(s), the median whole stage shown; "
-          f"load {r['load0']:.1f} -> {r['load']:.1f} on {os.cpu_count()} cores) ==")
+    print(
+        f"\n== {n:,} rows, {r['mix']} captions ({r['non_ascii']:.0%} not printable ASCII, {r['dirty']:.0%} through "
+        f"the normaliser; generated in {r['gen_s']:.1f} s; {len(runs)} run(s), the median whole stage shown; "
+        f"load {r['load0']:.1f} -> {r['load']:.1f} on {os.cpu_count()} cores) =="
+    )
 
     def part_of(k: str) -> str | None:  # "deduplication: phash pair search" is a part of step "deduplication"
         head = k.split(":")[0]
@@ -210,44 +235,69 @@ def report(r: dict, baseline: float, memory_limit: str) -> None:
             per_s = f"{n / tm[part]:14,.0f}" if tm[part] >= 0.01 else f"{'-':>14s}"  # timings are rounded to ms
             print(f"  {name:<44s} {tm[part]:8.2f} {cp.get(part, 0):8.2f} {per_s}")
     print(f"  {'MLflow run (after the steps)':<44s} {r['track']:8.2f} {r['track_cpu']:8.2f}")
-    print(f"  whole stage, curate() (catalog, setup, read, normalise, SQL rules, language, decontamination, exact and "
-          f"near dedup, split and hash, write snapshot, report, manifest, catalog record, MLflow run): "
-          f"{r['wall']:.2f} s wall, {r['cpu']:.2f} CPU-s -> {rate(n, r['wall'])}")
+    print(
+        f"  whole stage, curate() (catalog, setup, read, normalise, SQL rules, language, decontamination, exact and "
+        f"near dedup, split and hash, write snapshot, report, manifest, catalog record, MLflow run): "
+        f"{r['wall']:.2f} s wall, {r['cpu']:.2f} CPU-s -> {rate(n, r['wall'])}"
+    )
     if len(runs) > 1:
         print("  whole stage in each run: " + ", ".join(rate(n, x) for x in runs) + f" (median {rate(n, r['wall'])})")
     setup = next((k for k in tm if k.startswith("setup")), None)
     print("  sub-windows (each leaves out what it names):")
     print(f"    without the MLflow run: {r['wall'] - r['track']:.2f} s -> {rate(n, r['wall'] - r['track'])}")
     if setup:
-        print(f"    without the MLflow run and setup ({tm[setup]:.2f} s): {r['wall'] - r['track'] - tm[setup]:.2f} s -> "
-              f"{rate(n, r['wall'] - r['track'] - tm[setup])}")
+        print(
+            f"    without the MLflow run and setup ({tm[setup]:.2f} s): {r['wall'] - r['track'] - tm[setup]:.2f} s -> "
+            f"{rate(n, r['wall'] - r['track'] - tm[setup])}"
+        )
     re_w, re_c = rules_exact(tm), rules_exact(cp)
-    print(f"    rules + exact dedup (read, normalise, SQL rules, language, exact groups, keep-first; without setup, "
-          f"near-duplicate pair search, decontamination, split and hash, writing, report, MLflow run): "
-          f"{re_w:.2f} s wall, {re_c:.2f} CPU-s -> {rate(n, re_w)}")
-    print(f"    the same without the language step: {rules_exact(tm, False):.2f} s -> {rate(n, rules_exact(tm, False))}")
-    print(f"    near-duplicate pair search alone: {tm.get(PAIRS, 0):.2f} s; rows visited by keep-first: {r['visited']:,}")
-    print(f"  outside every figure: starting Python and importing clipline, DuckDB and MLflow, {r['imports']:.2f} s "
-          f"of imports (fixed per command)")
-    print(f"  peak RSS of the curate process: {r['peak_mb']:.0f} MB = baseline {baseline:.0f} MB + "
-          f"{r['peak_mb'] - baseline:.0f} MB (DuckDB limit {memory_limit}; highest of the runs: "
-          f"+{r['peak_all_mb'] - baseline:.0f} MB); DuckDB spilled up to {r['spilled_mb']:.0f} MB")
-    print(f"  kept {r['counts']['kept']:,} of {r['counts']['input']:,}; dropped "
-          + ", ".join(f"{k}={v:,}" for k, v in r["counts"]["dropped"].items() if v))
+    print(
+        f"    rules + exact dedup (read, normalise, SQL rules, language, exact groups, keep-first; without setup, "
+        f"near-duplicate pair search, decontamination, split and hash, writing, report, MLflow run): "
+        f"{re_w:.2f} s wall, {re_c:.2f} CPU-s -> {rate(n, re_w)}"
+    )
+    print(
+        f"    the same without the language step: {rules_exact(tm, False):.2f} s -> {rate(n, rules_exact(tm, False))}"
+    )
+    print(
+        f"    near-duplicate pair search alone: {tm.get(PAIRS, 0):.2f} s; rows visited by keep-first: {r['visited']:,}"
+    )
+    print(
+        f"  outside every figure: starting Python and importing clipline, DuckDB and MLflow, {r['imports']:.2f} s "
+        f"of imports (fixed per command)"
+    )
+    print(
+        f"  peak RSS of the curate process: {r['peak_mb']:.0f} MB = baseline {baseline:.0f} MB + "
+        f"{r['peak_mb'] - baseline:.0f} MB (DuckDB limit {memory_limit}; highest of the runs: "
+        f"+{r['peak_all_mb'] - baseline:.0f} MB); DuckDB spilled up to {r['spilled_mb']:.0f} MB"
+    )
+    print(
+        f"  kept {r['counts']['kept']:,} of {r['counts']['input']:,}; dropped "
+        + ", ".join(f"{k}={v:,}" for k, v in r["counts"]["dropped"].items() if v)
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     ap.add_argument("--full", action="store_true", help="add 4,000,000 rows")
-    ap.add_argument("--captions", nargs="+", choices=MIXES, default=list(MIXES),
-                    help="caption mixes to run (default both; the headline is the web mix's)")
+    ap.add_argument(
+        "--captions",
+        nargs="+",
+        choices=MIXES,
+        default=list(MIXES),
+        help="caption mixes to run (default both; the headline is the web mix's)",
+    )
     ap.add_argument("--shard-rows", type=int, default=250_000)
     ap.add_argument("--memory-limit", default="1GB")
     ap.add_argument("--no-language", action="store_true", help="switch the language rule off")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs per size and mix up to 1M rows (4M runs once); the run with the median whole-stage "
-                         "time is reported (default 3: this machine's speed drifts by up to half between runs)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per size and mix up to 1M rows (4M runs once); the run with the median whole-stage "
+        "time is reported (default 3: this machine's speed drifts by up to half between runs)",
+    )
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_store", help=argparse.SUPPRESS)
     ap.add_argument("--_baseline", action="store_true", help=argparse.SUPPRESS)
@@ -266,8 +316,10 @@ def main() -> None:
     from clipline.components.curate import synthetic
 
     baseline = _child(["--_baseline"])["baseline_mb"]  # also compiles the kernels once, if not cached
-    print(f"baseline: peak RSS of a curate() of 200 rows (libraries, compiled kernels, langid tables, DuckDB): "
-          f"{baseline:.0f} MB")
+    print(
+        f"baseline: peak RSS of a curate() of 200 rows (libraries, compiled kernels, langid tables, DuckDB): "
+        f"{baseline:.0f} MB"
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="curate-bench-") as top:
         store = str(Path(top) / "mlflow")
@@ -293,8 +345,15 @@ def main() -> None:
                 # the run with the median whole-stage time stands for this size; every run's figure is printed
                 runs_sorted = sorted(runs, key=lambda x: x["wall"])
                 r = runs_sorted[len(runs) // 2]  # an even count takes the slower of the middle two
-                r.update(n=n, mix=mix, gen_s=gen_s, non_ascii=non_ascii, dirty=dirty,
-                         all_wall=[x["wall"] for x in runs], peak_all_mb=max(x["peak_mb"] for x in runs))
+                r.update(
+                    n=n,
+                    mix=mix,
+                    gen_s=gen_s,
+                    non_ascii=non_ascii,
+                    dirty=dirty,
+                    all_wall=[x["wall"] for x in runs],
+                    peak_all_mb=max(x["peak_mb"] for x in runs),
+                )
                 results.append(r)
                 report(r, baseline, args.memory_limit)
     print()
@@ -305,18 +364,26 @@ def main() -> None:
             n0, n1 = rs[0]["n"], rs[-1]["n"]
             nlogn = math.log(n1 * math.log(n1) / (n0 * math.log(n0))) / math.log(n1 / n0)
             slope = float(np.polyfit(x, np.log([r["wall"] for r in rs]), 1)[0])
-            print(f"growth exponent of the whole stage's wall time with rows, {mix} captions: {slope:.2f} "
-                  f"(n log n over this range: {nlogn:.2f})")
+            print(
+                f"growth exponent of the whole stage's wall time with rows, {mix} captions: {slope:.2f} "
+                f"(n log n over this range: {nlogn:.2f})"
+            )
     top_n = 1_000_000 if any(r["n"] == 1_000_000 for r in results) else max(r["n"] for r in results)
     name = "1M" if top_n == 1_000_000 else str(top_n)
     at_top = {r["mix"]: r for r in results if r["n"] == top_n}
     head = at_top.get("web") or at_top[mixes[0]]
-    print(f"whole stage at {top_n:,} rows, median run: " + "; ".join(
-        f"{mix} captions {rate(top_n, r['wall'])}" + (" (the headline)" if r is head else "") for mix, r in at_top.items()))
+    print(
+        f"whole stage at {top_n:,} rows, median run: "
+        + "; ".join(
+            f"{mix} captions {rate(top_n, r['wall'])}" + (" (the headline)" if r is head else "")
+            for mix, r in at_top.items()
+        )
+    )
     for mix, r in at_top.items():
         if r is not head:
             print(f"curate_rows_per_s_{name}_{mix}: {top_n / r['wall']:.0f}")
     print(f"curate_rows_per_s_{name}: {top_n / head['wall']:.0f}")
+
 
 if __name__ == "__main__":
     main()

@@ -78,8 +78,10 @@ def report(s: dict) -> None:
         print(f"  {label}: {value}")
     tr = s.get("train") or {}
     if tr:
-        print(f"training: {tr['model']}, {tr['steps']} steps in {tr['seconds']:.0f} s, "
-              f"{tr['samples_per_s']:.0f} samples/s")
+        print(
+            f"training: {tr['model']}, {tr['steps']} steps in {tr['seconds']:.0f} s, "
+            f"{tr['samples_per_s']:.0f} samples/s"
+        )
     print(f"recipe (demo.train): {json.dumps(s['train_recipe'])}")
     m = s["metrics"]
     for k in ("retrieval/val/image_to_text_R5", "retrieval/val/text_to_image_R5"):
@@ -117,8 +119,10 @@ def main() -> None:
         report(s)
         if args.rerun:
             rerun_s, r = run_demo(data_dir, args.n, log.with_suffix(".rerun.log"))
-            print(f"rerun: {rerun_s:.1f} s, fetched {r['n_fetched']}, "
-                  f"{r['skipped'] if r['skipped'] else 'did new work (trained again)'}")
+            print(
+                f"rerun: {rerun_s:.1f} s, fetched {r['n_fetched']}, "
+                f"{r['skipped'] if r['skipped'] else 'did new work (trained again)'}"
+            )
         print(f"demo_seconds: {seconds:.1f}")
         print(f"heldout_acc1: {s['heldout_acc1']:.3f}")
     finally:

@@ -31,10 +31,28 @@ TINY = {
 }
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle"]
-RGB = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40),
-       "purple": (140, 40, 160), "orange": (240, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
-TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}.", "a {c}.", "an image of a {c}.", "a small {c}.",
-             "a big {c}.", "a picture of the {c}.", "the {c}.", "a rendering of a {c}.", "a cropped photo of a {c}."]
+RGB = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+    "purple": (140, 40, 160),
+    "orange": (240, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+TEMPLATES = [
+    "a photo of a {c}.",
+    "a drawing of a {c}.",
+    "a {c}.",
+    "an image of a {c}.",
+    "a small {c}.",
+    "a big {c}.",
+    "a picture of the {c}.",
+    "the {c}.",
+    "a rendering of a {c}.",
+    "a cropped photo of a {c}.",
+]
 
 
 def make_set(out: Path, n_images: int, n_classes: int) -> Path:
@@ -74,8 +92,9 @@ def main() -> None:
     try:
         import clip_benchmark.metrics.zeroshot_classification  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"CLIP_benchmark cannot be imported ({e}); install the benchmarks' dependencies: "
-                         "pip install -e '.[bench]'") from None
+        raise SystemExit(
+            f"CLIP_benchmark cannot be imported ({e}); install the benchmarks' dependencies: pip install -e '.[bench]'"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
         measure(args, Path(tmp))
 
@@ -94,17 +113,20 @@ def measure(args, tmp: Path) -> None:
     m = load_checkpoint(tmp / "ckpt", "cpu")
     ds = load_eval_dataset(make_set(tmp / "set", args.images, args.classes), name="bench")
     ds.templates = TEMPLATES[: args.templates]
-    print(f"model: {sum(p.numel() for p in m.model.parameters()) / 1e6:.1f} M params, image {TINY['vision_cfg']['image_size']} px; "
-          f"{len(ds)} images, {len(ds.classnames)} classes x {len(ds.templates)} templates; "
-          f"batch {args.batch_size}; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {sum(p.numel() for p in m.model.parameters()) / 1e6:.1f} M params, image {TINY['vision_cfg']['image_size']} px; "
+        f"{len(ds)} images, {len(ds.classnames)} classes x {len(ds.templates)} templates; "
+        f"batch {args.batch_size}; torch threads {torch.get_num_threads()}"
+    )
 
     def ours() -> float:
         return run_zeroshot(m.model, m.tokenizer, m.preprocess, ds, "cpu", args.batch_size, 0).acc1
 
     def theirs(amp: bool) -> float:
         clf = zero_shot_classifier(m.model, m.tokenizer, ds.classnames, ds.templates, "cpu", amp=amp)
-        logits, target = run_classification(m.model, clf, make_loader(ds.torch_dataset(m.preprocess), args.batch_size),
-                                            "cpu", amp=amp)
+        logits, target = run_classification(
+            m.model, clf, make_loader(ds.torch_dataset(m.preprocess), args.batch_size), "cpu", amp=amp
+        )
         return (logits.argmax(1) == target).float().mean().item()
 
     def timed(fn, *a) -> tuple[float, float]:
@@ -120,15 +142,20 @@ def measure(args, tmp: Path) -> None:
         best = {"ours": float("inf"), "clip_benchmark": float("inf"), "clip_benchmark_amp": float("inf")}
         accs = {}
         for _ in range(args.repeats):
-            for name, fn, a in (("ours", ours, ()), ("clip_benchmark", theirs, (False,)),
-                                ("clip_benchmark_amp", theirs, (True,))):
+            for name, fn, a in (
+                ("ours", ours, ()),
+                ("clip_benchmark", theirs, (False,)),
+                ("clip_benchmark_amp", theirs, (True,)),
+            ):
                 dt, acc = timed(fn, *a)
                 best[name] = min(best[name], dt)
                 accs[name] = acc
     for name, dt in best.items():
         print(f"{name}: {len(ds) / dt:.1f} images/s ({dt:.2f} s, top-1 {accs[name]:.4f})")
     assert abs(accs["ours"] - accs["clip_benchmark"]) < 1e-4, "same precision must give the same top-1"
-    print(f"ratio vs clip_benchmark amp=True (its CPU default, bf16 autocast): {best['clip_benchmark_amp'] / best['ours']:.2f}")
+    print(
+        f"ratio vs clip_benchmark amp=True (its CPU default, bf16 autocast): {best['clip_benchmark_amp'] / best['ours']:.2f}"
+    )
     print(f"ratio: {best['clip_benchmark'] / best['ours']:.2f}")
 
 

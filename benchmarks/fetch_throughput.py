@@ -44,8 +44,7 @@ def _cpu() -> float:
 async def _run(urls: list[str], allow: str, concurrency: int) -> tuple[float, float, int, int]:
     from clipline.components.ingest.fetch import Fetcher, FetchSettings
 
-    settings = FetchSettings(concurrency=concurrency, per_host_concurrency=concurrency,
-                             allow_hosts=(allow,))
+    settings = FetchSettings(concurrency=concurrency, per_host_concurrency=concurrency, allow_hosts=(allow,))
     async with Fetcher(settings) as f:
         await asyncio.gather(*(f.fetch(u) for u in urls[:200]))  # warm up connections
         c0, t0 = _cpu(), time.perf_counter()
@@ -80,8 +79,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=40_000)
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--server-processes", type=int, default=1)
-    ap.add_argument("--compare-plain-aiohttp", action="store_true",
-                    help="also time bare aiohttp on the same server (the floor for any aiohttp client)")
+    ap.add_argument(
+        "--compare-plain-aiohttp",
+        action="store_true",
+        help="also time bare aiohttp on the same server (the floor for any aiohttp client)",
+    )
     args = ap.parse_args()
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -90,8 +92,7 @@ def main() -> None:
     sock.listen(1024)
     port = sock.getsockname()[1]
     ctx = mp.get_context("fork")
-    servers = [ctx.Process(target=_serve, args=(sock, args.size), daemon=True)
-               for _ in range(args.server_processes)]
+    servers = [ctx.Process(target=_serve, args=(sock, args.size), daemon=True) for _ in range(args.server_processes)]
     for p in servers:
         p.start()
     try:
@@ -104,8 +105,10 @@ def main() -> None:
         urls = [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(args.n)]
         if args.compare_plain_aiohttp:
             pw, pc, pok, _ = asyncio.run(_run_plain_aiohttp(urls, args.concurrency))
-            print(f"plain aiohttp: {pok} in {pw:.2f} s wall, {pc:.2f} s CPU -> "
-                  f"{pok / pw:.0f} images/s wall, {pok / pc:.0f} images per CPU-second")
+            print(
+                f"plain aiohttp: {pok} in {pw:.2f} s wall, {pc:.2f} s CPU -> "
+                f"{pok / pw:.0f} images/s wall, {pok / pc:.0f} images per CPU-second"
+            )
         wall, cpu, ok, nbytes = asyncio.run(_run(urls, f"127.0.0.1:{port}", args.concurrency))
     finally:
         for p in servers:

@@ -36,8 +36,10 @@ def make_jpegs(n: int, seed: int = 0, size=(640, 480), quality: int = 85) -> lis
         d = ImageDraw.Draw(im)
         for _ in range(6):
             x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
-                      fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            d.ellipse(
+                [x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
+                fill=tuple(int(v) for v in rng.integers(0, 255, 3)),
+            )
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=quality)
         out.append(buf.getvalue())
@@ -90,8 +92,7 @@ def main() -> None:
     content = Image.open(io.BytesIO(small.image)).convert("RGB")
     print(f"phash only (256 px input): {best_ms(lambda _: phash64(content), imgs, args.repeats):.3f} ms/image")
     ms = best_ms(lambda b: process_image(b, s), imgs, args.repeats)
-    print(f"process_image ({args.mode}, {args.format} q95), CPU per image: {ms:.3f} ms "
-          f"= 1/{1000 / ms:.0f} s")
+    print(f"process_image ({args.mode}, {args.format} q95), CPU per image: {ms:.3f} ms = 1/{1000 / ms:.0f} s")
     print(f"ms_per_image: {ms:.3f}")
 
 

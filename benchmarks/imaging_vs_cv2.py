@@ -60,8 +60,9 @@ def time_cv2(imgs: list[bytes], repeats: int, size: int = 256, quality: int = 95
         r = size / max(h, w)
         img = cv2.resize(img, (round(w * r), round(h * r)), interpolation=cv2.INTER_AREA)
         dh, dw = size - img.shape[0], size - img.shape[1]
-        img = cv2.copyMakeBorder(img, dh // 2, dh - dh // 2, dw // 2, dw - dw // 2, cv2.BORDER_CONSTANT,
-                                 value=[255, 255, 255])
+        img = cv2.copyMakeBorder(
+            img, dh // 2, dh - dh // 2, dw // 2, dw - dw // 2, cv2.BORDER_CONSTANT, value=[255, 255, 255]
+        )
         return cv2.imencode(".jpg", img, params=[int(cv2.IMWRITE_JPEG_QUALITY), quality])[1].tobytes()
 
     return _best_ms(resizer, imgs, repeats)
@@ -79,12 +80,13 @@ def cv2_interpreter(given: str | None, cache: Path) -> str | None:
     venv in the ingest benchmark's cache when it has cv2, else None (said why)."""
     exe = os.path.expanduser(given) if given else str(cache / "i2d-venv" / "bin" / "python")
     if not given and not Path(exe).exists():
-        print(f"OpenCV side skipped: no interpreter with cv2 (none at {exe}; give --cv2-python, or run "
-              "benchmarks/ingest_vs_img2dataset.py once, which creates that venv)")
+        print(
+            f"OpenCV side skipped: no interpreter with cv2 (none at {exe}; give --cv2-python, or run "
+            "benchmarks/ingest_vs_img2dataset.py once, which creates that venv)"
+        )
         return None
     try:
-        probe = subprocess.run([exe, "-c", "import cv2"], capture_output=True, text=True, timeout=120,
-                               check=False)
+        probe = subprocess.run([exe, "-c", "import cv2"], capture_output=True, text=True, timeout=120, check=False)
         why = probe.stderr.strip().splitlines()[-1] if probe.returncode else ""
     except OSError as e:
         why = str(e)
@@ -117,8 +119,22 @@ def main() -> None:
     ours, theirs = [], []
     for _ in range(args.rounds):
         if cv2_python:
-            out = subprocess.run([cv2_python, __file__, "--cv2-only", "--images", pattern, "--n", str(args.n),
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=False)
+            out = subprocess.run(
+                [
+                    cv2_python,
+                    __file__,
+                    "--cv2-only",
+                    "--images",
+                    pattern,
+                    "--n",
+                    str(args.n),
+                    "--repeats",
+                    str(args.repeats),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if out.returncode:
                 raise SystemExit(f"timing OpenCV in {cv2_python} failed:\n{out.stderr[-2000:]}")
             theirs.append(float(out.stdout.strip().splitlines()[-1]))

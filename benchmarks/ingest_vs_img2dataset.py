@@ -135,7 +135,9 @@ http {{
   uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
   server {{ listen 127.0.0.1:{port}; root {directory}; }}
 }}""")
-        proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         kind = "nginx"
         stop = proc.terminate
     else:
@@ -143,7 +145,9 @@ http {{
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         sock.listen(1024)
-        procs = [mp.Process(target=_py_server_proc, args=(str(directory), sock.fileno()), daemon=True) for _ in range(2)]
+        procs = [
+            mp.Process(target=_py_server_proc, args=(str(directory), sock.fileno()), daemon=True) for _ in range(2)
+        ]
         for p in procs:
             p.start()
         kind = "python (2 processes)"
@@ -151,6 +155,7 @@ http {{
         def stop():
             for p in procs:
                 p.terminate()
+
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -257,35 +262,81 @@ def main() -> None:
         if not args.skip_img2dataset:
             exe = ensure_img2dataset()
             out = work / "i2d"
-            cmd = [str(exe), "--url_list", str(url_list), "--input_format", "csv", "--url_col", "url",
-                   "--caption_col", "caption", "--output_format", "parquet", "--output_folder", str(out),
-                   "--image_size", "256", "--resize_mode", "border", "--encode_format", "jpg",
-                   "--encode_quality", "95", "--processes_count", str(ncpu), "--thread_count", "64",
-                   "--number_sample_per_shard", "1000", "--distributor", "multiprocessing",
-                   "--enable_wandb", "False", "--timeout", "10", "--retries", "0"]
+            cmd = [
+                str(exe),
+                "--url_list",
+                str(url_list),
+                "--input_format",
+                "csv",
+                "--url_col",
+                "url",
+                "--caption_col",
+                "caption",
+                "--output_format",
+                "parquet",
+                "--output_folder",
+                str(out),
+                "--image_size",
+                "256",
+                "--resize_mode",
+                "border",
+                "--encode_format",
+                "jpg",
+                "--encode_quality",
+                "95",
+                "--processes_count",
+                str(ncpu),
+                "--thread_count",
+                "64",
+                "--number_sample_per_shard",
+                "1000",
+                "--distributor",
+                "multiprocessing",
+                "--enable_wandb",
+                "False",
+                "--timeout",
+                "10",
+                "--retries",
+                "0",
+            ]
             wall, peak, rc, cpu = run_measured(cmd)
             ok = count_success_parquet(out)
             results["img2dataset"] = (wall, peak, ok)
-            print(f"img2dataset {I2D_VERSION}: {ok}/{args.n} ok in {wall:.1f} s = {args.n / wall:.0f} images/s, "
-                  f"peak memory {peak / 2**20:.0f} MiB, CPU {cpu:.1f} s = {1000 * cpu / args.n:.2f} ms/image "
-                  f"(rc={rc})", flush=True)
+            print(
+                f"img2dataset {I2D_VERSION}: {ok}/{args.n} ok in {wall:.1f} s = {args.n / wall:.0f} images/s, "
+                f"peak memory {peak / 2**20:.0f} MiB, CPU {cpu:.1f} s = {1000 * cpu / args.n:.2f} ms/image "
+                f"(rc={rc})",
+                flush=True,
+            )
 
         data_dir = work / "clipline-data"
-        env = dict(os.environ, CLIPLINE_INGEST__IMAGE_SIZE="256", CLIPLINE_INGEST__RESIZE_MODE="border",
-                   CLIPLINE_INGEST__ENCODE_FORMAT="jpg", CLIPLINE_INGEST__ENCODE_QUALITY="95",
-                   CLIPLINE_INGEST__PROCESSES=str(ncpu), CLIPLINE_INGEST__SHARD_SIZE="1000",
-                   CLIPLINE_INGEST__RETRIES="0", TERM="dumb")
+        env = dict(
+            os.environ,
+            CLIPLINE_INGEST__IMAGE_SIZE="256",
+            CLIPLINE_INGEST__RESIZE_MODE="border",
+            CLIPLINE_INGEST__ENCODE_FORMAT="jpg",
+            CLIPLINE_INGEST__ENCODE_QUALITY="95",
+            CLIPLINE_INGEST__PROCESSES=str(ncpu),
+            CLIPLINE_INGEST__SHARD_SIZE="1000",
+            CLIPLINE_INGEST__RETRIES="0",
+            TERM="dumb",
+        )
         clipline = Path(sys.executable).with_name("clipline")
         cmd = [str(clipline), "--data-dir", str(data_dir), "ingest", str(url_list), "--allow-host", host]
         wall, peak, rc, cpu = run_measured(cmd, env)
         ok = count_success_parquet(data_dir / "raw")
         results["clipline"] = (wall, peak, ok)
         if ok < args.n * 0.99 or ("img2dataset" in results and results["img2dataset"][2] < args.n * 0.99):
-            sys.exit(f"too few images succeeded (clipline {ok}, img2dataset "
-                     f"{results.get('img2dataset', (0, 0, 'n/a'))[2]} of {args.n}): the comparison would be meaningless")
-        print(f"clipline: {ok}/{args.n} ok in {wall:.1f} s = {args.n / wall:.0f} images/s, "
-              f"peak memory {peak / 2**20:.0f} MiB, CPU {cpu:.1f} s = {1000 * cpu / args.n:.2f} ms/image "
-              f"(rc={rc})", flush=True)
+            sys.exit(
+                f"too few images succeeded (clipline {ok}, img2dataset "
+                f"{results.get('img2dataset', (0, 0, 'n/a'))[2]} of {args.n}): the comparison would be meaningless"
+            )
+        print(
+            f"clipline: {ok}/{args.n} ok in {wall:.1f} s = {args.n / wall:.0f} images/s, "
+            f"peak memory {peak / 2**20:.0f} MiB, CPU {cpu:.1f} s = {1000 * cpu / args.n:.2f} ms/image "
+            f"(rc={rc})",
+            flush=True,
+        )
         if "img2dataset" in results:
             ratio = results["img2dataset"][0] / results["clipline"][0]
             print(f"ratio: {ratio:.2f}")

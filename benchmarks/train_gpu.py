@@ -99,8 +99,7 @@ def snapshot_info(args, tmp: Path):
 
     # one epoch covers warm-up and timed steps, so no loader restart falls inside the measurement
     n = max(args.images, args.batch_size * (args.steps + args.warmup + 2 * max(1, args.loader_workers)))
-    sid = synthetic.write_snapshot(tmp / "snapshots", n=n, size=args.image_px, val_fraction=0.0,
-                                   row_group_rows=1024)
+    sid = synthetic.write_snapshot(tmp / "snapshots", n=n, size=args.image_px, val_fraction=0.0, row_group_rows=1024)
     return resolve_snapshot(tmp / "snapshots", None, sid)
 
 
@@ -114,15 +113,23 @@ def parquet_batches(args, bundle, device, info):
     while True:
         stream = SnapshotStream(info, decoder, args.batch_size, epoch=epoch, num_workers=max(1, args.loader_workers))
         if epoch == 0:
-            print(f"feed: {'uint8 pixels, normalised on the GPU' if uint8 else 'float32 normalised in the workers'}; "
-                  f"{stream.batches_per_epoch()} batches per epoch")
+            print(
+                f"feed: {'uint8 pixels, normalised on the GPU' if uint8 else 'float32 normalised in the workers'}; "
+                f"{stream.batches_per_epoch()} batches per epoch"
+            )
             if stream.batches_per_epoch() < args.steps + args.warmup:
-                print("warning: the epoch is shorter than the measured steps, so a loader restart is timed too "
-                      "(give a larger --parquet snapshot or fewer --steps)")
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.loader_workers,
-                                             pin_memory=device.type == "cuda",
-                                             prefetch_factor=args.prefetch if args.loader_workers else None,
-                                             persistent_workers=False)
+                print(
+                    "warning: the epoch is shorter than the measured steps, so a loader restart is timed too "
+                    "(give a larger --parquet snapshot or fewer --steps)"
+                )
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=args.loader_workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=args.prefetch if args.loader_workers else None,
+            persistent_workers=False,
+        )
         for batch in loader:
             yield (batch["image"], decoder.mean, decoder.std), batch["text"]
         epoch += 1
@@ -157,11 +164,18 @@ def main() -> None:
     ap.add_argument("--image-px", type=int, default=256)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--grad-checkpointing", action="store_true")
-    ap.add_argument("--feed", choices=["auto", "uint8", "float"], default="auto",
-                    help="uint8: workers send pixels, normalised on the device; float: workers send normalised "
-                         "float32 (the CPU trainer's feed); auto: uint8 on a GPU, float on CPU")
-    ap.add_argument("--loop", action="store_true",
-                    help="also time clipline's own training loop (run_loop) on the same snapshot (needs pydantic)")
+    ap.add_argument(
+        "--feed",
+        choices=["auto", "uint8", "float"],
+        default="auto",
+        help="uint8: workers send pixels, normalised on the device; float: workers send normalised "
+        "float32 (the CPU trainer's feed); auto: uint8 on a GPU, float on CPU",
+    )
+    ap.add_argument(
+        "--loop",
+        action="store_true",
+        help="also time clipline's own training loop (run_loop) on the same snapshot (needs pydantic)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: only checks it runs")
     args = ap.parse_args()
     if args.smoke:
@@ -182,15 +196,24 @@ def main() -> None:
     model = bundle.model.train()
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, fused=device.type == "cuda"
+    )
     run = torch.compile(model) if args.compile else model
     step = make_step(run, model, opt, device, use_bf16)
-    print(f"device: {name}; model {args.model} at {bundle.image_size} px, batch {args.batch_size}, "
-          f"{'bf16 autocast' if use_bf16 else 'fp32'}, torch {torch.__version__}")
+    print(
+        f"device: {name}; model {args.model} at {bundle.image_size} px, batch {args.batch_size}, "
+        f"{'bf16 autocast' if use_bf16 else 'fp32'}, torch {torch.__version__}"
+    )
 
-    syn = timed(step, synthetic_batches(args.batch_size, bundle.image_size, bundle.context_length, device),
-                args.steps, args.warmup, device, args.batch_size)
+    syn = timed(
+        step,
+        synthetic_batches(args.batch_size, bundle.image_size, bundle.context_length, device),
+        args.steps,
+        args.warmup,
+        device,
+        args.batch_size,
+    )
     print(f"synthetic_samples_per_s: {syn:.1f}")
     try:
         import pyarrow  # noqa: F401
@@ -199,13 +222,16 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         info = snapshot_info(args, Path(tmp))
-        pq_sps = timed(step, parquet_batches(args, bundle, device, info), args.steps, args.warmup, device,
-                       args.batch_size)
+        pq_sps = timed(
+            step, parquet_batches(args, bundle, device, info), args.steps, args.warmup, device, args.batch_size
+        )
         if args.loop:
             del opt, step, run, model, bundle
             loop_sps = clipline_loop(args, info, device, Path(tmp))
-            print(f"clipline_loop_samples_per_s: {loop_sps:.1f} (clipline's own training loop, the code each Ray "
-                  f"Train worker runs; /synthetic: {loop_sps / syn:.2f})")
+            print(
+                f"clipline_loop_samples_per_s: {loop_sps:.1f} (clipline's own training loop, the code each Ray "
+                f"Train worker runs; /synthetic: {loop_sps / syn:.2f})"
+            )
     print(f"loader workers: {args.loader_workers}; parquet/synthetic: {pq_sps / syn:.2f}")
     print(f"parquet_samples_per_s: {pq_sps:.1f}")
 
@@ -217,8 +243,15 @@ def clipline_loop(args, info, device, tmp: Path) -> float:
     from clipline.components.train.loop import LoopSpec, WorkerContext, run_loop
 
     total = args.warmup + args.steps
-    cfg = TrainConfig(model=args.model, batch_size=args.batch_size, steps=total, loader_workers=args.loader_workers,
-                      grad_checkpointing=args.grad_checkpointing, checkpoint_every=10 * total, warmup_steps=10).model_dump()
+    cfg = TrainConfig(
+        model=args.model,
+        batch_size=args.batch_size,
+        steps=total,
+        loader_workers=args.loader_workers,
+        grad_checkpointing=args.grad_checkpointing,
+        checkpoint_every=10 * total,
+        warmup_steps=10,
+    ).model_dump()
     marks: dict[int, float] = {}
 
     def progress(step: int, _total: int, _metrics: dict) -> None:

@@ -36,17 +36,33 @@ def ours(args, data_dir: Path, sid: str) -> float:
     from clipline.components.config import load_config
     from clipline.components.train.run import train
 
-    cfg = load_config(None, {"data_dir": data_dir, "train": {
-        "model": args.model, "batch_size": args.batch_size, "steps": args.steps, "lr": 5e-4,
-        "warmup_steps": 10, "loader_workers": args.loader_workers, "threads": args.threads,
-        "checkpoint_every": 10**6, "log_every": 10, "system_metrics": False}})
+    cfg = load_config(
+        None,
+        {
+            "data_dir": data_dir,
+            "train": {
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "lr": 5e-4,
+                "warmup_steps": 10,
+                "loader_workers": args.loader_workers,
+                "threads": args.threads,
+                "checkpoint_every": 10**6,
+                "log_every": 10,
+                "system_metrics": False,
+            },
+        },
+    )
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{data_dir / 'mlflow.db'}"
     stamps: dict[int, float] = {}
     res = train(cfg, sid, progress=lambda s, t, m: stamps.__setitem__(s, time.perf_counter()))
     k = args.warmup_steps
     sps = args.batch_size * (res.steps - k) / (stamps[res.steps] - stamps[k])
-    print(f"clipline: {res.steps} steps, samples/s after warm-up {sps:.1f} "
-          f"(whole loop incl. start-up {res.samples_per_s:.1f}), final loss {res.final_loss:.3f}")
+    print(
+        f"clipline: {res.steps} steps, samples/s after warm-up {sps:.1f} "
+        f"(whole loop incl. start-up {res.samples_per_s:.1f}), final loss {res.final_loss:.3f}"
+    )
     return sps
 
 
@@ -60,10 +76,15 @@ def loader_alone(args, data_dir: Path, sid: str) -> float:
     torch.set_num_threads(args.threads)
     info = resolve_snapshot(data_dir / "snapshots", None, sid)
     b = factory.create(args.model, aug={"scale": (0.5, 1.0)})
-    stream = SnapshotStream(info, BatchDecoder(b.train_transform, b.tokenizer, b.image_size), args.batch_size,
-                            num_workers=max(1, args.loader_workers))
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.loader_workers,
-                                         prefetch_factor=4 if args.loader_workers else None)
+    stream = SnapshotStream(
+        info,
+        BatchDecoder(b.train_transform, b.tokenizer, b.image_size),
+        args.batch_size,
+        num_workers=max(1, args.loader_workers),
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=args.loader_workers, prefetch_factor=4 if args.loader_workers else None
+    )
     it = iter(loader)
     next(it)  # worker start-up
     t0, n = time.perf_counter(), 0
@@ -79,7 +100,9 @@ def write_csv(data_dir: Path, sid: str) -> Path:
 
     img_dir = data_dir / "csv_images"
     img_dir.mkdir()
-    table = pq.read_table(next((data_dir / "snapshots" / sid).glob("*.parquet")), columns=["key", "image", "caption", "split"])
+    table = pq.read_table(
+        next((data_dir / "snapshots" / sid).glob("*.parquet")), columns=["key", "image", "caption", "split"]
+    )
     out = data_dir / "train.csv"
     with out.open("w", newline="") as f:
         w = csv.writer(f, delimiter="\t")
@@ -97,16 +120,54 @@ def theirs(args, data_dir: Path, csv_path: Path) -> float:
     from clipline.components.model import factory
 
     n_rows = sum(1 for _ in csv_path.open()) - 1
-    code = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-            "from open_clip_train.main import main; main(sys.argv[2:])")
-    cmd = [sys.executable, "-c", code, str(factory.CONFIG_DIR),
-           "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", "\t",
-           "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", args.model,
-           "--batch-size", str(args.batch_size), "--epochs", str(args.steps * args.batch_size // max(1, n_rows) + 2),
-           "--train-num-samples", str(n_rows),
-           "--workers", str(args.loader_workers), "--precision", "fp32", "--lr", "5e-4", "--warmup", "10",
-           "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(data_dir / "oc_logs"),
-           "--name", "bench", "--report-to", "", "--seed", "0"]
+    code = (
+        "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+        "from open_clip_train.main import main; main(sys.argv[2:])"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        code,
+        str(factory.CONFIG_DIR),
+        "--train-data",
+        str(csv_path),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        "\t",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.steps * args.batch_size // max(1, n_rows) + 2),
+        "--train-num-samples",
+        str(n_rows),
+        "--workers",
+        str(args.loader_workers),
+        "--precision",
+        "fp32",
+        "--lr",
+        "5e-4",
+        "--warmup",
+        "10",
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        "0",
+        "--logs",
+        str(data_dir / "oc_logs"),
+        "--name",
+        "bench",
+        "--report-to",
+        "",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or os.cpu_count())}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     times: list[float] = []
@@ -121,9 +182,10 @@ def theirs(args, data_dir: Path, csv_path: Path) -> float:
                 break
     rc = proc.wait()
     if len(times) <= args.warmup_steps:
-        raise SystemExit(f"open_clip_train logged only {len(times)} steps (exit code {rc}); its last output:\n"
-                         + "".join(tail))
-    t = times[args.warmup_steps:]
+        raise SystemExit(
+            f"open_clip_train logged only {len(times)} steps (exit code {rc}); its last output:\n" + "".join(tail)
+        )
+    t = times[args.warmup_steps :]
     sps = args.batch_size * len(t) / sum(t)
     print(f"open_clip_train: {len(times)} steps, samples/s after warm-up {sps:.1f}")
     return sps
@@ -146,19 +208,23 @@ def main() -> None:
     try:  # before anything is timed: open_clip_train needs packages open_clip itself does not
         import open_clip_train.main  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"open_clip_train cannot start here ({e}); install the benchmarks' dependencies: "
-                         "pip install -e '.[bench]'") from None
+        raise SystemExit(
+            f"open_clip_train cannot start here ({e}); install the benchmarks' dependencies: pip install -e '.[bench]'"
+        ) from None
 
     from clipline.components.train import synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        sid = synthetic.write_snapshot(data_dir / "snapshots", n=args.images, size=args.image_px, val_fraction=0.0,
-                                       row_group_rows=512)
+        sid = synthetic.write_snapshot(
+            data_dir / "snapshots", n=args.images, size=args.image_px, val_fraction=0.0, row_group_rows=512
+        )
         csv_path = write_csv(data_dir, sid)
-        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; model {args.model}, "
-              f"batch {args.batch_size}, {args.images} JPEGs of {args.image_px} px, {args.loader_workers} loader "
-              f"worker(s), {args.threads} torch threads")
+        print(
+            f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; model {args.model}, "
+            f"batch {args.batch_size}, {args.images} JPEGs of {args.image_px} px, {args.loader_workers} loader "
+            f"worker(s), {args.threads} torch threads"
+        )
         feed = loader_alone(args, data_dir, sid)
         a = ours(args, data_dir, sid)
         print(f"loader alone / trainer: {feed / a:.2f}x")

@@ -18,8 +18,16 @@ TINY_MODEL_CFG: dict[str, Any] = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40),
-          "purple": (140, 40, 160), "orange": (240, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+    "purple": (140, 40, 160),
+    "orange": (240, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -32,8 +40,13 @@ def tiny_model(seed: int = 0) -> Any:
     return model.eval()
 
 
-def make_checkpoint(out_dir: Path, seed: int = 0, run_id: str | None = None, snapshot_id: str | None = None,
-                    weights: str = "safetensors") -> Path:
+def make_checkpoint(
+    out_dir: Path,
+    seed: int = 0,
+    run_id: str | None = None,
+    snapshot_id: str | None = None,
+    weights: str = "safetensors",
+) -> Path:
     """A random tiny model written in the checkpoint layout of the common contract."""
     import torch
 
@@ -72,8 +85,9 @@ def draw(color: str, shape: str, size: int = 40, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def make_zeroshot_set(out_dir: Path, classes: list[tuple[str, str]], per_class: int = 3, int_labels: bool = False,
-                      name: str = "heldout") -> Path:
+def make_zeroshot_set(
+    out_dir: Path, classes: list[tuple[str, str]], per_class: int = 3, int_labels: bool = False, name: str = "heldout"
+) -> Path:
     """Parquet (image, label) + classnames/templates JSON in CLIP_benchmark's format; returns the dir."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -100,8 +114,22 @@ def make_snapshot(snapshots_dir: Path, snapshot_id: str = "snap0001", n_val: int
 
     d = snapshots_dir / snapshot_id
     d.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[Any]] = {k: [] for k in ("key", "url", "caption", "image", "width", "height",
-                                                   "original_width", "original_height", "sha256", "phash", "split")}
+    rows: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "key",
+            "url",
+            "caption",
+            "image",
+            "width",
+            "height",
+            "original_width",
+            "original_height",
+            "sha256",
+            "phash",
+            "split",
+        )
+    }
     combos = [(c, s) for c in COLORS for s in SHAPES]
     for i in range(n_val + n_train):
         c, s = combos[i % len(combos)]
@@ -116,15 +144,24 @@ def make_snapshot(snapshots_dir: Path, snapshot_id: str = "snap0001", n_val: int
         rows["phash"].append(i)
         rows["split"].append("val" if i < n_val else "train")
     pq.write_table(pa.table(rows), d / "part-0.parquet")
-    manifest = {"snapshot_id": snapshot_id, "parent_id": None, "created_at": "2026-01-01T00:00:00Z", "config": {},
-                "source_shards": [], "counts": {"input": n_val + n_train, "kept": n_val + n_train, "dropped": {}},
-                "n_train": n_train, "n_val": n_val, "files": [f"{snapshot_id}/part-0.parquet"]}
+    manifest = {
+        "snapshot_id": snapshot_id,
+        "parent_id": None,
+        "created_at": "2026-01-01T00:00:00Z",
+        "config": {},
+        "source_shards": [],
+        "counts": {"input": n_val + n_train, "kept": n_val + n_train, "dropped": {}},
+        "n_train": n_train,
+        "n_val": n_val,
+        "files": [f"{snapshot_id}/part-0.parquet"],
+    }
     (d / "manifest.json").write_text(json.dumps(manifest))
     return snapshot_id
 
 
-def simulate_training_run(cfg: Any, checkpoint_dir: Path, snapshot_id: str | None, seed: int = 0,
-                          n_train: int | None = None) -> tuple[str, str]:
+def simulate_training_run(
+    cfg: Any, checkpoint_dir: Path, snapshot_id: str | None, seed: int = 0, n_train: int | None = None
+) -> tuple[str, str]:
     """What the train stage does per the common contract: a run in the experiment, the checkpoint
     logged under ``checkpoint/``, the model logged with ``mlflow.pytorch.log_model(name="model")``.
     Returns (run_id, model_uri)."""
@@ -146,7 +183,11 @@ def simulate_training_run(cfg: Any, checkpoint_dir: Path, snapshot_id: str | Non
         meta_path.write_text(json.dumps(meta))
         mlflow.log_artifacts(str(checkpoint_dir), "checkpoint")
         model = load_checkpoint(checkpoint_dir, "cpu").model
-        info = mlflow.pytorch.log_model(model, name="model", tags={"snapshot_id": snapshot_id or ""},
-                                        pip_requirements=["torch", "open_clip_torch"],
-                                        serialization_format="pickle")
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            tags={"snapshot_id": snapshot_id or ""},
+            pip_requirements=["torch", "open_clip_torch"],
+            serialization_format="pickle",
+        )
         return run.info.run_id, info.model_uri

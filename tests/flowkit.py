@@ -18,8 +18,11 @@ def run_flow_with_artifact(flow, key: str, *args, **kwargs):
 
     async def read():
         async with get_client() as c:
-            return await c.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            return await c.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+                )
+            )
 
     arts = asyncio.run(read())
     assert len(arts) == 1, f"flow run {run_id} published {len(arts)} artifacts with key {key!r}"

@@ -42,6 +42,7 @@ def small_overrides(data_dir: Path, **extra: Any) -> dict[str, Any]:
 
 def write_toml(path: Path, sections: dict[str, Any]) -> Path:
     """A clipline.toml from nested dicts (scalars, lists and paths only)."""
+
     def val(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -113,9 +114,16 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CLIPLINE_"))}
-    env.update({"PYTHONPATH": str(REPO), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "HF_HUB_OFFLINE": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
+        }
+    )
     env.update(extra)
     return env
 
@@ -126,10 +134,26 @@ def _start_mlflow(work: Path) -> tuple[subprocess.Popen, str, Path]:
     log = work / "mlflow-server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-             "--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            cwd=work, env=base_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(VENV_BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{work / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(work / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=work,
+            env=base_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, f"http://127.0.0.1:{port}", log
 
 
@@ -137,15 +161,22 @@ def _start_prefect(work: Path) -> tuple[subprocess.Popen, str, Path]:
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = work / "prefect-server.log"
-    env = base_env(PREFECT_HOME=str(work / "prefect-home"),
-                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{work / 'prefect.db'}",
-                   PREFECT_UI_ENABLED="false",
-                   # schedule runs of new deployments promptly
-                   PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")
+    env = base_env(
+        PREFECT_HOME=str(work / "prefect-home"),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{work / 'prefect.db'}",
+        PREFECT_UI_ENABLED="false",
+        # schedule runs of new deployments promptly
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+    )
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, f"http://127.0.0.1:{port}/api", log
 
 
@@ -169,11 +200,19 @@ def servers(work: Path, mlflow: bool = True, prefect: bool = True) -> Iterator[d
             stop(proc)
 
 
-def clipline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600,
-             **popen: Any) -> subprocess.CompletedProcess:
+def clipline(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600, **popen: Any
+) -> subprocess.CompletedProcess:
     """Run the clipline CLI from this checkout; returns the completed process (output captured)."""
-    return subprocess.run([sys.executable, "-m", "clipline.flows.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "clipline.flows.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def prefect_call(api: str, fn):
@@ -199,7 +238,11 @@ def mlflow_get(url: str, endpoint: str, **params: Any) -> dict:
 
 
 def mlflow_post(url: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())

@@ -74,8 +74,7 @@ def _installed_modules() -> dict[str, list[str]]:
 def undeclared_modules(extras: tuple[str, ...] = ("bench",)) -> set[str]:
     """Top-level modules installed here that only undeclared distributions provide."""
     keep = declared_distributions(extras) | {"clipline", "pip"}  # pip: every venv has it
-    return {mod for mod, dists in _installed_modules().items()
-            if not any(canonicalize_name(d) in keep for d in dists)}
+    return {mod for mod, dists in _installed_modules().items() if not any(canonicalize_name(d) in keep for d in dists)}
 
 
 SITECUSTOMIZE = '''"""Written by tests/test_benchmarks.py: hides modules a fresh install would not have."""
@@ -105,8 +104,7 @@ def env_hiding(directory: Path, hidden: set[str], why: str, **extra: str) -> dic
     path = os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH")) if p)
     # one torch thread: on a busy 2-core machine two OpenMP threads spinning against each other make a
     # tiny training step take seconds instead of a fraction of one (these runs check, not measure)
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1",
-            **extra}
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(scope="session")
@@ -116,13 +114,24 @@ def fresh_hidden() -> set[str]:
 
 @pytest.fixture
 def bench_env(tmp_path, fresh_hidden):
-    return env_hiding(tmp_path / "site", fresh_hidden, "not declared by clipline[bench]",
-                      CLIPLINE_BENCH_CACHE=str(tmp_path / "bench-cache"))
+    return env_hiding(
+        tmp_path / "site",
+        fresh_hidden,
+        "not declared by clipline[bench]",
+        CLIPLINE_BENCH_CACHE=str(tmp_path / "bench-cache"),
+    )
 
 
 def run_bench(script: str, args: list[str], env: dict, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
-                         cwd=cwd, timeout=timeout, check=False)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
     assert out.returncode == 0, f"{script} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -149,17 +158,41 @@ def test_a_fresh_install_without_the_bench_extra_lacks_what_the_benchmarks_impor
 # ------------------------------------------------------------------------------- the scripts
 @pytest.mark.slow
 def test_train_throughput(bench_env, tmp_path):
-    out = run_bench("train_throughput.py", ["--model", "clipline-nano", "--batch-size", "8", "--steps", "3",
-                                            "--warmup-steps", "1", "--images", "32", "--image-px", "64",
-                                            "--loader-workers", "0", "--threads", "1"], bench_env, tmp_path)
+    out = run_bench(
+        "train_throughput.py",
+        [
+            "--model",
+            "clipline-nano",
+            "--batch-size",
+            "8",
+            "--steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--images",
+            "32",
+            "--image-px",
+            "64",
+            "--loader-workers",
+            "0",
+            "--threads",
+            "1",
+        ],
+        bench_env,
+        tmp_path,
+    )
     assert re.search(r"^open_clip_train: 3 steps", out.stdout, re.MULTILINE), out.stdout
     assert re.search(r"^clipline_samples_per_s: [0-9.]+$", out.stdout, re.MULTILINE), out.stdout
     headline(out, "ratio")
 
 
 def test_eval_throughput(bench_env, tmp_path):
-    out = run_bench("eval_throughput.py", ["--images", "8", "--classes", "2", "--templates", "1",
-                                           "--batch-size", "8", "--repeats", "1"], bench_env, tmp_path)
+    out = run_bench(
+        "eval_throughput.py",
+        ["--images", "8", "--classes", "2", "--templates", "1", "--batch-size", "8", "--repeats", "1"],
+        bench_env,
+        tmp_path,
+    )
     assert re.search(r"^clip_benchmark: [0-9.]+ images/s", out.stdout, re.MULTILINE), out.stdout
     headline(out, "ratio")
 
@@ -178,9 +211,15 @@ def test_imaging_vs_cv2_without_opencv_times_clipline_and_says_why(bench_env, tm
 
 
 def test_imaging_vs_cv2_stops_when_the_given_interpreter_has_no_opencv(bench_env, tmp_path):
-    out = subprocess.run([sys.executable, str(BENCH / "imaging_vs_cv2.py"), "--n", "2", "--cv2-python",
-                          sys.executable], capture_output=True, text=True, env=bench_env, cwd=tmp_path, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "imaging_vs_cv2.py"), "--n", "2", "--cv2-python", sys.executable],
+        capture_output=True,
+        text=True,
+        env=bench_env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode != 0
     assert f"{sys.executable} cannot import cv2" in out.stderr, out.stderr
 
@@ -202,8 +241,11 @@ def test_ingest_vs_img2dataset_clipline_side(bench_env, tmp_path):
 def test_train_gpu_smoke_runs_without_ray_or_mlflow(tmp_path, fresh_hidden):
     """--smoke on CPU, with the uint8 feed a GPU gets; Ray, MLflow, Prefect, DuckDB and pydantic hidden, as
     on a machine that has only torch, timm and open_clip."""
-    env = env_hiding(tmp_path / "site", fresh_hidden | {"ray", "mlflow", "prefect", "duckdb", "pydantic"},
-                     "train_gpu.py needs only torch, timm and open_clip")
+    env = env_hiding(
+        tmp_path / "site",
+        fresh_hidden | {"ray", "mlflow", "prefect", "duckdb", "pydantic"},
+        "train_gpu.py needs only torch, timm and open_clip",
+    )
     out = run_bench("train_gpu.py", ["--smoke", "--feed", "uint8"], env, tmp_path)
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("device: CPU")
@@ -216,10 +258,17 @@ def test_demo_time_reports_a_demo_summary(bench_env, tmp_path):
     the demo wrote (`--summary`), in the demo's format, and its --help."""
     assert "--summary" in run_bench("demo_time.py", ["--help"], bench_env, tmp_path).stdout
     summary = {
-        "seconds": 274.3, "skipped": None, "chance_acc1": 1 / 48, "heldout_acc1": 0.787, "seen_acc1": 0.919,
+        "seconds": 274.3,
+        "skipped": None,
+        "chance_acc1": 1 / 48,
+        "heldout_acc1": 0.787,
+        "seen_acc1": 0.919,
         "metrics": {"retrieval/val/image_to_text_R5": 0.97, "retrieval/val/text_to_image_R5": 0.91},
-        "rows": [["URLs fetched", "2,996"], ["rows kept", "2,950"]], "train_recipe": {"steps": 700},
-        "toy_web": "http://127.0.0.1:1", "n_urls": 3000, "n_fetched": 2996,
+        "rows": [["URLs fetched", "2,996"], ["rows kept", "2,950"]],
+        "train_recipe": {"steps": 700},
+        "toy_web": "http://127.0.0.1:1",
+        "n_urls": 3000,
+        "n_fetched": 2996,
         "train": {"model": "clipline-demo", "steps": 700, "seconds": 184.0, "samples_per_s": 243.0},
         "model_version": {"name": "clipline", "version": "1", "alias": "champion"},
     }
@@ -231,8 +280,16 @@ def test_demo_time_reports_a_demo_summary(bench_env, tmp_path):
     assert headline(out, "heldout_acc1") == 0.787
 
     # a rerun's summary (nothing new, no evaluation) has no figure to report: said, not a traceback
-    path.write_text(json.dumps({**summary, "skipped": "nothing new", "heldout_acc1": None, "seen_acc1": None,
-                                "train": None}))
-    out = subprocess.run([sys.executable, str(BENCH / "demo_time.py"), "--summary", str(path)], capture_output=True,
-                         text=True, env=bench_env, cwd=tmp_path, timeout=60, check=False)
+    path.write_text(
+        json.dumps({**summary, "skipped": "nothing new", "heldout_acc1": None, "seen_acc1": None, "train": None})
+    )
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "demo_time.py"), "--summary", str(path)],
+        capture_output=True,
+        text=True,
+        env=bench_env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode != 0 and "nothing new" in out.stderr and "Traceback" not in out.stderr, out.stderr

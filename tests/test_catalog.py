@@ -11,13 +11,15 @@ from clipline.components.catalog import Catalog, LockHeld
 
 def _rows(urls, status="success"):
     n = len(urls)
-    return pa.table({
-        "url": urls,
-        "key": [f"k{i}" for i in range(n)],
-        "status": [status] * n,
-        "error_message": [None if status == "success" else "boom"] * n,
-        "error_kind": [None if status == "success" else "http_500"] * n,
-    })
+    return pa.table(
+        {
+            "url": urls,
+            "key": [f"k{i}" for i in range(n)],
+            "status": [status] * n,
+            "error_message": [None if status == "success" else "boom"] * n,
+            "error_kind": [None if status == "success" else "http_500"] * n,
+        }
+    )
 
 
 def test_unseen_urls_and_retry_failed(data_dir):

@@ -46,8 +46,13 @@ def _same(model, reference, probe) -> bool:
 
 def _save(bundle, out: Path, weights_name: str = checkpoint.WEIGHTS_FILE) -> Path:
     """A checkpoint of ``bundle`` whose weights file is ``weights_name`` (torch.save for the non-safetensors)."""
-    d = checkpoint.save_checkpoint(bundle.model, bundle.model_cfg, out, bundle.preprocess_cfg,
-                                   {"model_name": NAME, "snapshot_id": "snap", "run_id": None, "step": 3})
+    d = checkpoint.save_checkpoint(
+        bundle.model,
+        bundle.model_cfg,
+        out,
+        bundle.preprocess_cfg,
+        {"model_name": NAME, "snapshot_id": "snap", "run_id": None, "step": 3},
+    )
     if weights_name != checkpoint.WEIGHTS_FILE:
         (d / checkpoint.WEIGHTS_FILE).unlink()
         torch.save(bundle.model.state_dict(), d / weights_name)
@@ -56,8 +61,11 @@ def _save(bundle, out: Path, weights_name: str = checkpoint.WEIGHTS_FILE) -> Pat
 
 def test_written_checkpoint_loads_in_open_clip_by_name_and_by_local_dir(bundle, probe, tmp_path):
     d = _save(bundle, tmp_path / "ck")
-    assert sorted(p.name for p in d.iterdir()) == ["clipline.json", "open_clip_config.json",
-                                                   "open_clip_model.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "clipline.json",
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
     cfg = json.loads((d / "open_clip_config.json").read_text())
     assert cfg["model_cfg"] == open_clip.get_model_config(NAME)
     by_name, _, _ = open_clip.create_model_and_transforms(NAME, pretrained=str(d / checkpoint.WEIGHTS_FILE))
@@ -111,8 +119,14 @@ def test_save_replaces_a_checkpoint_whole_and_a_failed_save_leaves_the_old_one(b
             raise RuntimeError("cannot pickle")
 
     with pytest.raises(RuntimeError, match="cannot pickle"):
-        checkpoint.save_checkpoint(bundle.model, bundle.model_cfg, d, bundle.preprocess_cfg, {"model_name": NAME},
-                                   extra_files={"train_state.pt": Unpicklable()})
+        checkpoint.save_checkpoint(
+            bundle.model,
+            bundle.model_cfg,
+            d,
+            bundle.preprocess_cfg,
+            {"model_name": NAME},
+            extra_files={"train_state.pt": Unpicklable()},
+        )
     assert _same(checkpoint.load_checkpoint(d, "cpu").model, other, probe)  # the old checkpoint, intact
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary directory left behind
 

@@ -36,10 +36,20 @@ def _demo(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedPro
     """`clipline demo` as a user runs it: its own process (Prefect: the session's test server)."""
     from prefect.settings import get_current_settings
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(get_current_settings().api.url),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "clipline.flows.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_API_URL": str(get_current_settings().api.url),
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "clipline.flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -69,8 +79,14 @@ def test_demo_learns_the_held_out_pairings_and_a_rerun_does_nothing_new(prefect_
     assert list(cfg.checkpoints_dir.glob("*/step-00000350")), "no checkpoint at step 350"
     assert s1["model_version"]["alias"] == "champion"
     labels = [label for label, _ in s1["rows"]]
-    for label in ("URLs fetched", "rows kept", "training", "zero-shot top-1 (heldout)", "zero-shot top-1 (seen)",
-                  "model version"):
+    for label in (
+        "URLs fetched",
+        "rows kept",
+        "training",
+        "zero-shot top-1 (heldout)",
+        "zero-shot top-1 (seen)",
+        "model version",
+    ):
         assert label in labels, label
         assert label in first.stdout, label
     for text in ("chance level", "MLflow UI", "Prefect UI"):
@@ -102,8 +118,9 @@ def test_recorded_ports_read_back_and_a_missing_record_is_none(tmp_path):
         with socket.socket() as s:
             s.settimeout(2)
             s.connect(("127.0.0.1", ports[0]))
-    with serve_toy_web(DemoConfig(n_images=10, warm_cache=False, port=ports[0], internal_port=ports[1]),
-                       tmp_path / "again") as web2:
+    with serve_toy_web(
+        DemoConfig(n_images=10, warm_cache=False, port=ports[0], internal_port=ports[1]), tmp_path / "again"
+    ) as web2:
         assert web2.base_url == web.base_url  # free again after the first stopped: same URLs
 
 

@@ -60,9 +60,17 @@ def test_uniform_text_attention_averages_the_caption_through_training_and_export
             return model.encode_text(b.tokenizer(texts), normalize=True)
 
     def qk(model):
-        return torch.cat([torch.cat([blk.attn.in_proj_weight[: 2 * blk.attn.embed_dim].flatten(),
-                                     blk.attn.in_proj_bias[: 2 * blk.attn.embed_dim]])
-                          for blk in model.transformer.resblocks])
+        return torch.cat(
+            [
+                torch.cat(
+                    [
+                        blk.attn.in_proj_weight[: 2 * blk.attn.embed_dim].flatten(),
+                        blk.attn.in_proj_bias[: 2 * blk.attn.embed_dim],
+                    ]
+                )
+                for blk in model.transformer.resblocks
+            ]
+        )
 
     def attends_uniformly(model):
         # each text layer's attention weights: token i gives 1/(i+1) to itself and every token before it
@@ -150,8 +158,10 @@ def test_two_stream_tower_trains_saves_and_loads_with_plain_open_clip(tmp_path):
 
     b = factory.create("clipline-demo")
     model = b.model
-    pics = [_toy_picture(c, s, seed=i) for i, (c, s) in enumerate([("red", "circle"), ("blue", "star"),
-                                                                 ("green", "heart"), ("yellow", "cross")])]
+    pics = [
+        _toy_picture(c, s, seed=i)
+        for i, (c, s) in enumerate([("red", "circle"), ("blue", "star"), ("green", "heart"), ("yellow", "cross")])
+    ]
     x = torch.stack([b.train_transform(p) for p in pics])
     t = b.tokenizer(["a red circle", "a blue star", "a green heart", "a yellow cross"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -165,7 +175,9 @@ def test_two_stream_tower_trains_saves_and_loads_with_plain_open_clip(tmp_path):
     after = model.visual.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "form." in k)  # both streams learn
     assert any(not torch.equal(before[k], after[k]) for k in before if "colour." in k)
-    out = checkpoint.save_checkpoint(model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg, {"model_name": "clipline-demo"})
+    out = checkpoint.save_checkpoint(
+        model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg, {"model_name": "clipline-demo"}
+    )
     plain, _, val = open_clip.create_model_and_transforms(f"local-dir:{out}")
     model.eval()
     plain.eval()

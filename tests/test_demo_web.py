@@ -28,7 +28,14 @@ from PIL import Image
 from clipline.components.config import DEMO_FAULTS, DemoConfig
 from clipline.components.demo.faults import INGEST_OUTCOME, object_mask
 from clipline.components.demo import (
-    ALL_COMBOS, COLORS, HELDOUT_COMBOS, SEEN_COMBOS, SHAPES, ToyStore, serve_toy_web, write_heldout_set,
+    ALL_COMBOS,
+    COLORS,
+    HELDOUT_COMBOS,
+    SEEN_COMBOS,
+    SHAPES,
+    ToyStore,
+    serve_toy_web,
+    write_heldout_set,
     write_seen_set,
 )
 
@@ -113,7 +120,11 @@ def test_fault_share_follows_rate_and_weights():
 
 def test_same_seed_same_bytes_and_other_seed_differs(toy):
     again = ToyStore(DemoConfig(n_images=N, seed=7))
-    for it in [toy.items[0], toy.items[1], *(one(toy, f) for f in ("cmyk", "palette", "alpha", "animated", "near_duplicate"))]:
+    for it in [
+        toy.items[0],
+        toy.items[1],
+        *(one(toy, f) for f in ("cmyk", "palette", "alpha", "animated", "near_duplicate")),
+    ]:
         status, _, body = get(toy.url(it))
         assert status == 200
         assert body == again.body(it.item_id)[0], it.fault
@@ -313,9 +324,15 @@ def test_bomb_declares_huge_size_in_a_small_file(toy):
         Image.open(io.BytesIO(body))
 
 
-@pytest.mark.parametrize("fault,fmt,mode", [
-    ("cmyk", "JPEG", "CMYK"), ("palette", "PNG", "P"), ("alpha", "PNG", "RGBA"), ("animated", "GIF", "P"),
-])
+@pytest.mark.parametrize(
+    "fault,fmt,mode",
+    [
+        ("cmyk", "JPEG", "CMYK"),
+        ("palette", "PNG", "P"),
+        ("alpha", "PNG", "RGBA"),
+        ("animated", "GIF", "P"),
+    ],
+)
 def test_image_modes(toy, fault, fmt, mode):
     it = one(toy, fault)
     code, _, body = get(toy.url(it))
@@ -325,7 +342,10 @@ def test_image_modes(toy, fault, fmt, mode):
     spec = toy.store.corpus(it.item_id).spec
     expected = np.asarray(object_mask(spec).resize((64, 64))).astype(float).mean() / 255
     # the image (the first frame, for the GIF) shows the object in its colour
-    assert share_near(im.convert("RGBA").convert("RGB") if fault != "alpha" else im.convert("RGB"), spec.rgb) > 0.6 * expected
+    assert (
+        share_near(im.convert("RGBA").convert("RGB") if fault != "alpha" else im.convert("RGB"), spec.rgb)
+        > 0.6 * expected
+    )
     if fault == "alpha":
         assert im.getchannel("A").getextrema() == (0, 255)
     if fault == "animated":
@@ -397,9 +417,21 @@ def test_eval_set_images_are_not_in_the_corpus(tmp_path):
 def test_cli_demo_web_serves_until_interrupted(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "300"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(tmp_path / "d"), "demo-web", "--n", "60",
-         "--no-eval-sets"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "clipline.flows.cli",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "demo-web",
+            "--n",
+            "60",
+            "--no-eval-sets",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
         # Ctrl-C as in a terminal, even when this test runs in a background job, whose shell hands
         # its children SIGINT ignored (then Python never raises KeyboardInterrupt)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

@@ -15,7 +15,11 @@ from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zerosho
 from clipline.components.evaluate.datasets import DatasetError, load_eval_dataset, load_snapshot_pairs
 from clipline.components.evaluate.retrieval import retrieval_metrics, run_retrieval
 from clipline.components.evaluate.zeroshot import (
-    build_classifier, classification_metrics, embed_images, make_loader, run_zeroshot,
+    build_classifier,
+    classification_metrics,
+    embed_images,
+    make_loader,
+    run_zeroshot,
 )
 
 # ---------------------------------------------------------------- handcrafted model
@@ -107,12 +111,17 @@ def test_acc5_is_absent_below_five_classes():
 def test_retrieval_recall_on_known_embeddings():
     # 4 images on the axes; text t is close to image perm[t]'s axis
     images = torch.eye(4)
-    texts = torch.nn.functional.normalize(torch.tensor([
-        [1.0, 0.5, 0.0, 0.0],  # best image 0 (own): hit @1
-        [0.0, 0.4, 1.0, 0.0],  # own image 1 ranked 2nd
-        [0.0, 0.0, 0.2, 0.1],  # own image 2 first
-        [1.0, 0.6, 0.0, 0.3],  # own image 3 ranked 3rd
-    ]), dim=-1)
+    texts = torch.nn.functional.normalize(
+        torch.tensor(
+            [
+                [1.0, 0.5, 0.0, 0.0],  # best image 0 (own): hit @1
+                [0.0, 0.4, 1.0, 0.0],  # own image 1 ranked 2nd
+                [0.0, 0.0, 0.2, 0.1],  # own image 2 first
+                [1.0, 0.6, 0.0, 0.3],  # own image 3 ranked 3rd
+            ]
+        ),
+        dim=-1,
+    )
     res = retrieval_metrics(images, texts, [0, 1, 2, 3], ks=(1, 2, 5))
     assert res.text_to_image == pytest.approx({1: 0.5, 2: 0.75, 5: 1.0})
     # image -> text: image 0's best text is text 0 or 3 (cos 0.89 vs 0.82): 0; image 1: text 3 (0.5) beats text 1
@@ -122,6 +131,7 @@ def test_retrieval_recall_on_known_embeddings():
 
 
 # ---------------------------------------------------------------- agreement with CLIP_benchmark
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -142,8 +152,9 @@ def test_zeroshot_agrees_with_clip_benchmark(tiny, tmp_path):
     ref_clf = zero_shot_classifier(tiny.model, tiny.tokenizer, ds.classnames, ds.templates, "cpu", amp=False)
     our_clf = build_classifier(tiny.model, tiny.tokenizer, ds.classnames, ds.templates, batch_size=7)
     assert torch.allclose(ref_clf, our_clf, atol=1e-5)
-    logits, target = run_classification(tiny.model, ref_clf, make_loader(ds.torch_dataset(tiny.preprocess), 8),
-                                        "cpu", amp=False)
+    logits, target = run_classification(
+        tiny.model, ref_clf, make_loader(ds.torch_dataset(tiny.preprocess), 8), "cpu", amp=False
+    )
     # CLIP_benchmark's accuracy() fails under NumPy 2.x; count top-k from its logits as it does
     pred = logits.topk(5, 1, True, True)[1].t()
     correct = pred.eq(target.view(1, -1).expand_as(pred))
@@ -173,6 +184,7 @@ def test_retrieval_agrees_with_clip_benchmark(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- datasets
+
 
 def test_imagefolder_and_parquet_give_the_same_set(tmp_path, tiny):
     classes = [("blue", "square"), ("red", "circle")]  # ImageFolder classes are in sorted folder order
@@ -268,9 +280,15 @@ def test_unreadable_images_are_recorded_not_fatal(tmp_path, tiny):
 
     from evalkit import draw
 
-    pq.write_table(pa.table({"image": [draw("red", "circle"), b"not an image", draw("blue", "square"), None],
-                             "label": ["red circle", "red circle", "blue square", "blue square"]}),
-                   tmp_path / "set.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "image": [draw("red", "circle"), b"not an image", draw("blue", "square"), None],
+                "label": ["red circle", "red circle", "blue square", "blue square"],
+            }
+        ),
+        tmp_path / "set.parquet",
+    )
     ds = load_eval_dataset(tmp_path / "set.parquet")
     assert len(ds) == 2 and ds.labels == [1, 0]  # sorted class names: blue square, red circle
     assert [s[0] for s in ds.skipped] == ["row 1", "row 3"]

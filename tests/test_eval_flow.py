@@ -53,8 +53,9 @@ def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
     from clipline.flows.evaluate import evaluate_flow
 
     cfg, sid, heldout, ckpt, run_id, uri = setup
-    out, md = run_flow_with_artifact(evaluate_flow, "evaluation", model=str(ckpt), datasets=[str(heldout)],
-                                     register_model=True, cfg=cfg)
+    out, md = run_flow_with_artifact(
+        evaluate_flow, "evaluation", model=str(ckpt), datasets=[str(heldout)], register_model=True, cfg=cfg
+    )
     assert out.registry is not None and out.registry.version == "1" and out.registry.alias == "champion"
     assert out.registry.model_uri == uri  # the model the train stage logged, found from the run
     mv = client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "champion")
@@ -66,14 +67,36 @@ def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
 def test_evaluate_command(setup, prefect_harness):
     cfg, sid, heldout, ckpt, run_id, _ = setup
     runner = CliRunner()
-    res = runner.invoke(app_(), ["--data-dir", str(cfg.data_dir), "evaluate", "--model", str(ckpt),
-                                 "--dataset", str(heldout / "heldout.parquet"),
-                                 "--classnames", str(heldout / "classnames.json")], terminal_width=200)
+    res = runner.invoke(
+        app_(),
+        [
+            "--data-dir",
+            str(cfg.data_dir),
+            "evaluate",
+            "--model",
+            str(ckpt),
+            "--dataset",
+            str(heldout / "heldout.parquet"),
+            "--classnames",
+            str(heldout / "classnames.json"),
+        ],
+        terminal_width=200,
+    )
     assert res.exit_code == 0, res.output
     assert "zeroshot/heldout/acc1" in res.output and "retrieval/val/text_to_image_R5" in res.output
     assert "worst classes on heldout" in res.output
-    bad = runner.invoke(app_(), ["--data-dir", str(cfg.data_dir), "evaluate", "--model", str(ckpt),
-                                 "--dataset", str(cfg.data_dir / "missing.parquet")])
+    bad = runner.invoke(
+        app_(),
+        [
+            "--data-dir",
+            str(cfg.data_dir),
+            "evaluate",
+            "--model",
+            str(ckpt),
+            "--dataset",
+            str(cfg.data_dir / "missing.parquet"),
+        ],
+    )
     assert bad.exit_code == 1 and "missing.parquet does not exist" in bad.output
 
 
@@ -84,7 +107,8 @@ def app_():
 
 
 def test_a_checkpoint_from_another_tracking_store_is_evaluated_into_a_new_run_and_registered(
-        setup, prefect_harness, tmp_path, monkeypatch):
+    setup, prefect_harness, tmp_path, monkeypatch
+):
     """A colleague's checkpoint (its run and snapshot live in their store and data dir), on an eval
     set not named 'heldout', with the default configuration."""
     import shutil
@@ -93,16 +117,19 @@ def test_a_checkpoint_from_another_tracking_store_is_evaluated_into_a_new_run_an
     from clipline.components.tracking.registry import resolve_model, run_exists
 
     cfg, _, _, _, _, _ = setup
-    colleague = load_config(None, {"data_dir": tmp_path / "colleague",
-                                   "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'colleague.db'}"}})
+    colleague = load_config(
+        None,
+        {"data_dir": tmp_path / "colleague", "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'colleague.db'}"}},
+    )
     their_ckpt = make_checkpoint(tmp_path / "colleague" / "ckpt", seed=3)
     my_uri = cfg.mlflow_uri
     their_run, _ = simulate_training_run(colleague, their_ckpt, "snapTheirs", seed=3)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", my_uri)  # mlflow.set_tracking_uri(theirs) also set the variable
     copied = tmp_path / "from-colleague"
     shutil.copytree(their_ckpt, copied)
-    pets = make_zeroshot_set(tmp_path / "pets", [(c, s) for c in list(COLORS)[2:4] for s in SHAPES], per_class=2,
-                             name="pets")
+    pets = make_zeroshot_set(
+        tmp_path / "pets", [(c, s) for c in list(COLORS)[2:4] for s in SHAPES], per_class=2, name="pets"
+    )
     monkeypatch.setenv("CLIPLINE_TRACKING__REGISTERED_MODEL", "outside")
     mine = load_config(None, {"data_dir": cfg.data_dir})
     assert mine.tracking.registered_model == "outside" and not run_exists(mine, their_run)
@@ -117,10 +144,22 @@ def test_a_checkpoint_from_another_tracking_store_is_evaluated_into_a_new_run_an
     assert any("snapshot snapTheirs is not in" in n for n in plain.eval.notes)  # retrieval skipped, said so
     assert len(c.search_runs([exp_id])) == n_runs
 
-    res = CliRunner().invoke(app_(), ["--data-dir", str(cfg.data_dir), "evaluate", "--model", str(copied),
-                                      "--dataset", str(pets / "pets.parquet"),
-                                      "--classnames", str(pets / "classnames.json"), "--register"],
-                             terminal_width=200)
+    res = CliRunner().invoke(
+        app_(),
+        [
+            "--data-dir",
+            str(cfg.data_dir),
+            "evaluate",
+            "--model",
+            str(copied),
+            "--dataset",
+            str(pets / "pets.parquet"),
+            "--classnames",
+            str(pets / "classnames.json"),
+            "--register",
+        ],
+        terminal_width=200,
+    )
     assert res.exit_code == 0, res.output
     assert "registered outside version 1 as champion" in res.output
     mv = c.get_model_version("outside", "1")
@@ -139,7 +178,9 @@ def test_a_checkpoint_from_another_tracking_store_is_evaluated_into_a_new_run_an
 
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(load_checkpoint(resolved.checkpoint_dir, "cpu").model.encode_image(x),
-                              load_checkpoint(copied, "cpu").model.encode_image(x))
+        assert torch.allclose(
+            load_checkpoint(resolved.checkpoint_dir, "cpu").model.encode_image(x),
+            load_checkpoint(copied, "cpu").model.encode_image(x),
+        )
     assert "zeroshot/pets/acc1" not in client(colleague).get_run(their_run).data.metrics  # their store untouched
     monkeypatch.setenv("MLFLOW_TRACKING_URI", my_uri)

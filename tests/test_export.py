@@ -54,19 +54,33 @@ def test_export_loads_in_plain_open_clip_and_clip_benchmark(tmp_path, data_dir):
     out = tmp_path / "exported"
     res = CliRunner().invoke(app, ["--data-dir", str(data_dir), "export", str(ckpt), str(out)])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["clipline.json", "open_clip_config.json",
-                                                     "open_clip_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "clipline.json",
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = tiny_model(seed=7).encode_image(x)
     torch.save({"image": x, "want": want}, tmp_path / "probe.pt")
     (tmp_path / "loader.py").write_text(LOADER)
-    proc = subprocess.run([sys.executable, str(tmp_path / "loader.py"), str(out), str(tmp_path / "probe.pt")],
-                          capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "loader.py"), str(out), str(tmp_path / "probe.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"open_clip": True, "clip_benchmark": True, "text_dim": 32, "image_size": [32, 32],
-                   "clipline_imported": False}
+    assert got == {
+        "open_clip": True,
+        "clip_benchmark": True,
+        "text_dim": 32,
+        "image_size": [32, 32],
+        "clipline_imported": False,
+    }
 
 
 @pytest.mark.slow
@@ -95,12 +109,40 @@ def test_clip_benchmark_cli_evaluates_the_export_with_our_numbers(tmp_path, data
     (root / "ann.txt").write_text("\n".join(lines) + "\n")
     cli = Path(sys.executable).parent / "clip_benchmark"
     proc = subprocess.run(
-        [str(cli), "eval", "--model_type", "open_clip", "--model", f"local-dir:{out}",
-         "--pretrained", str(out / "open_clip_model.safetensors"), "--dataset", "flickr30k",
-         "--dataset_root", str(root), "--annotation_file", str(root / "ann.txt"), "--task", "zeroshot_retrieval",
-         "--recall_k", "1", "5", "--no_amp", "--num_workers", "0", "--batch_size", "5",
-         "--output", str(tmp_path / "res.json")],
-        capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+        [
+            str(cli),
+            "eval",
+            "--model_type",
+            "open_clip",
+            "--model",
+            f"local-dir:{out}",
+            "--pretrained",
+            str(out / "open_clip_model.safetensors"),
+            "--dataset",
+            "flickr30k",
+            "--dataset_root",
+            str(root),
+            "--annotation_file",
+            str(root / "ann.txt"),
+            "--task",
+            "zeroshot_retrieval",
+            "--recall_k",
+            "1",
+            "5",
+            "--no_amp",
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "5",
+            "--output",
+            str(tmp_path / "res.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = json.loads((tmp_path / "res.json").read_text())["metrics"]
     m = load_checkpoint(out, "cpu")
@@ -123,8 +165,9 @@ def test_export_converts_bin_weights_to_safetensors(tmp_path):
     assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(load_checkpoint(res.out_dir, "cpu").model.encode_image(x),
-                              tiny_model(seed=9).encode_image(x), atol=1e-5)
+        assert torch.allclose(
+            load_checkpoint(res.out_dir, "cpu").model.encode_image(x), tiny_model(seed=9).encode_image(x), atol=1e-5
+        )
 
 
 def test_export_refuses_bad_input(tmp_path, data_dir):
@@ -150,14 +193,27 @@ def test_export_of_a_model_with_our_own_tower_says_which_import_loads_it(tmp_pat
     from clipline.components.model.export import export_checkpoint
 
     b = factory.create("clipline-demo")
-    ck = checkpoint.save_checkpoint(b.model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg,
-                                    {"model_name": "clipline-demo"})
+    ck = checkpoint.save_checkpoint(
+        b.model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg, {"model_name": "clipline-demo"}
+    )
     res = export_checkpoint(ck, tmp_path / "out")
     assert "import clipline.components.model.towers" in res.open_clip_command
     assert "import sys, clipline.components.model.towers" in res.clip_benchmark_command
-    with_import = subprocess.run([sys.executable, "-c", f"import open_clip; {res.open_clip_command}\nprint('ok')"],
-                                 capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+    with_import = subprocess.run(
+        [sys.executable, "-c", f"import open_clip; {res.open_clip_command}\nprint('ok')"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+        timeout=300,
+    )
     assert with_import.returncode == 0 and with_import.stdout.strip().endswith("ok"), with_import.stderr[-2000:]
-    plain = subprocess.run([sys.executable, "-c", f"import open_clip; open_clip.create_model_and_transforms('local-dir:{res.out_dir}')"],
-                           capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+    plain = subprocess.run(
+        [sys.executable, "-c", f"import open_clip; open_clip.create_model_and_transforms('local-dir:{res.out_dir}')"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+        timeout=300,
+    )
     assert plain.returncode != 0 and "clipline_two_stream" in plain.stderr

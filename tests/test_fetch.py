@@ -50,8 +50,9 @@ async def serve(routes):
 
 
 def settings(allow: str, **kw) -> FetchSettings:
-    base = dict(allow_hosts=(allow,), connect_timeout=2.0, read_timeout=5.0, total_timeout=10.0,
-                retries=2, backoff_base=0.02)
+    base = dict(
+        allow_hosts=(allow,), connect_timeout=2.0, read_timeout=5.0, total_timeout=10.0, retries=2, backoff_base=0.02
+    )
     base.update(kw)
     return FetchSettings(**base)
 
@@ -497,8 +498,18 @@ def test_redirects_followed_and_limited():
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/a.jpg", "not a url", "http://", "/relative/a.jpg",
-                                 "http://example.com:99999/a.jpg", "javascript:alert(1)", ""])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com/a.jpg",
+        "not a url",
+        "http://",
+        "/relative/a.jpg",
+        "http://example.com:99999/a.jpg",
+        "javascript:alert(1)",
+        "",
+    ],
+)
 def test_invalid_urls(url):
     async def go():
         async with Fetcher(FetchSettings()) as f:
@@ -576,8 +587,15 @@ def test_a_mixed_batch_never_raises():
                 rs = await asyncio.gather(*(f.fetch(u) for u in urls))
         kinds = [r.error_kind for r in rs]
         assert kinds[:30] == [None] * 30
-        assert kinds[30:] == ["http_404", "http_500", "http_410", "invalid_url", "ssrf_blocked",
-                              "invalid_url", "ssrf_blocked"]
+        assert kinds[30:] == [
+            "http_404",
+            "http_500",
+            "http_410",
+            "invalid_url",
+            "ssrf_blocked",
+            "invalid_url",
+            "ssrf_blocked",
+        ]
         assert all(r.url == u for r, u in zip(rs, urls))
 
     asyncio.run(go())

@@ -45,7 +45,7 @@ def scene(seed: int, size=(640, 480)) -> Image.Image:
     x = np.linspace(0, 1, w)[None, :]
     y = np.linspace(0, 1, h)[:, None]
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    t = (x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1))
+    t = x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1)
     t = (t - t.min()) / (np.ptp(t) + 1e-9)
     base = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
     base = (base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8)
@@ -217,19 +217,27 @@ BOMB_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("side,limit,why", [
-    (20_000, 64_000_000, "pixels"),  # 400 M pixels: over our default limit and Pillow's hard one
-    (20_000, 10**12, "pixels"),  # our limit set absurdly high: Pillow's own guard still refuses
-    (10_000, 10**12, "MAX_IMAGE_PIXELS"),  # 100 M: where Pillow would only warn, we refuse
-])
+@pytest.mark.parametrize(
+    "side,limit,why",
+    [
+        (20_000, 64_000_000, "pixels"),  # 400 M pixels: over our default limit and Pillow's hard one
+        (20_000, 10**12, "pixels"),  # our limit set absurdly high: Pillow's own guard still refuses
+        (10_000, 10**12, "MAX_IMAGE_PIXELS"),  # 100 M: where Pillow would only warn, we refuse
+    ],
+)
 def test_png_bomb_refused_before_decoding_with_low_memory(tmp_path, side, limit, why):
     """A side x side PNG bomb (hundreds of MB once decoded, ~100 KB on disk) is refused from its
     header: the process's peak memory barely moves."""
     bomb = tmp_path / "bomb.png"
     write_png_bomb(bomb, side)
     assert bomb.stat().st_size < 2_000_000
-    out = subprocess.run([sys.executable, "-c", BOMB_CHILD, str(bomb), str(limit)], capture_output=True,
-                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", BOMB_CHILD, str(bomb), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["kind"] == "decompression_bomb", r
@@ -265,8 +273,9 @@ def test_large_jpegs_decoded_at_reduced_scale_keep_their_colours(mode, color):
 
 
 def test_center_crop_enlarges_small_images():
-    p = process_image(encode(Image.new("RGB", (40, 30), (0, 120, 0)), "PNG"),
-                      ImageSettings(image_size=64, resize_mode="center_crop"))
+    p = process_image(
+        encode(Image.new("RGB", (40, 30), (0, 120, 0)), "PNG"), ImageSettings(image_size=64, resize_mode="center_crop")
+    )
     assert (p.width, p.height) == (64, 64) and close(px(decoded(p), (32, 32)), (0, 120, 0), 10)
 
 
@@ -346,7 +355,7 @@ def test_phash_near_duplicates_close_distinct_images_far():
         assert d <= 6, (name, d)
     others = [process_image(encode(scene(s), "JPEG"), BORDER).phash for s in range(20, 30)]
     dists = [hamming(base, o) for o in others]
-    dists += [hamming(a, b) for i, a in enumerate(others) for b in others[i + 1:]]
+    dists += [hamming(a, b) for i, a in enumerate(others) for b in others[i + 1 :]]
     assert min(dists) > 12, sorted(dists)[:5]
 
 
@@ -356,8 +365,9 @@ def test_hamming():
 
 # ------------------------------------------------------------------------ pool-friendly
 def test_settings_from_config_and_pickling():
-    cfg = IngestConfig(image_size=128, resize_mode="center_crop", encode_format="webp", encode_quality=80,
-                       max_image_pixels=1000)
+    cfg = IngestConfig(
+        image_size=128, resize_mode="center_crop", encode_format="webp", encode_quality=80, max_image_pixels=1000
+    )
     s = ImageSettings.from_config(cfg)
     assert s == ImageSettings(128, "center_crop", "webp", 80, 1000)
     assert pickle.loads(pickle.dumps(s)) == s

@@ -17,8 +17,25 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME",
-                       "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+DOCKER_INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 SECRET_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING", "ACCESS_KEY")
 
 
@@ -78,13 +95,22 @@ def _infra_files() -> list[Path]:
 def test_every_infra_file_parses():
     files = _infra_files()
     assert {p.relative_to(INFRA).as_posix() for p in files} >= {
-        "compose.yaml", "prefect.yaml", "ray/cluster.yaml", "k8s/raycluster.yaml", "mlflow/Dockerfile",
-        "mlflow/entrypoint.sh", "clipline.Dockerfile", "postgres/init.sql", "env.example"}
+        "compose.yaml",
+        "prefect.yaml",
+        "ray/cluster.yaml",
+        "k8s/raycluster.yaml",
+        "mlflow/Dockerfile",
+        "mlflow/entrypoint.sh",
+        "clipline.Dockerfile",
+        "postgres/init.sql",
+        "env.example",
+    }
     for p in files:
         _parse(p)
 
 
 # ---- compose ----
+
 
 def _compose() -> dict:
     (doc,) = _yaml_docs(INFRA / "compose.yaml")
@@ -147,8 +173,12 @@ def test_mlflow_runs_behind_basic_auth_and_its_entrypoint_refuses_missing_secret
     fake = bindir / "mlflow"
     fake.write_text('#!/bin/sh\necho "$@" > "$HOME/args"\ncp "$MLFLOW_AUTH_CONFIG_PATH" "$HOME/seen.ini"\n')
     fake.chmod(0o755)
-    env.update(PATH=f"{bindir}:{env['PATH']}", POSTGRES_USER="u", POSTGRES_PASSWORD="pw-from-env",
-               MLFLOW_AUTH_ADMIN_PASSWORD="admin-pw")
+    env.update(
+        PATH=f"{bindir}:{env['PATH']}",
+        POSTGRES_USER="u",
+        POSTGRES_PASSWORD="pw-from-env",
+        MLFLOW_AUTH_ADMIN_PASSWORD="admin-pw",
+    )
     subprocess.run(["sh", str(script)], env=env, check=True)
     args = (tmp_path / "args").read_text()
     assert "--app-name basic-auth" in args and "postgresql://u:pw-from-env@postgres:5432/mlflow" in args
@@ -159,6 +189,7 @@ def test_mlflow_runs_behind_basic_auth_and_its_entrypoint_refuses_missing_secret
 
 
 # ---- Prefect deployments ----
+
 
 def test_prefect_yaml_is_valid_and_its_entrypoints_load_as_flows():
     from prefect.cli.deploy._models import PrefectYamlModel
@@ -205,6 +236,7 @@ def test_image_entrypoints_exist():
 
 # ---- Ray ----
 
+
 def test_ray_up_config_validates_with_rays_own_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -225,8 +257,11 @@ def test_kuberay_cluster_has_gpu_workers_and_shared_storage():
 
     assert rc["spec"]["rayVersion"] == ray.__version__
     groups = rc["spec"]["workerGroupSpecs"]
-    gpu = [g for g in groups if any("nvidia.com/gpu" in c["resources"]["limits"]
-                                    for c in g["template"]["spec"]["containers"])]
+    gpu = [
+        g
+        for g in groups
+        if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])
+    ]
     assert gpu and gpu[0]["maxReplicas"] >= 1
     pods = [rc["spec"]["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in groups]
     for pod in pods:

@@ -58,7 +58,7 @@ def _unit(name: str) -> str | None:
     """The component package (or top-level module) a dotted name belongs to, None outside components."""
     if not name.startswith(PACKAGE + "."):
         return None
-    return name[len(PACKAGE) + 1:].split(".")[0]
+    return name[len(PACKAGE) + 1 :].split(".")[0]
 
 
 def _graph() -> dict[str, set[str]]:
@@ -86,7 +86,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -107,8 +107,11 @@ def test_the_walk_sees_every_component_package_and_function_level_imports():
 
 
 def test_no_component_imports_prefect():
-    offenders = sorted(module for module, path in _modules().items()
-                       if any(name == "prefect" or name.startswith("prefect.") for name in _imports(module, path)))
+    offenders = sorted(
+        module
+        for module, path in _modules().items()
+        if any(name == "prefect" or name.startswith("prefect.") for name in _imports(module, path))
+    )
     assert offenders == [], f"components must not import prefect (flows wire them into Prefect): {offenders}"
 
 
@@ -126,12 +129,23 @@ def test_component_packages_import_each_other_without_cycles():
 def test_only_the_checkpoint_module_names_checkpoint_files():
     """The checkpoint format has one owner: no other module of the package spells its file names
     (they use the constants of model.checkpoint)."""
-    names = {"open_clip_config.json", "open_clip_model.safetensors", "clipline.json", "open_clip_pytorch_model.bin",
-             "open_clip_model.bin", "model.pt"}
+    names = {
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "clipline.json",
+        "open_clip_pytorch_model.bin",
+        "open_clip_model.bin",
+        "model.pt",
+    }
     owner = ROOT / "model" / "checkpoint.py"
-    spelled = sorted(str(path.relative_to(ROOT.parent.parent)) for path in ROOT.parent.rglob("*.py")
-                     if path != owner and any(isinstance(node, ast.Constant) and node.value in names
-                                              for node in ast.walk(ast.parse(path.read_text()))))
+    spelled = sorted(
+        str(path.relative_to(ROOT.parent.parent))
+        for path in ROOT.parent.rglob("*.py")
+        if path != owner
+        and any(
+            isinstance(node, ast.Constant) and node.value in names for node in ast.walk(ast.parse(path.read_text()))
+        )
+    )
     assert spelled == [], f"checkpoint file names spelled outside clipline/components/model/checkpoint.py: {spelled}"
 
 

@@ -101,10 +101,13 @@ def test_two_ray_workers_equal_one_worker_on_the_concatenated_batch(ray_local, t
     # the single-process gradient really involves cross-sample negatives
     assert ref_loss > 0.1
 
-    trainer = TorchTrainer(_worker, train_loop_config={"b": b, "out": str(tmp_path)},
-                           torch_config=TorchConfig(backend="gloo"),
-                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-                           run_config=RunConfig(name="loss-equivalence", storage_path=str(tmp_path / "ray")))
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"b": b, "out": str(tmp_path)},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name="loss-equivalence", storage_path=str(tmp_path / "ray")),
+    )
     result = trainer.fit()
     assert result.error is None
     for rank in (0, 1):

@@ -13,14 +13,22 @@ def test_pipeline_registers_a_champion_and_a_rerun_does_no_new_work(prefect_harn
     from clipline.flows.pipeline import pipeline_flow, summary_rows
 
     heldout = write_heldout_set(tmp_path / "eval", n_per_class=3)
-    cfg = load_config(None, {
-        "data_dir": tmp_path / "data",
-        "demo": {"n_images": 240, "seed": 1},
-        "ingest": {"read_timeout": 3.0, "total_timeout": 5.0, "processes": 1},
-        "curate": {"min_image_side": 64},
-        "train": {"model": "clipline-nano", "steps": 8, "batch_size": 16, "warmup_steps": 1,
-                  "system_metrics": False},
-    })
+    cfg = load_config(
+        None,
+        {
+            "data_dir": tmp_path / "data",
+            "demo": {"n_images": 240, "seed": 1},
+            "ingest": {"read_timeout": 3.0, "total_timeout": 5.0, "processes": 1},
+            "curate": {"min_image_side": 64},
+            "train": {
+                "model": "clipline-nano",
+                "steps": 8,
+                "batch_size": 16,
+                "warmup_steps": 1,
+                "system_metrics": False,
+            },
+        },
+    )
     with serve_toy_web(cfg.demo, tmp_path / "web") as web:
         cfg.ingest.allow_hosts = [web.allow_host]
         first = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data)])

@@ -28,20 +28,41 @@ def test_kill_9_during_ingestion_then_a_rerun_completes_with_every_url_once(tmp_
     from clipline.components.demo import serve_toy_web
 
     # slow answers (one in two URLs waits 1 s) and few connections: ingestion takes a while
-    demo = DemoConfig(n_images=N_URLS, seed=4, fault_rate=0.5, slow_seconds=1.0,
-                      fault_weights={f: (1.0 if f == "slow" else 0.0) for f in DEMO_FAULTS})
+    demo = DemoConfig(
+        n_images=N_URLS,
+        seed=4,
+        fault_rate=0.5,
+        slow_seconds=1.0,
+        fault_weights={f: (1.0 if f == "slow" else 0.0) for f in DEMO_FAULTS},
+    )
     with servers(tmp_path / "services", mlflow=False) as up, serve_toy_web(demo, tmp_path / "web") as web:
-        config = write_toml(tmp_path / "clipline.toml", deep_merge(SMALL, {
-            "ingest": {"allow_hosts": [web.allow_host], "concurrency": 4, "per_host_concurrency": 4,
-                       "shard_size": SHARD},
-        }))
+        config = write_toml(
+            tmp_path / "clipline.toml",
+            deep_merge(
+                SMALL,
+                {
+                    "ingest": {
+                        "allow_hosts": [web.allow_host],
+                        "concurrency": 4,
+                        "per_host_concurrency": 4,
+                        "shard_size": SHARD,
+                    },
+                },
+            ),
+        )
         data = tmp_path / "data"
         env = base_env(PREFECT_API_URL=up["prefect"], MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
         args = ["--config", str(config), "--data-dir", str(data), "run", str(web.url_list)]
         raw = data / "raw"
 
-        victim = subprocess.Popen([sys.executable, "-m", "clipline.flows.cli", *args], env=env, cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        victim = subprocess.Popen(
+            [sys.executable, "-m", "clipline.flows.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and len(list(raw.glob("*.parquet"))) < 2:
@@ -72,11 +93,14 @@ def test_kill_9_during_ingestion_then_a_rerun_completes_with_every_url_once(tmp_
         assert con.execute("SELECT count(*) FROM urls WHERE status = 'success'").fetchone()[0] == N_URLS
         assert con.execute("SELECT count(*) FROM locks").fetchone()[0] == 0
         snap_path, manifest = con.execute(
-            "SELECT path, manifest FROM snapshots ORDER BY created_at DESC LIMIT 1").fetchone()
+            "SELECT path, manifest FROM snapshots ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
     finally:
         con.close()
 
-    stored = [u for p in sorted(raw.glob("*.parquet")) for u in pq.read_table(p, columns=["url"]).column("url").to_pylist()]
+    stored = [
+        u for p in sorted(raw.glob("*.parquet")) for u in pq.read_table(p, columns=["url"]).column("url").to_pylist()
+    ]
     assert sorted(stored) == sorted(urls)  # every URL in exactly one shard row
     assert not list(raw.glob("*.tmp"))
 

@@ -74,17 +74,45 @@ def _kill_cluster(temp_dir: str) -> None:
 def test_ingest_and_training_run_on_a_ray_cluster_given_by_ray_address(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # Ray's socket paths must stay short
     # the cluster's token comes from the environment on every node, as a real cluster's secret would
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": __import__("secrets").token_hex(32)}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": __import__("secrets").token_hex(32),
+    }
     env.pop("RAY_ADDRESS", None)
     try:
-        start = subprocess.run([RAY, "start", "--head", "--port", str(_free_port()), "--num-cpus", "6",
-                                "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
-                               capture_output=True, text=True, env=env, timeout=120)
+        start = subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--port",
+                str(_free_port()),
+                "--num-cpus",
+                "6",
+                "--include-dashboard",
+                "false",
+                "--disable-usage-stats",
+                "--temp-dir",
+                temp_dir,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert start.returncode == 0, start.stderr[-2000:]
         address = re.search(r"ray start --address='([^']+)'", start.stdout + start.stderr).group(1)
-        drv = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], capture_output=True, text=True,
-                             env={**env, "RAY_ADDRESS": address}, timeout=600)
+        drv = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env={**env, "RAY_ADDRESS": address},
+            timeout=600,
+        )
         assert drv.returncode == 0, drv.stderr[-3000:]
         out = __import__("json").loads(drv.stdout.strip().splitlines()[-1])
     finally:
@@ -99,6 +127,9 @@ def test_a_ray_client_address_is_refused_with_what_to_do_instead(monkeypatch):
     from clipline.components.cluster import connect_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
-    with pytest.raises(ValueError, match=r"RAY_ADDRESS=ray://head.example:10001 is a Ray Client address.*"
-                                         r"RAY_ADDRESS=auto"):
+    with pytest.raises(
+        ValueError,
+        match=r"RAY_ADDRESS=ray://head.example:10001 is a Ray Client address.*"
+        r"RAY_ADDRESS=auto",
+    ):
         connect_ray()

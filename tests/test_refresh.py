@@ -61,8 +61,10 @@ def test_a_second_run_fails_at_once_naming_the_holder_and_a_dead_holders_lock_is
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with Catalog(cfg.catalog_path) as cat:  # a live process holds the lock
-            cat.con.execute("INSERT INTO locks VALUES (?, ?, ?, ?, now())",
-                            [RUN_LOCK, "clipline refresh (other)", holder.pid, __import__("socket").gethostname()])
+            cat.con.execute(
+                "INSERT INTO locks VALUES (?, ?, ?, ?, now())",
+                [RUN_LOCK, "clipline refresh (other)", holder.pid, __import__("socket").gethostname()],
+            )
         with pytest.raises(RunBusy, match=rf"held by clipline refresh \(other\) \(pid {holder.pid}"):
             with exclusive_run(cfg, "me"):
                 pass
@@ -86,9 +88,15 @@ def test_refresh_ingests_only_new_urls_and_fine_tunes_the_champion(prefect_harne
     from clipline.flows.refresh import refresh_flow, summary_rows
 
     heldout = write_heldout_set(tmp_path / "eval", n_per_class=3)
-    cfg = load_config(None, small_overrides(
-        tmp_path / "data", demo={"n_images": 200, "seed": 2, "fault_rate": 0.03},
-        curate={"eval_set": heldout.data}, refresh={"eval_sets": [heldout.data]}))
+    cfg = load_config(
+        None,
+        small_overrides(
+            tmp_path / "data",
+            demo={"n_images": 200, "seed": 2, "fault_rate": 0.03},
+            curate={"eval_set": heldout.data},
+            refresh={"eval_sets": [heldout.data]},
+        ),
+    )
     with serve_toy_web(cfg.demo, tmp_path / "web") as web:
         cfg.ingest.allow_hosts = [web.allow_host]
         first_urls = slice_url_list(web.url_list, tmp_path / "lists" / "first.parquet", 0, 130)
@@ -145,8 +153,10 @@ def test_a_run_waits_for_the_holder_when_asked(tmp_path):
     threading.Thread(target=holder.wait, daemon=True).start()  # reap it when it ends (no zombie)
     try:
         with Catalog(cfg.catalog_path) as cat:
-            cat.con.execute("INSERT INTO locks VALUES (?, 'a short run', ?, ?, now())",
-                            [RUN_LOCK, holder.pid, __import__("socket").gethostname()])
+            cat.con.execute(
+                "INSERT INTO locks VALUES (?, 'a short run', ?, ?, now())",
+                [RUN_LOCK, holder.pid, __import__("socket").gethostname()],
+            )
         with exclusive_run(cfg, "patient"):  # waits until the holder is gone, then takes the lock
             assert holder.poll() is not None
             with Catalog(cfg.catalog_path, read_only=True) as cat:
@@ -157,8 +167,9 @@ def test_a_run_waits_for_the_holder_when_asked(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the command
-def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_when_busy(prefect_harness, tmp_path,
-                                                                                         mlflow_uri):
+def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_when_busy(
+    prefect_harness, tmp_path, mlflow_uri
+):
     from prefect.settings import PREFECT_API_URL
 
     env = base_env(PREFECT_API_URL=PREFECT_API_URL.value(), MLFLOW_TRACKING_URI=mlflow_uri)
@@ -170,8 +181,10 @@ def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         with Catalog(tmp_path / "data" / "catalog.duckdb") as cat:
-            cat.con.execute("INSERT INTO locks VALUES (?, 'clipline refresh (pid 1)', ?, ?, now())",
-                            [RUN_LOCK, holder.pid, __import__("socket").gethostname()])
+            cat.con.execute(
+                "INSERT INTO locks VALUES (?, 'clipline refresh (pid 1)', ?, ?, now())",
+                [RUN_LOCK, holder.pid, __import__("socket").gethostname()],
+            )
         res = clipline(args, env, cwd=tmp_path, timeout=300)
         # the same without a Prefect server: Prefect's own exit logging (its temporary server
         # stopping, its event worker draining) must not come after the reason
@@ -182,8 +195,9 @@ def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_
     for r in (res, alone):
         assert r.returncode == 1, r.stderr[-3000:]
         last = r.stderr.strip().splitlines()[-1]
-        assert last.startswith("error:") and "is held by clipline refresh" in last and "try again later" in last, \
+        assert last.startswith("error:") and "is held by clipline refresh" in last and "try again later" in last, (
             r.stderr[-3000:]
+        )
 
 
 def test_serve_refuses_without_a_prefect_server_and_a_bad_schedule_in_one_line(tmp_path):
@@ -191,8 +205,12 @@ def test_serve_refuses_without_a_prefect_server_and_a_bad_schedule_in_one_line(t
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("error: clipline serve needs a Prefect server")
     # a schedule Prefect cannot read is refused before anything is served (no server is reached)
-    res = clipline(["--data-dir", str(tmp_path), "serve", "--cron", "61 * * * *"],
-                   base_env(PREFECT_API_URL="http://127.0.0.1:9/api"), cwd=tmp_path, timeout=120)
+    res = clipline(
+        ["--data-dir", str(tmp_path), "serve", "--cron", "61 * * * *"],
+        base_env(PREFECT_API_URL="http://127.0.0.1:9/api"),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: refresh schedule:") and "61 * * * *" in last

@@ -42,12 +42,21 @@ def sample_rows(n_ok=3, n_failed=2):
     rows = []
     for i in range(n_ok):
         p = process_image(jpeg((40 * i, 100, 200)), ImageSettings(image_size=32))
-        rows.append({"key": f"k{i}", "url": f"http://x/{i}.jpg", "caption": f"caption {i}", "source": "list.csv",
-                     **p.as_row()})
+        rows.append(
+            {"key": f"k{i}", "url": f"http://x/{i}.jpg", "caption": f"caption {i}", "source": "list.csv", **p.as_row()}
+        )
     for j in range(n_failed):
-        rows.append({"key": f"f{j}", "url": f"http://x/bad{j}", "caption": None, "status": "failed_to_download",
-                     "error_kind": "http_404" if j % 2 == 0 else "timeout", "error_message": "boom",
-                     "source": "list.csv"})
+        rows.append(
+            {
+                "key": f"f{j}",
+                "url": f"http://x/bad{j}",
+                "caption": None,
+                "status": "failed_to_download",
+                "error_kind": "http_404" if j % 2 == 0 else "timeout",
+                "error_message": "boom",
+                "source": "list.csv",
+            }
+        )
     return rows
 
 
@@ -71,11 +80,14 @@ def test_build_table_schema_carried_columns_and_defaults():
     assert build_shard_table(cols).column("key").to_pylist() == ["k0", "k1", "k2", "f0", "f1"]
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"status": "ok"}, "unknown status"),
-    ({"image": None}, "without image bytes"),
-    ({"key": "k1"}, "duplicate keys"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"status": "ok"}, "unknown status"),
+        ({"image": None}, "without image bytes"),
+        ({"key": "k1"}, "duplicate keys"),
+    ],
+)
 def test_build_table_rejects_broken_rows(change, match):
     rows = sample_rows()
     rows[0].update(change)
@@ -117,8 +129,12 @@ def test_write_shard_atomic_files_and_round_trip(tmp_path):
 def test_big_shards_get_several_row_groups(tmp_path):
     n = 1200
     img = os.urandom(40_000)  # 48 MB of image bytes in all
-    rows = {"key": [str(i) for i in range(n)], "url": [f"u{i}" for i in range(n)], "image": [img] * n,
-            "status": ["success"] * n}
+    rows = {
+        "key": [str(i) for i in range(n)],
+        "url": [f"u{i}" for i in range(n)],
+        "image": [img] * n,
+        "status": ["success"] * n,
+    }
     path = write_shard(build_shard_table(rows), tmp_path, "big", {})
     md = pq.ParquetFile(path).metadata
     assert 2 <= md.num_row_groups <= 4 and md.num_rows == n
@@ -150,8 +166,9 @@ def test_kill_9_never_leaves_a_partial_shard(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed_mid_write = 0
     for attempt in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(attempt * 1000)], env=env,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(out), str(attempt * 1000)], env=env, stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline().strip() == "ready"
         if attempt % 2:  # let at least one shard finish, then kill mid-way through another
             proc.stdout.readline()
@@ -172,8 +189,9 @@ def test_kill_9_never_leaves_a_partial_shard(tmp_path):
         assert pq.ParquetFile(f).metadata.num_rows == 400
         assert read_raw_shard(f, columns=["key", "image"]).column("image").null_count == 0
         assert json.loads(f.with_suffix(".stats.json").read_text())["n_rows"] == 400
-    leftovers = {p.name for p in out.iterdir()} - {f.name for f in files} - {
-        f.with_suffix(".stats.json").name for f in files}
+    leftovers = (
+        {p.name for p in out.iterdir()} - {f.name for f in files} - {f.with_suffix(".stats.json").name for f in files}
+    )
     assert all(name.endswith(".tmp") or name.endswith(".stats.json") for name in leftovers), leftovers
     with Catalog(tmp_path / "catalog.duckdb") as cat:
         rec = cat.reconcile_raw_shards(out)
@@ -189,27 +207,48 @@ def write_like_img2dataset(path: Path, n: int = 250) -> list[dict]:
     caption, carried columns, status, error_message, width, height, original_width,
     original_height, exif, sha256) with the image bytes appended as ``jpg``, written in
     buffers of 100 rows through pyarrow.parquet.ParquetWriter."""
-    schema = pa.schema([
-        ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("similarity", pa.float64()),
-        ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-        ("original_width", pa.int64()), ("original_height", pa.int64()), ("exif", pa.string()),
-        ("sha256", pa.string()), ("jpg", pa.binary()),
-    ])
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("similarity", pa.float64()),
+            ("status", pa.string()),
+            ("error_message", pa.string()),
+            ("width", pa.int64()),
+            ("height", pa.int64()),
+            ("original_width", pa.int64()),
+            ("original_height", pa.int64()),
+            ("exif", pa.string()),
+            ("sha256", pa.string()),
+            ("jpg", pa.binary()),
+        ]
+    )
     samples = []
     for i in range(n):
         ok = i % 5 != 0
         img = jpeg((i % 255, 10, 10)) if ok else None
-        samples.append({
-            "key": f"{i:09d}", "url": f"http://img2dataset.example/{i}.jpg", "caption": f"photo {i}",
-            "similarity": i / n, "status": "success" if ok else "failed_to_download",
-            "error_message": None if ok else "HTTP Error 404: Not Found",
-            "width": 64 if ok else None, "height": 48 if ok else None,
-            "original_width": 640 if ok else None, "original_height": 480 if ok else None,
-            "exif": "{}" if ok else None, "sha256": "ab" * 32 if ok else None, "jpg": img})
+        samples.append(
+            {
+                "key": f"{i:09d}",
+                "url": f"http://img2dataset.example/{i}.jpg",
+                "caption": f"photo {i}",
+                "similarity": i / n,
+                "status": "success" if ok else "failed_to_download",
+                "error_message": None if ok else "HTTP Error 404: Not Found",
+                "width": 64 if ok else None,
+                "height": 48 if ok else None,
+                "original_width": 640 if ok else None,
+                "original_height": 480 if ok else None,
+                "exif": "{}" if ok else None,
+                "sha256": "ab" * 32 if ok else None,
+                "jpg": img,
+            }
+        )
     with open(path, "wb") as fd:
         writer = pq.ParquetWriter(fd, schema)
         for start in range(0, n, 100):
-            chunk = samples[start:start + 100]
+            chunk = samples[start : start + 100]
             writer.write_table(pa.Table.from_pydict({k: [s[k] for s in chunk] for k in schema.names}, schema))
         writer.close()
     return samples
@@ -238,8 +277,9 @@ def test_img2dataset_shard_reads_as_raw_schema(tmp_path):
 
 def test_img2dataset_shard_without_status_or_caption_column(tmp_path):
     path = tmp_path / "old.parquet"
-    pq.write_table(pa.table({"key": [1, 2], "url": ["u1", "u2"], "txt": ["one", "two"],
-                             "webp": [b"RIFF....WEBP", None]}), path)
+    pq.write_table(
+        pa.table({"key": [1, 2], "url": ["u1", "u2"], "txt": ["one", "two"], "webp": [b"RIFF....WEBP", None]}), path
+    )
     t = read_raw_shard(path)
     assert t.column("key").to_pylist() == ["1", "2"]
     assert t.column("caption").to_pylist() == ["one", "two"]

@@ -21,10 +21,12 @@ ROWS = [
 
 def test_csv_keeps_every_row_in_order_with_carried_columns(tmp_path):
     p = tmp_path / "list.csv"
-    p.write_text('url,caption,score,lang\n'
-                 'http://a.example/1.jpg,"a red circle, on grass",0.9,en\n'
-                 ',an empty url is kept,0.1,en\n'
-                 'http://a.example/3.png,"line one\nline two",0.5,de\n')
+    p.write_text(
+        "url,caption,score,lang\n"
+        'http://a.example/1.jpg,"a red circle, on grass",0.9,en\n'
+        ",an empty url is kept,0.1,en\n"
+        'http://a.example/3.png,"line one\nline two",0.5,de\n'
+    )
     t = read_url_list(str(p))
     assert t.column_names == ["url", "caption", "source", "score", "lang"]
     assert t.column("url").to_pylist() == ["http://a.example/1.jpg", "", "http://a.example/3.png"]
@@ -45,8 +47,17 @@ def test_tsv_and_carried_columns_off(tmp_path):
 
 def test_parquet_laion_style_column_names_and_a_column_subset(tmp_path):
     p = tmp_path / "laion.parquet"
-    pq.write_table(pa.table({"URL": ["http://x/1", None], "TEXT": ["one", "two"], "NSFW": ["UNLIKELY", "NSFW"],
-                             "similarity": [0.3, 0.2]}), p)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": ["http://x/1", None],
+                "TEXT": ["one", "two"],
+                "NSFW": ["UNLIKELY", "NSFW"],
+                "similarity": [0.3, 0.2],
+            }
+        ),
+        p,
+    )
     t = read_url_list(str(p), url_col="URL", caption_col="TEXT", save_additional_columns=["similarity"])
     assert t.column_names == ["url", "caption", "source", "similarity"]
     assert t.column("url").to_pylist() == ["http://x/1", None]  # a null URL is kept, not dropped

@@ -50,9 +50,14 @@ class MapResolver(AbstractResolver):
         if host not in self.mapping:
             raise OSError(f"test resolver has no address for {host}")
         return [
-            {"hostname": host, "host": a, "port": port,
-             "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
-             "proto": 0, "flags": socket.AI_NUMERICHOST}
+            {
+                "hostname": host,
+                "host": a,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
             for a in self.mapping[host]
         ]
 
@@ -87,8 +92,7 @@ async def _image(request):
 
 
 def _settings(*allow: str, **kw) -> FetchSettings:
-    return FetchSettings(allow_hosts=allow, connect_timeout=1.0, total_timeout=5.0, retries=1,
-                         backoff_base=0.01, **kw)
+    return FetchSettings(allow_hosts=allow, connect_timeout=1.0, total_timeout=5.0, retries=1, backoff_base=0.01, **kw)
 
 
 # ---- address classification ----------------------------------------------------------------------
@@ -127,8 +131,9 @@ def test_forbidden_address_classes(address, expected):
     assert expected in (forbidden_class(address) or "public")
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700::1111",
-                                     "::ffff:8.8.8.8", "2002:808:808::1"])
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"]
+)
 def test_public_addresses_pass(address):
     assert forbidden_class(address) is None
 
@@ -143,8 +148,7 @@ def test_allow_list_rejects_malformed_entries(entry):
 
 def test_guarded_resolver_filters_and_refuses():
     async def go():
-        inner = MapResolver({"mixed.test": ["10.0.0.7", "93.184.216.34"],
-                             "meta.test": ["169.254.169.254"]})
+        inner = MapResolver({"mixed.test": ["10.0.0.7", "93.184.216.34"], "meta.test": ["169.254.169.254"]})
         guard = GuardedResolver(AllowList(), inner)
         kept = await guard.resolve("mixed.test", 80)
         assert [r["host"] for r in kept] == ["93.184.216.34"]
@@ -232,9 +236,16 @@ def test_ip_literals_need_an_exact_host_and_port_allowance(connects):
 
 
 def test_ip_literal_classes_refused_without_resolving(connects):
-    urls = ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/", "http://100.100.100.200/",
-            "http://[fd00::1]/", "http://[fe80::1]/", "http://[::ffff:a9fe:a9fe]/", "http://0.0.0.0:8080/",
-            "http://224.0.0.1/"]
+    urls = [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://100.100.100.200/",
+        "http://[fd00::1]/",
+        "http://[fe80::1]/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://0.0.0.0:8080/",
+        "http://224.0.0.1/",
+    ]
 
     async def go():
         resolver = MapResolver({})
@@ -330,8 +341,17 @@ def test_rebinding_name_is_checked_on_every_answer(connects):
     assert [a[0] for a in connects] == ["127.0.0.1"]
 
 
-@pytest.mark.parametrize("url", ["http://127.1/", "http://2130706433/", "http://0x7f000001/",
-                                 "http://017700000001/", "http://0/", "HTTP://LOCALHOST/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.1/",
+        "http://2130706433/",
+        "http://0x7f000001/",
+        "http://017700000001/",
+        "http://0/",
+        "HTTP://LOCALHOST/",
+    ],
+)
 def test_legacy_numeric_and_odd_spellings_never_connect(url, connects):
     async def go():
         async with Fetcher(_settings()) as f:

@@ -12,7 +12,11 @@ from evalkit import make_checkpoint, make_snapshot, simulate_training_run
 
 from clipline.components.config import load_config
 from clipline.components.tracking.registry import (
-    RegistryError, decide_promotion, primary_metric_for, register_and_promote, resolve_model,
+    RegistryError,
+    decide_promotion,
+    primary_metric_for,
+    register_and_promote,
+    resolve_model,
 )
 from clipline.components.tracking.runs import client, log_metrics
 
@@ -51,7 +55,9 @@ def registry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reg")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-    cfg = load_config(None, {"data_dir": tmp / "data", "evaluate": {"primary_metric": PRIMARY, "promotion_margin": 0.01}})
+    cfg = load_config(
+        None, {"data_dir": tmp / "data", "evaluate": {"primary_metric": PRIMARY, "promotion_margin": 0.01}}
+    )
     sid = make_snapshot(cfg.snapshots_dir, "snapA", n_val=4, n_train=6)
     results, runs = [], []
     for seed, acc in [(0, 0.50), (1, 0.505), (2, 0.60)]:
@@ -59,8 +65,13 @@ def registry(tmp_path_factory):
         run_id, uri = simulate_training_run(cfg, ckpt, sid, seed=seed)
         log_metrics(cfg, run_id, {PRIMARY: acc, "retrieval/val/image_to_text_R5": acc / 2})
         if seed == 2:  # what the train stage logs as parameters
-            for k, v in {"train.model": "tiny-test", "total_steps": "300", "train.batch_size": "64",
-                         "train.lr": "0.002", "pretrained": "/ckpt/v1"}.items():
+            for k, v in {
+                "train.model": "tiny-test",
+                "total_steps": "300",
+                "train.batch_size": "64",
+                "train.lr": "0.002",
+                "pretrained": "/ckpt/v1",
+            }.items():
                 client(cfg).log_param(run_id, k, v)
         parent = "1" if seed == 2 else None
         results.append(register_and_promote(cfg, run_id, uri, {PRIMARY: acc}, sid, parent_version=parent))
@@ -139,7 +150,9 @@ def test_default_primary_metric_promotes_on_any_eval_set_and_a_missing_one_stops
     with pytest.raises(RegistryError) as e:
         register_and_promote(strict, runs[0][0], runs[0][1], {"zeroshot/pets/acc1": 0.9}, sid)
     msg = str(e.value)
-    assert "neither this model (it has zeroshot/pets/acc1) nor champion v3 has the metric 'zeroshot/heldout/acc1'" in msg
+    assert (
+        "neither this model (it has zeroshot/pets/acc1) nor champion v3 has the metric 'zeroshot/heldout/acc1'" in msg
+    )
     assert "set evaluate.primary_metric" in msg and "\n" not in msg
     assert len(client(cfg).search_model_versions(f"name = '{name}'")) == 3  # nothing registered
 
@@ -194,8 +207,12 @@ def test_compare_chart_title_stays_inside_the_image(tmp_path):
 
     from clipline.components.tracking.compare import compare_chart_png
 
-    metrics = ["zeroshot/imagenet-1k-validation/acc1", "zeroshot/flowers102/acc1", "retrieval/val/image_to_text_R5",
-               "retrieval/val/text_to_image_R5"]
+    metrics = [
+        "zeroshot/imagenet-1k-validation/acc1",
+        "zeroshot/flowers102/acc1",
+        "retrieval/val/image_to_text_R5",
+        "retrieval/val/text_to_image_R5",
+    ]
     title = "team-vision-clip-base-patch32-laion-subset-experiments: " + ", ".join(metrics)
     png = compare_chart_png(["v1", "v2"], {m: [0.4, 0.6] for m in metrics}, tmp_path / "c.png", title=title)
     img = np.asarray(Image.open(png).convert("L"))
@@ -220,8 +237,11 @@ def test_compare_command(registry, tmp_path):
     assert "v1" in res.output and "v2" in res.output and "v3" in res.output
     assert "champion" in res.output and "0.6000" in res.output
     assert "logged to MLflow run" not in res.output and len(c.search_runs([exp_id])) == n_runs
-    res = runner.invoke(app, ["--data-dir", str(cfg.data_dir), "compare", "1", "3", "--out", str(tmp_path),
-                              "--log-run"], terminal_width=200)
+    res = runner.invoke(
+        app,
+        ["--data-dir", str(cfg.data_dir), "compare", "1", "3", "--out", str(tmp_path), "--log-run"],
+        terminal_width=200,
+    )
     assert res.exit_code == 0, res.output
     assert "logged to MLflow run" in res.output and len(c.search_runs([exp_id])) == n_runs + 1
     bad = runner.invoke(app, ["--data-dir", str(cfg.data_dir), "compare", "9"])

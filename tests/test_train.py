@@ -45,8 +45,11 @@ def test_tiny_model_learns_and_its_checkpoint_loads_with_plain_open_clip(data_di
     for key in ("train/lr", "train/temperature", "train/samples_per_s"):
         assert len(_history(res.run_id, key)) == steps
     arts = {a.path for a in MlflowClient().list_artifacts(res.run_id, "checkpoint")}
-    assert {"checkpoint/open_clip_config.json", "checkpoint/open_clip_model.safetensors",
-            "checkpoint/clipline.json"} <= arts
+    assert {
+        "checkpoint/open_clip_config.json",
+        "checkpoint/open_clip_model.safetensors",
+        "checkpoint/clipline.json",
+    } <= arts
     logged = mlflow.pytorch.load_model(res.model_uri)
     assert isinstance(logged, open_clip.CLIP)
 
@@ -55,7 +58,9 @@ def test_tiny_model_learns_and_its_checkpoint_loads_with_plain_open_clip(data_di
     meta = json.loads((ck / "clipline.json").read_text())
     assert meta["model_name"] == "clipline-nano" and meta["snapshot_id"] == snapshot and meta["step"] == steps
     assert meta["run_id"] == res.run_id
-    m1, _, pre1 = open_clip.create_model_and_transforms("clipline-nano", pretrained=str(ck / "open_clip_model.safetensors"))
+    m1, _, pre1 = open_clip.create_model_and_transforms(
+        "clipline-nano", pretrained=str(ck / "open_clip_model.safetensors")
+    )
     m2, _, pre2 = open_clip.create_model_and_transforms(f"local-dir:{ck}")
     tok = open_clip.get_tokenizer(f"local-dir:{ck}")
     img = pre2(synthetic.draw("red", "circle", __import__("numpy").random.default_rng(0), 64)).unsqueeze(0)
@@ -93,8 +98,9 @@ def test_resume_is_exact(data_dir, snapshot, mlflow_uri):
     """Resuming (weights, optimiser, scheduler, data position, RNG) gives the same weights as an
     uninterrupted run."""
     straight = train(_cfg(data_dir, steps=8, checkpoint_every=100, run_name="straight", loader_workers=0), snapshot)
-    cfg = _cfg(data_dir, steps=8, checkpoint_every=3, fail_at_step=5, max_failures=0, run_name="broken",
-               loader_workers=0)
+    cfg = _cfg(
+        data_dir, steps=8, checkpoint_every=3, fail_at_step=5, max_failures=0, run_name="broken", loader_workers=0
+    )
     with pytest.raises(InjectedFailure):
         train(cfg, snapshot)
     resumed = train(cfg, snapshot)

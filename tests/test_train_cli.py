@@ -30,8 +30,9 @@ def test_cli_train_prints_the_run_and_errors_in_one_line(data_dir: Path, mlflow_
     r = CliRunner().invoke(app, ["--data-dir", str(data_dir), "train", "--snapshot", "nope", *FAST])
     assert r.exit_code == 1
     assert "snapshot 'nope'" in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(app, ["--data-dir", str(data_dir), "train", "--snapshot", sid, "--from-model",
-                                 str(data_dir / "missing"), *FAST])
+    r = CliRunner().invoke(
+        app, ["--data-dir", str(data_dir), "train", "--snapshot", sid, "--from-model", str(data_dir / "missing"), *FAST]
+    )
     assert r.exit_code == 1 and "neither an existing path nor a version/alias" in r.output
 
 
@@ -50,5 +51,8 @@ def test_train_flow_returns_the_result_and_an_artifact(data_dir: Path, mlflow_ur
     from mlflow.models import get_model_info
 
     sig = get_model_info(res.model_uri).signature
-    assert [(s.name, s.shape[1:]) for s in sig.inputs.inputs] == [("image", (3, 32, 32)), ("text", (16,))]  # clipline-nano
+    assert [(s.name, s.shape[1:]) for s in sig.inputs.inputs] == [
+        ("image", (3, 32, 32)),
+        ("text", (16,)),
+    ]  # clipline-nano
     assert [s.name for s in sig.outputs.inputs][:2] == ["image_features", "text_features"]

@@ -10,8 +10,14 @@ import torch
 
 from clipline.components.model import factory
 from clipline.components.train import synthetic
-from clipline.components.train.data import (BatchDecoder, SnapshotError, SnapshotStream, normalize_on_device,
-                                            resolve_snapshot, split_normalize)
+from clipline.components.train.data import (
+    BatchDecoder,
+    SnapshotError,
+    SnapshotStream,
+    normalize_on_device,
+    resolve_snapshot,
+    split_normalize,
+)
 
 
 class _KeyDecoder:
@@ -30,8 +36,11 @@ def snap(tmp_path: Path):
 
     f = tmp_path / sid / "part-00000.parquet"
     t = pq.read_table(f)
-    t = t.set_column(t.schema.get_field_index("caption"), "caption",
-                     pa.array([f"{c} #{k}" for c, k in zip(t.column("caption").to_pylist(), t.column("key").to_pylist())]))
+    t = t.set_column(
+        t.schema.get_field_index("caption"),
+        "caption",
+        pa.array([f"{c} #{k}" for c, k in zip(t.column("caption").to_pylist(), t.column("key").to_pylist())]),
+    )
     pq.write_table(t, f, row_group_size=64)
     return tmp_path, sid
 
@@ -92,8 +101,9 @@ def test_uint8_feed_normalised_on_device_equals_the_float_feed(snap):
     for x, y in zip(f, u):
         assert y["image"].dtype == torch.uint8 and x["image"].dtype == torch.float32
         assert y["image"].element_size() * 4 == x["image"].element_size()
-        torch.testing.assert_close(normalize_on_device(y["image"], as_uint8.mean, as_uint8.std), x["image"],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            normalize_on_device(y["image"], as_uint8.mean, as_uint8.std), x["image"], rtol=0, atol=1e-6
+        )
         assert torch.equal(x["text"], y["text"]) and x["n_bad"] == y["n_bad"]
     assert normalize_on_device(f[0]["image"], as_uint8.mean, as_uint8.std) is f[0]["image"]
 
@@ -103,8 +113,9 @@ def test_uint8_feed_runs_the_random_training_transform_before_the_split(snap):
     and range (the random steps run on PIL images in the workers, before ToTensor)."""
     root, sid = snap
     info = resolve_snapshot(root, None, sid)
-    b = factory.create("clipline-nano", aug={"scale": (0.5, 1.0), "color_jitter_prob": 0.5,
-                                             "color_jitter": (0.3, 0.3, 0.3, 0.0)})
+    b = factory.create(
+        "clipline-nano", aug={"scale": (0.5, 1.0), "color_jitter_prob": 0.5, "color_jitter": (0.3, 0.3, 0.3, 0.0)}
+    )
     dec = BatchDecoder(b.train_transform, b.tokenizer, b.image_size, uint8=True)
     assert [type(t).__name__ for t in dec.transform.transforms][-1] != "Normalize"
     batch = next(iter(SnapshotStream(info, dec, 32, seed=1)))

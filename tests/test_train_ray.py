@@ -15,8 +15,16 @@ from trainkit import _cfg, _history, snapshot  # noqa: F401 - snapshot is a fixt
 
 @pytest.mark.slow
 def test_worker_failure_is_recovered_by_ray_train(data_dir, snapshot, mlflow_uri, ray_local):
-    cfg = _cfg(data_dir, steps=8, checkpoint_every=3, fail_at_step=5, max_failures=1, workers=2,
-               backend="ray", run_name="ray-failure")
+    cfg = _cfg(
+        data_dir,
+        steps=8,
+        checkpoint_every=3,
+        fail_at_step=5,
+        max_failures=1,
+        workers=2,
+        backend="ray",
+        run_name="ray-failure",
+    )
     res = train(cfg, snapshot)
     assert res.steps == 8
     run_dir = cfg.checkpoints_dir / "ray-failure"
@@ -29,8 +37,7 @@ def test_worker_failure_is_recovered_by_ray_train(data_dir, snapshot, mlflow_uri
 
 @pytest.mark.slow
 def test_ray_data_feed_trains_two_workers(data_dir, snapshot, mlflow_uri, ray_local):
-    cfg = _cfg(data_dir, steps=4, workers=2, backend="ray", data_feed="ray", run_name="ray-data",
-               checkpoint_every=100)
+    cfg = _cfg(data_dir, steps=4, workers=2, backend="ray", data_feed="ray", run_name="ray-data", checkpoint_every=100)
     res = train(cfg, snapshot)
     assert res.steps == 4 and res.samples_per_s > 0
     assert len(_history(res.run_id, "train/loss")) == 4

@@ -10,8 +10,16 @@ from mlflow.tracking import MlflowClient
 from clipline.components.config import load_config
 from clipline.components.train import synthetic
 
-FAST = {"model": "clipline-nano", "batch_size": 16, "lr": 2e-3, "warmup_steps": 5, "log_every": 5,
-        "threads": 1, "loader_workers": 1, "system_metrics": False}
+FAST = {
+    "model": "clipline-nano",
+    "batch_size": 16,
+    "lr": 2e-3,
+    "warmup_steps": 5,
+    "log_every": 5,
+    "threads": 1,
+    "loader_workers": 1,
+    "system_metrics": False,
+}
 
 
 def _cfg(data_dir: Path, **train_overrides):

@@ -10,9 +10,11 @@ def ray_address() -> str | None:
     clipline's driver runs on a node of the cluster instead (README, "Ray")."""
     address = os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith("ray://"):
-        raise ValueError(f"RAY_ADDRESS={address} is a Ray Client address, which clipline does not support: run "
-                         "clipline on a node of the cluster (the head, for example) with RAY_ADDRESS=auto or "
-                         "<head-ip>:6379, as the README's Ray section shows")
+        raise ValueError(
+            f"RAY_ADDRESS={address} is a Ray Client address, which clipline does not support: run "
+            "clipline on a node of the cluster (the head, for example) with RAY_ADDRESS=auto or "
+            "<head-ip>:6379, as the README's Ray section shows"
+        )
     return address
 
 

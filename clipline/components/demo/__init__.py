@@ -12,6 +12,16 @@ from clipline.components.demo.server import ToyWeb, serve_toy_web
 from clipline.components.demo.store import ToyItem, ToyStore
 
 __all__ = [
-    "ALL_COMBOS", "COLORS", "HELDOUT_COMBOS", "SEEN_COMBOS", "SHAPES", "EvalSet", "ToyItem", "ToyStore",
-    "ToyWeb", "serve_toy_web", "write_heldout_set", "write_seen_set",
+    "ALL_COMBOS",
+    "COLORS",
+    "HELDOUT_COMBOS",
+    "SEEN_COMBOS",
+    "SHAPES",
+    "EvalSet",
+    "ToyItem",
+    "ToyStore",
+    "ToyWeb",
+    "serve_toy_web",
+    "write_heldout_set",
+    "write_seen_set",
 ]

@@ -39,9 +39,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hea
 
 #: colour x shape pairs that never occur in the training corpus (shape j with colours j and j+6).
 HELDOUT_COMBOS: tuple[tuple[str, str], ...] = tuple(
-    (list(COLORS)[c], SHAPES[s])
-    for s in range(len(SHAPES))
-    for c in (s % len(COLORS), (s + 6) % len(COLORS))
+    (list(COLORS)[c], SHAPES[s]) for s in range(len(SHAPES)) for c in (s % len(COLORS), (s + 6) % len(COLORS))
 )
 ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 SEEN_COMBOS: tuple[tuple[str, str], ...] = tuple(x for x in ALL_COMBOS if x not in HELDOUT_COMBOS)
@@ -95,7 +93,7 @@ class ShapeSpec:
 
     @property
     def size_word(self) -> str:
-        """"small", "large" or "" (medium), from the object's size relative to the image."""
+        """ "small", "large" or "" (medium), from the object's size relative to the image."""
         rel = 2 * self.radius / min(self.width, self.height)
         return "small" if rel < _SMALL else "large" if rel > _LARGE else ""
 
@@ -115,9 +113,17 @@ class ShapeSpec:
         return f"in the {vert} {horiz} corner"
 
 
-def sample_spec(rng: random.Random, color: str, shape: str, *, min_side: int = 224,
-                max_side: int = 384, small_share: float = 0.0, wide_share: float = 0.0,
-                large_share: float = 0.08) -> ShapeSpec:
+def sample_spec(
+    rng: random.Random,
+    color: str,
+    shape: str,
+    *,
+    min_side: int = 224,
+    max_side: int = 384,
+    small_share: float = 0.0,
+    wide_share: float = 0.0,
+    large_share: float = 0.08,
+) -> ShapeSpec:
     """Draw random but valid parameters for one image of ``color`` ``shape``.
 
     The object stays fully inside the frame. Most images have a short side in
@@ -153,10 +159,21 @@ def sample_spec(rng: random.Random, color: str, shape: str, *, min_side: int = 2
     bj = rng.randint(-10, 10)
     bg_rgb = tuple(int(max(0, min(255, v + bj))) for v in BACKGROUNDS[background])
     return ShapeSpec(
-        color=color, shape=shape, width=width, height=height, rgb=rgb,  # type: ignore[arg-type]
-        background=background, bg_rgb=bg_rgb, texture=rng.choice(TEXTURES),  # type: ignore[arg-type]
-        cx=cx, cy=cy, radius=radius, angle=angle, outline=rng.random() < 0.25,
-        quality=rng.randint(80, 95), render_seed=rng.getrandbits(32),
+        color=color,
+        shape=shape,
+        width=width,
+        height=height,
+        rgb=rgb,  # type: ignore[arg-type]
+        background=background,
+        bg_rgb=bg_rgb,
+        texture=rng.choice(TEXTURES),  # type: ignore[arg-type]
+        cx=cx,
+        cy=cy,
+        radius=radius,
+        angle=angle,
+        outline=rng.random() < 0.25,
+        quality=rng.randint(80, 95),
+        render_seed=rng.getrandbits(32),
     )
 
 
@@ -177,8 +194,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
             pts.append((rr * math.cos(a), rr * math.sin(a)))
     elif shape == "cross":
         w = 0.34
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
-               (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
         pts = [(x * 0.95, y * 0.95) for x, y in pts]
     elif shape == "heart":
         pts = []
@@ -261,7 +290,7 @@ def _texture(spec: ShapeSpec) -> Image.Image:
         tile = _noise_tile()
         y0 = int(gen.integers(0, _NOISE_SIDE - h + 1))
         x0 = int(gen.integers(0, _NOISE_SIDE - w + 1))
-        mask = Image.fromarray(np.ascontiguousarray(tile[y0:y0 + h, x0:x0 + w]), "L")
+        mask = Image.fromarray(np.ascontiguousarray(tile[y0 : y0 + h, x0 : x0 + w]), "L")
     elif spec.texture == "stripes":
         period = int(gen.integers(8, 28))
         horizontal = bool(gen.integers(0, 2))
@@ -342,9 +371,17 @@ def caption_for(spec: ShapeSpec, rng: random.Random) -> str:
     a_np = f"{_article(np_words)} {np_words}"
     a = _article(spec.color)
     fields = {
-        "np": np_words, "a_np": a_np, "A_np": a_np[0].upper() + a_np[1:],
-        "a": a, "A": a.capitalize(), "a_shape": f"{_article(spec.shape)} {spec.shape}", "color": spec.color, "shape": spec.shape,
-        "bg": spec.background, "tex": rng.choice(_TEXTURE_WORDS[spec.texture]), "pos": spec.position_phrase,
+        "np": np_words,
+        "a_np": a_np,
+        "A_np": a_np[0].upper() + a_np[1:],
+        "a": a,
+        "A": a.capitalize(),
+        "a_shape": f"{_article(spec.shape)} {spec.shape}",
+        "color": spec.color,
+        "shape": spec.shape,
+        "bg": spec.background,
+        "tex": rng.choice(_TEXTURE_WORDS[spec.texture]),
+        "pos": spec.position_phrase,
     }
     return rng.choice(_TEMPLATES).format(**fields)
 

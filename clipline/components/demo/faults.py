@@ -121,9 +121,26 @@ def plan_faults(n: int, seed: int, rate: float, weight: Callable[[str], float]) 
 # ------------------------------------------------------------------------------------ captions
 
 _JUNK = (
-    "IMG_{d4}.JPG", "DSC{d5}", "click here", "asdf qwer zxcv", "untitled", "image", "!!!! ####",
-    "{d5}", "thumbnail", "null", "undefined", "photo.jpg", "Screenshot {d4}-{d2}-{d2}", "lorem ipsum",
-    ">> more <<", "img src", "___", "download now", "jpg", "...",
+    "IMG_{d4}.JPG",
+    "DSC{d5}",
+    "click here",
+    "asdf qwer zxcv",
+    "untitled",
+    "image",
+    "!!!! ####",
+    "{d5}",
+    "thumbnail",
+    "null",
+    "undefined",
+    "photo.jpg",
+    "Screenshot {d4}-{d2}-{d2}",
+    "lorem ipsum",
+    ">> more <<",
+    "img src",
+    "___",
+    "download now",
+    "jpg",
+    "...",
 )
 
 
@@ -161,34 +178,82 @@ def mojibake_caption(caption: str, rng: random.Random) -> str:
 _FOREIGN = {
     # French: colour agrees with the noun's gender (m, f)
     "fr": {
-        "colors": {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
-                   "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"),
-                   "orange": ("orange", "orange"), "pink": ("rose", "rose"), "cyan": ("cyan", "cyan")},
-        "shapes": {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
-                   "star": ("étoile", "f"), "cross": ("croix", "f"), "heart": ("cœur", "m")},
-        "templates": ("{art} {shape} {color} sur un fond uni", "Voici {art} {shape} {color} dessiné à la main",
-                      "une image avec {art} {shape} {color} au milieu"),
+        "colors": {
+            "red": ("rouge", "rouge"),
+            "green": ("vert", "verte"),
+            "blue": ("bleu", "bleue"),
+            "yellow": ("jaune", "jaune"),
+            "purple": ("violet", "violette"),
+            "orange": ("orange", "orange"),
+            "pink": ("rose", "rose"),
+            "cyan": ("cyan", "cyan"),
+        },
+        "shapes": {
+            "circle": ("cercle", "m"),
+            "square": ("carré", "m"),
+            "triangle": ("triangle", "m"),
+            "star": ("étoile", "f"),
+            "cross": ("croix", "f"),
+            "heart": ("cœur", "m"),
+        },
+        "templates": (
+            "{art} {shape} {color} sur un fond uni",
+            "Voici {art} {shape} {color} dessiné à la main",
+            "une image avec {art} {shape} {color} au milieu",
+        ),
         "art": {"m": "un", "f": "une"},
     },
     # German: "in <Farbe>" avoids adjective endings; every noun here takes "ein"
     "de": {
-        "colors": {"red": "Rot", "green": "Grün", "blue": "Blau", "yellow": "Gelb", "purple": "Lila",
-                   "orange": "Orange", "pink": "Rosa", "cyan": "Türkis"},
-        "shapes": {"circle": "Kreis", "square": "Quadrat", "triangle": "Dreieck", "star": "Stern",
-                   "cross": "Kreuz", "heart": "Herz"},
-        "templates": ("Ein {shape} in {color} auf einem einfarbigen Hintergrund",
-                      "Hier sieht man ein {shape} in der Farbe {color}",
-                      "Meine Zeichnung: ein {shape} in {color}, sonst nichts"),
+        "colors": {
+            "red": "Rot",
+            "green": "Grün",
+            "blue": "Blau",
+            "yellow": "Gelb",
+            "purple": "Lila",
+            "orange": "Orange",
+            "pink": "Rosa",
+            "cyan": "Türkis",
+        },
+        "shapes": {
+            "circle": "Kreis",
+            "square": "Quadrat",
+            "triangle": "Dreieck",
+            "star": "Stern",
+            "cross": "Kreuz",
+            "heart": "Herz",
+        },
+        "templates": (
+            "Ein {shape} in {color} auf einem einfarbigen Hintergrund",
+            "Hier sieht man ein {shape} in der Farbe {color}",
+            "Meine Zeichnung: ein {shape} in {color}, sonst nichts",
+        ),
     },
     # Spanish: colour agrees with the noun's gender (m, f)
     "es": {
-        "colors": {"red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
-                   "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"),
-                   "orange": ("naranja", "naranja"), "pink": ("rosa", "rosa"), "cyan": ("cian", "cian")},
-        "shapes": {"circle": ("círculo", "m"), "square": ("cuadrado", "m"), "triangle": ("triángulo", "m"),
-                   "star": ("estrella", "f"), "cross": ("cruz", "f"), "heart": ("corazón", "m")},
-        "templates": ("{art} {shape} {color} sobre un fondo liso", "Aquí hay {art} {shape} {color} dibujado a mano",
-                      "una imagen con {art} {shape} {color} en el centro"),
+        "colors": {
+            "red": ("rojo", "roja"),
+            "green": ("verde", "verde"),
+            "blue": ("azul", "azul"),
+            "yellow": ("amarillo", "amarilla"),
+            "purple": ("morado", "morada"),
+            "orange": ("naranja", "naranja"),
+            "pink": ("rosa", "rosa"),
+            "cyan": ("cian", "cian"),
+        },
+        "shapes": {
+            "circle": ("círculo", "m"),
+            "square": ("cuadrado", "m"),
+            "triangle": ("triángulo", "m"),
+            "star": ("estrella", "f"),
+            "cross": ("cruz", "f"),
+            "heart": ("corazón", "m"),
+        },
+        "templates": (
+            "{art} {shape} {color} sobre un fondo liso",
+            "Aquí hay {art} {shape} {color} dibujado a mano",
+            "una imagen con {art} {shape} {color} en el centro",
+        ),
         "art": {"m": "un", "f": "una"},
     },
 }
@@ -261,7 +326,7 @@ def not_image_html(item_id: int) -> bytes:
     return (
         "<!DOCTYPE html><html><head><title>Access denied</title></head><body>"
         f"<h1>Please enable JavaScript</h1><p>Request {item_id} could not be served. "
-        "<a href=\"/\">Home</a></p></body></html>"
+        '<a href="/">Home</a></p></body></html>'
     ).encode()
 
 

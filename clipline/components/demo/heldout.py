@@ -28,7 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipline.components.demo.corpus import (
-    ALL_COMBOS, HELDOUT_COMBOS, SEEN_COMBOS, _rng, encode_jpeg, render, sample_spec,
+    ALL_COMBOS,
+    HELDOUT_COMBOS,
+    SEEN_COMBOS,
+    _rng,
+    encode_jpeg,
+    render,
+    sample_spec,
 )
 
 #: zero-shot prompts; ``{c}`` is a class name such as "red circle". They avoid "a"/"an" so every
@@ -68,8 +74,7 @@ class EvalSet:
         return 1.0 / len(self.classnames)
 
 
-def _write(out_dir: Path | str, name: str, combos: tuple[tuple[str, str], ...], seed: int,
-           n_per_class: int) -> EvalSet:
+def _write(out_dir: Path | str, name: str, combos: tuple[tuple[str, str], ...], seed: int, n_per_class: int) -> EvalSet:
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     d = Path(out_dir).resolve() / name
@@ -91,12 +96,10 @@ def _write(out_dir: Path | str, name: str, combos: tuple[tuple[str, str], ...], 
     cls_file, tpl_file = d / "classnames.json", d / "templates.json"
     cls_file.write_text(json.dumps({name: list(CLASSNAMES)}, indent=1))
     tpl_file.write_text(json.dumps({name: list(TEMPLATES)}, indent=1))
-    return EvalSet(name, data, cls_file, tpl_file, CLASSNAMES,
-                   tuple(classname(c, s) for c, s in combos), len(labels))
+    return EvalSet(name, data, cls_file, tpl_file, CLASSNAMES, tuple(classname(c, s) for c, s in combos), len(labels))
 
 
-def write_heldout_set(out_dir: Path | str, seed: int = 0, n_per_class: int = 50,
-                      name: str = "heldout") -> EvalSet:
+def write_heldout_set(out_dir: Path | str, seed: int = 0, n_per_class: int = 50, name: str = "heldout") -> EvalSet:
     """Pictures of the 12 colour x shape combinations never shown in training, ``n_per_class``
     each, classified among all 48 names (chance 1/48). Same seed, same bytes."""
     return _write(out_dir, name, HELDOUT_COMBOS, seed, n_per_class)

@@ -51,7 +51,7 @@ class ToyWeb:
 
     def request_count(self, url_or_path: str) -> int:
         """How many requests the toy web has received for this URL (or path)."""
-        path = url_or_path[len(self.base_url):] if url_or_path.startswith(self.base_url) else url_or_path
+        path = url_or_path[len(self.base_url) :] if url_or_path.startswith(self.base_url) else url_or_path
         return self._hits[path]
 
     @property
@@ -109,7 +109,7 @@ class _Handlers:
 
     async def moved(self, request: web.Request) -> web.Response:
         """Target of ``redirect``: the item's picture."""
-        path = request.path[len("/moved"):]
+        path = request.path[len("/moved") :]
         self.hits[request.path] += 1
         item = self.store.by_path(path)
         if item is None:
@@ -157,7 +157,7 @@ class _Handlers:
     # ---- internal server
     async def internal(self, request: web.Request) -> web.Response:
         self.internal_hits[request.path] += 1
-        item = self.store.by_path(request.path[len("/internal"):])
+        item = self.store.by_path(request.path[len("/internal") :])
         if item is None:
             return web.Response(status=404, text="no such item")
         data, ctype = await self._body(item)
@@ -184,8 +184,9 @@ class _ServerThread:
         ports = []
         for app, port in ((main, self.cfg.port), (internal, self.cfg.internal_port)):
             # handler_cancellation: a hanging ('timeout') handler ends when its client gives up
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False,
-                                   handler_cancellation=True)
+            runner = web.AppRunner(
+                app, access_log=None, shutdown_timeout=0.5, handle_signals=False, handler_cancellation=True
+            )
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.host, port, reuse_address=True)
             await site.start()
@@ -222,13 +223,15 @@ class _ServerThread:
 
 def write_url_list(web_: ToyWeb, path: Path) -> Path:
     """Write the URL list (Parquet: url, caption, fault, color, shape) atomically."""
-    table = pa.table({
-        "url": [web_.url(it) for it in web_.items],
-        "caption": [it.caption for it in web_.items],
-        "fault": [it.fault for it in web_.items],
-        "color": [it.color for it in web_.items],
-        "shape": [it.shape for it in web_.items],
-    })
+    table = pa.table(
+        {
+            "url": [web_.url(it) for it in web_.items],
+            "caption": [it.caption for it in web_.items],
+            "fault": [it.fault for it in web_.items],
+            "color": [it.color for it in web_.items],
+            "shape": [it.shape for it in web_.items],
+        }
+    )
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
@@ -248,8 +251,10 @@ def serve_toy_web(cfg: DemoConfig, out_dir: Path | str, n: int | None = None) ->
     try:
         port, internal_port = srv.start()
     except OSError as e:
-        raise OSError(f"cannot serve the toy web on {cfg.host}:{cfg.port} / {cfg.internal_port}: {e}; "
-                      "choose a free port (0 = any)") from e
+        raise OSError(
+            f"cannot serve the toy web on {cfg.host}:{cfg.port} / {cfg.internal_port}: {e}; "
+            "choose a free port (0 = any)"
+        ) from e
     host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
     web_ = ToyWeb(
         base_url=f"http://{host}:{port}",
@@ -267,11 +272,20 @@ def serve_toy_web(cfg: DemoConfig, out_dir: Path | str, n: int | None = None) ->
     warmer = None
     try:
         write_url_list(web_, web_.url_list)
-        (out / INFO_NAME).write_text(json.dumps({
-            "base_url": web_.base_url, "allow_host": web_.allow_host, "internal_base_url": web_.internal_base_url,
-            "url_list": str(web_.url_list), "seed": cfg.seed, "n": len(store.items),
-            "faults": dict(Counter(it.fault for it in store.items)),
-        }, indent=2))
+        (out / INFO_NAME).write_text(
+            json.dumps(
+                {
+                    "base_url": web_.base_url,
+                    "allow_host": web_.allow_host,
+                    "internal_base_url": web_.internal_base_url,
+                    "url_list": str(web_.url_list),
+                    "seed": cfg.seed,
+                    "n": len(store.items),
+                    "faults": dict(Counter(it.fault for it in store.items)),
+                },
+                indent=2,
+            )
+        )
         if cfg.warm_cache:
             warmer = threading.Thread(target=store.warm, args=(stop,), name="toy-web-warm", daemon=True)
             warmer.start()

@@ -19,8 +19,19 @@ from clipline.components.demo.corpus import CorpusItem, _rng, caption_for, corpu
 
 # faults whose body is the item's own plain JPEG (the behaviour is in the HTTP exchange)
 _PLAIN_BODY = {
-    F.NONE, "http_429", "http_503_retry_after", "slow", "timeout", "redirect", "redirect_internal",
-    "truncated", "optout", "caption_empty", "caption_junk", "caption_mojibake", "caption_foreign",
+    F.NONE,
+    "http_429",
+    "http_503_retry_after",
+    "slow",
+    "timeout",
+    "redirect",
+    "redirect_internal",
+    "truncated",
+    "optout",
+    "caption_empty",
+    "caption_junk",
+    "caption_mojibake",
+    "caption_foreign",
 }
 _EXT = {"bomb": "png", "palette": "png", "alpha": "png", "animated": "gif"}
 
@@ -50,7 +61,8 @@ class ToyStore:
         faults = F.plan_faults(self.n, cfg.seed, cfg.fault_rate, cfg.fault_weight)
         self._sources = F.pick_sources(faults, cfg.seed)
         self._corpus: list[CorpusItem] = [
-            corpus_item(cfg.seed, i, small_share=cfg.small_image_share, wide_share=cfg.wide_image_share) for i in range(self.n)
+            corpus_item(cfg.seed, i, small_share=cfg.small_image_share, wide_share=cfg.wide_image_share)
+            for i in range(self.n)
         ]
         self.items: list[ToyItem] = [self._make_item(i, f) for i, f in enumerate(faults)]
         self._by_path = {it.path: it for it in self.items}

@@ -184,8 +184,9 @@ def _is_imagefolder(path: Path) -> bool:
     return path.is_dir() and any(p.is_dir() for p in path.iterdir()) and not list(path.glob("*.parquet"))
 
 
-def load_eval_dataset(path: str | Path, classnames: str | Path | None = None, templates: str | Path | None = None,
-                      name: str | None = None) -> EvalDataset:
+def load_eval_dataset(
+    path: str | Path, classnames: str | Path | None = None, templates: str | Path | None = None, name: str | None = None
+) -> EvalDataset:
     """Read a zero-shot set from a Parquet file, a directory of Parquet files, or an ImageFolder.
 
     Guarantees: every label indexes ``classnames``; class names and templates are in
@@ -194,7 +195,9 @@ def load_eval_dataset(path: str | Path, classnames: str | Path | None = None, te
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise DatasetError(f"evaluation set {path} does not exist: give a Parquet file, a directory of them, or an ImageFolder")
+        raise DatasetError(
+            f"evaluation set {path} does not exist: give a Parquet file, a directory of them, or an ImageFolder"
+        )
     side_dir = path.parent if path.is_file() else path
     cls_path = Path(classnames) if classnames else _sidecar(side_dir, "*classnames*.json")
     tpl_path = Path(templates) if templates else _sidecar(side_dir, "*templates*.json")
@@ -246,8 +249,10 @@ def _imagefolder_labels(path: Path, folders: list[Path], classnames: list[str]) 
     for i, c in enumerate(classnames):
         key = _spelling(c)
         if key in by_spelling:
-            raise DatasetError(f"classnames for ImageFolder {path} list '{classnames[by_spelling[key]]}' "
-                               f"and '{c}', which are the same name: each class must appear once")
+            raise DatasetError(
+                f"classnames for ImageFolder {path} list '{classnames[by_spelling[key]]}' "
+                f"and '{c}', which are the same name: each class must appear once"
+            )
         by_spelling[key] = i
     folder_keys = [_spelling(f.name) for f in folders]
     matched = [k in by_spelling for k in folder_keys]
@@ -256,7 +261,10 @@ def _imagefolder_labels(path: Path, folders: list[Path], classnames: list[str]) 
     if not any(matched):
         return list(range(len(folders)))
     unmatched_folders = [f.name for f, m in zip(folders, matched) if not m]
-    unused = [classnames[i] for i in sorted(set(by_spelling.values()) - {by_spelling[k] for k in folder_keys if k in by_spelling})]
+    unused = [
+        classnames[i]
+        for i in sorted(set(by_spelling.values()) - {by_spelling[k] for k in folder_keys if k in by_spelling})
+    ]
     raise DatasetError(
         f"ImageFolder {path}: {len(unmatched_folders)} of {len(folders)} class folders are not in the classnames file "
         f"(first: {unmatched_folders[:5]}; names of the file no folder has: {unused[:5]}): rename the folders "
@@ -280,8 +288,9 @@ def _load_imagefolder(path: Path, name: str, classnames: list[str] | None) -> Ev
             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(f)
                 labels.append(label)
-    return EvalDataset(name=name, source=path, kind="imagefolder", classnames=names, templates=[],
-                       labels=labels, images=images)
+    return EvalDataset(
+        name=name, source=path, kind="imagefolder", classnames=names, templates=[], labels=labels, images=images
+    )
 
 
 def _load_parquet(path: Path, name: str, classnames: list[str] | None) -> EvalDataset:
@@ -313,20 +322,26 @@ def _load_parquet(path: Path, name: str, classnames: list[str] | None) -> EvalDa
         labels = [index[x] for x in raw_labels]
     elif all(isinstance(x, int) and not isinstance(x, bool) for x in raw_labels):
         if classnames is None:
-            raise DatasetError(f"{path} has integer labels but no classnames: give --classnames FILE "
-                               "(CLIP_benchmark format) or put a *classnames*.json beside it")
+            raise DatasetError(
+                f"{path} has integer labels but no classnames: give --classnames FILE "
+                "(CLIP_benchmark format) or put a *classnames*.json beside it"
+            )
         names = classnames
         bad = [x for x in raw_labels if not 0 <= x < len(names)]
         if bad:
             raise DatasetError(f"{path}: labels {sorted(set(bad))[:5]} are out of range for {len(names)} class names")
         labels = list(raw_labels)
     else:
-        raise DatasetError(f"{path}: the label column must be all integers (class indices) or all strings (class names)")
-    return EvalDataset(name=name, source=path, kind="parquet", classnames=list(names), templates=[],
-                       labels=labels, images=images)
+        raise DatasetError(
+            f"{path}: the label column must be all integers (class indices) or all strings (class names)"
+        )
+    return EvalDataset(
+        name=name, source=path, kind="parquet", classnames=list(names), templates=[], labels=labels, images=images
+    )
 
 
 # ----- the snapshot's validation pairs (retrieval) -----
+
 
 @dataclass
 class PairSet:
@@ -383,5 +398,9 @@ def load_snapshot_pairs(snapshots_dir: Path, snapshot_id: str, split: str = "val
     table = table.filter(pc.is_valid(table["image"])).sort_by("key")
     if limit is not None:
         table = table.slice(0, limit)
-    return PairSet(name=split, keys=[str(k) for k in table["key"].to_pylist()],
-                   captions=table["caption"].to_pylist(), images=table["image"].to_pylist())
+    return PairSet(
+        name=split,
+        keys=[str(k) for k in table["key"].to_pylist()],
+        captions=table["caption"].to_pylist(),
+        images=table["image"].to_pylist(),
+    )

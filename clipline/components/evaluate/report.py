@@ -48,8 +48,12 @@ def confusion_png(result: ZeroShotResult, path: str | Path) -> Path | None:
     return path
 
 
-def retrieval_grid_png(queries: Sequence[str], top_images: Sequence[Sequence[bytes]], path: str | Path,
-                       correct: Sequence[Sequence[bool]] | None = None) -> Path:
+def retrieval_grid_png(
+    queries: Sequence[str],
+    top_images: Sequence[Sequence[bytes]],
+    path: str | Path,
+    correct: Sequence[Sequence[bool]] | None = None,
+) -> Path:
     """One row per text query: the caption, then its top images (green frame = the query's own image)."""
     from PIL import Image
 

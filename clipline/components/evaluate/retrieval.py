@@ -42,8 +42,9 @@ def _collate(batch: list[tuple[Any, list[str]]]) -> tuple[torch.Tensor, list[lis
 
 
 @torch.inference_mode()
-def embed_pairs(model: Any, tokenizer: Any, loader: Any, device: str = "cpu"
-                ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def embed_pairs(
+    model: Any, tokenizer: Any, loader: Any, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Normalised image (N, D) and text (T, D) embeddings, and for each text the index of its image.
 
     ``loader`` yields ``(images, [[captions of image 0], [captions of image 1], ...])``.
@@ -64,11 +65,17 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]
     kmax = min(max(ks), scores.shape[1])
     top = scores.topk(kmax, dim=1).indices
     hits = positives.gather(1, top)  # (Q, kmax) bool: is the j-th result a positive?
-    return {k: hits[:, :min(k, kmax)].any(dim=1).float().mean().item() for k in ks}
+    return {k: hits[:, : min(k, kmax)].any(dim=1).float().mean().item() for k in ks}
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Sequence[int],
-                      ks: Sequence[int] = (1, 5, 10), split: str = "val", keep_top: int = 0) -> RetrievalResult:
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+    split: str = "val",
+    keep_top: int = 0,
+) -> RetrievalResult:
     """Recall@k both ways from normalised embeddings; ``text_image[t]`` is text t's image."""
     scores = text_emb @ image_emb.t()  # (T, N)
     positives = torch.zeros_like(scores, dtype=torch.bool)
@@ -76,13 +83,27 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
     t2i = recall_at_k(scores, positives, ks)
     i2t = recall_at_k(scores.t(), positives.t(), ks)
     top = scores.topk(min(keep_top, scores.shape[1]), dim=1).indices.tolist() if keep_top else []
-    return RetrievalResult(split=split, n_images=image_emb.shape[0], n_texts=text_emb.shape[0],
-                           image_to_text=i2t, text_to_image=t2i, top_images=top)
+    return RetrievalResult(
+        split=split,
+        n_images=image_emb.shape[0],
+        n_texts=text_emb.shape[0],
+        image_to_text=i2t,
+        text_to_image=t2i,
+        top_images=top,
+    )
 
 
-def run_retrieval(model: Any, tokenizer: Any, preprocess: Any, pairs: PairSet, device: str = "cpu",
-                  batch_size: int = 256, ks: Sequence[int] = (1, 5, 10), num_workers: int = 0,
-                  keep_top: int = 4) -> RetrievalResult:
+def run_retrieval(
+    model: Any,
+    tokenizer: Any,
+    preprocess: Any,
+    pairs: PairSet,
+    device: str = "cpu",
+    batch_size: int = 256,
+    ks: Sequence[int] = (1, 5, 10),
+    num_workers: int = 0,
+    keep_top: int = 4,
+) -> RetrievalResult:
     """Embed the pairs and compute recall@k both ways (see the module docstring)."""
     loader = make_loader(pairs.torch_dataset(preprocess), batch_size, num_workers, collate_fn=_collate)
     image_emb, text_emb, owner = embed_pairs(model, tokenizer, loader, device)

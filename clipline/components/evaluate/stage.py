@@ -10,7 +10,10 @@ from typing import Sequence
 from clipline.components.config import Config
 from clipline.components.evaluate.datasets import EvalDataset, load_eval_dataset, load_snapshot_pairs
 from clipline.components.evaluate.report import (
-    confusion_png, metrics_markdown, retrieval_grid_png, worst_classes_markdown,
+    confusion_png,
+    metrics_markdown,
+    retrieval_grid_png,
+    worst_classes_markdown,
 )
 from clipline.components.evaluate.retrieval import RetrievalResult, run_retrieval
 from clipline.components.evaluate.zeroshot import ZeroShotResult, run_zeroshot
@@ -40,9 +43,14 @@ def default_datasets(cfg: Config) -> list[EvalDataset]:
     return [load_eval_dataset(p) for p in cfg.evaluate.datasets]
 
 
-def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = None,
-             datasets: Sequence[EvalDataset] | None = None, snapshot_id: str | None = None,
-             log_to_mlflow: bool = True) -> EvalResult:
+def evaluate(
+    cfg: Config,
+    model: str | Path | LoadedModel,
+    run_id: str | None = None,
+    datasets: Sequence[EvalDataset] | None = None,
+    snapshot_id: str | None = None,
+    log_to_mlflow: bool = True,
+) -> EvalResult:
     """Evaluate a checkpoint directory on zero-shot sets and on the snapshot's val split.
 
     ``datasets`` None means ``cfg.evaluate.datasets``. ``snapshot_id`` None means the snapshot
@@ -55,21 +63,30 @@ def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = 
     run_id = run_id or loaded.run_id
     notes = []
     if snapshot_id is None and loaded.snapshot_id and not (cfg.snapshots_dir / loaded.snapshot_id).is_dir():
-        notes.append(f"the checkpoint's snapshot {loaded.snapshot_id} is not in {cfg.snapshots_dir}: retrieval "
-                     "skipped (give --snapshot to measure it on one of this data dir's snapshots)")
+        notes.append(
+            f"the checkpoint's snapshot {loaded.snapshot_id} is not in {cfg.snapshots_dir}: retrieval "
+            "skipped (give --snapshot to measure it on one of this data dir's snapshots)"
+        )
     else:
         snapshot_id = snapshot_id or loaded.snapshot_id
     ds_list = list(datasets) if datasets is not None else default_datasets(cfg)
     ecfg = cfg.evaluate
     report_dir = cfg.reports_dir / "eval" / (run_id or loaded.checkpoint_dir.name)
     report_dir.mkdir(parents=True, exist_ok=True)
-    result = EvalResult(metrics={}, checkpoint_dir=loaded.checkpoint_dir, run_id=run_id,
-                        snapshot_id=snapshot_id or loaded.snapshot_id, report_dir=report_dir, notes=notes)
+    result = EvalResult(
+        metrics={},
+        checkpoint_dir=loaded.checkpoint_dir,
+        run_id=run_id,
+        snapshot_id=snapshot_id or loaded.snapshot_id,
+        report_dir=report_dir,
+        notes=notes,
+    )
     md = [f"# Evaluation of `{loaded.checkpoint_dir}`", ""]
 
     for ds in ds_list:
-        zs = run_zeroshot(loaded.model, loaded.tokenizer, loaded.preprocess, ds, loaded.device,
-                          ecfg.batch_size, ecfg.num_workers)
+        zs = run_zeroshot(
+            loaded.model, loaded.tokenizer, loaded.preprocess, ds, loaded.device, ecfg.batch_size, ecfg.num_workers
+        )
         result.zeroshot.append(zs)
         result.metrics.update(zs.metrics(f"zeroshot/{ds.name}"))
         png = confusion_png(zs, report_dir / f"confusion_{ds.name}.png")
@@ -79,15 +96,26 @@ def evaluate(cfg: Config, model: str | Path | LoadedModel, run_id: str | None = 
             result.notes.append(f"{ds.name}: {zs.n_classes} classes, no confusion matrix above 50")
         md.append(worst_classes_markdown(zs, ecfg.worst_classes))
         if ds.skipped:
-            result.notes.append(f"{ds.name}: {len(ds.skipped)} unreadable image(s) left out, first "
-                                f"{ds.skipped[0][0]}: {ds.skipped[0][1]}")
+            result.notes.append(
+                f"{ds.name}: {len(ds.skipped)} unreadable image(s) left out, first "
+                f"{ds.skipped[0][0]}: {ds.skipped[0][1]}"
+            )
         if ds.templates_source.startswith("default"):
             result.notes.append(f"{ds.name}: no templates file, used the default template")
 
     if snapshot_id:
         pairs = load_snapshot_pairs(cfg.snapshots_dir, snapshot_id, "val", limit=ecfg.retrieval_max_pairs)
-        rr = run_retrieval(loaded.model, loaded.tokenizer, loaded.preprocess, pairs, loaded.device,
-                           ecfg.batch_size, ecfg.recall_k, ecfg.num_workers, keep_top=ecfg.grid_top)
+        rr = run_retrieval(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.preprocess,
+            pairs,
+            loaded.device,
+            ecfg.batch_size,
+            ecfg.recall_k,
+            ecfg.num_workers,
+            keep_top=ecfg.grid_top,
+        )
         result.retrieval = rr
         result.metrics.update(rr.metrics("retrieval/val"))
         q = list(range(min(ecfg.grid_queries, len(pairs))))

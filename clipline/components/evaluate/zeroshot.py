@@ -60,13 +60,19 @@ def _prompts(classnames: Sequence[str], templates: Templates) -> tuple[list[str]
 
 
 @torch.inference_mode()
-def build_classifier(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
-                     templates: Templates, device: str = "cpu", batch_size: int = 256) -> torch.Tensor:
+def build_classifier(
+    model: Any,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Templates,
+    device: str = "cpu",
+    batch_size: int = 256,
+) -> torch.Tensor:
     """The (D, C) zero-shot weight matrix: column c is the normalised mean of class c's normalised prompts."""
     texts, owner = _prompts(classnames, templates)
     embs = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start:start + batch_size]).to(device)
+        tokens = tokenizer(texts[start : start + batch_size]).to(device)
         embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     emb = torch.cat(embs)
     owner_t = torch.tensor(owner, device=emb.device)
@@ -89,8 +95,9 @@ def embed_images(model: Any, loader: Any, device: str = "cpu") -> tuple[torch.Te
     return torch.cat(feats), torch.cat(targets)
 
 
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classnames: Sequence[str],
-                           dataset: str = "") -> ZeroShotResult:
+def classification_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, classnames: Sequence[str], dataset: str = ""
+) -> ZeroShotResult:
     """Top-1/top-5 accuracy, mean per-class recall and the confusion matrix from (N, C) logits."""
     n, c = logits.shape
     targets = targets.long()
@@ -106,21 +113,40 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classnam
     recalls = [(confusion[i, i].item() / support[i].item()) if support[i] > 0 else None for i in range(c)]
     present = [r for r in recalls if r is not None]
     return ZeroShotResult(
-        dataset=dataset, n_images=n, n_classes=c, acc1=acc1, acc5=acc5,
+        dataset=dataset,
+        n_images=n,
+        n_classes=c,
+        acc1=acc1,
+        acc5=acc5,
         mean_per_class_recall=sum(present) / len(present),
-        per_class_recall=recalls, confusion=confusion.tolist(), classnames=list(classnames),
+        per_class_recall=recalls,
+        confusion=confusion.tolist(),
+        classnames=list(classnames),
     )
 
 
 def make_loader(torch_dataset: Any, batch_size: int, num_workers: int = 0, collate_fn: Any = None) -> Any:
     from torch.utils.data import DataLoader
 
-    return DataLoader(torch_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_fn, persistent_workers=False)
+    return DataLoader(
+        torch_dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        persistent_workers=False,
+    )
 
 
-def run_zeroshot(model: Any, tokenizer: Any, preprocess: Any, dataset: EvalDataset, device: str = "cpu",
-                 batch_size: int = 256, num_workers: int = 0) -> ZeroShotResult:
+def run_zeroshot(
+    model: Any,
+    tokenizer: Any,
+    preprocess: Any,
+    dataset: EvalDataset,
+    device: str = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> ZeroShotResult:
     """Zero-shot classification of ``dataset`` with ``model``; see the module docstring for the protocol."""
     classifier = build_classifier(model, tokenizer, dataset.classnames, dataset.templates, device, batch_size)
     loader = make_loader(dataset.torch_dataset(preprocess), batch_size, num_workers)

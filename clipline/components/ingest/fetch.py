@@ -232,9 +232,7 @@ class Fetcher:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout
-            ),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout),
             headers={
                 "User-Agent": s.user_agent,
                 "Accept": "image/avif,image/webp,image/*,*/*;q=0.8",
@@ -279,15 +277,16 @@ class Fetcher:
                 where = f" (at redirect {p.current})" if p.redirects else ""
                 last = f"; last failure: {p.last_failure.message}" if p.last_failure else ""
                 res = self._fail(
-                    url, p, "deadline_exceeded",
+                    url,
+                    p,
+                    "deadline_exceeded",
                     f"{url}: gave up after the total deadline of {self.settings.total_timeout:g} s "
                     f"({p.attempts} attempt(s)){where}{last}",
                 )
             else:
                 res = self._fail(url, p, "unexpected_error", f"{url}: unexpected timeout: {exc!r}")
         except Exception as exc:  # a bug or an aiohttp surprise must not sink the shard
-            res = self._fail(url, p, "unexpected_error",
-                             f"{url}: unexpected {type(exc).__name__}: {exc}")
+            res = self._fail(url, p, "unexpected_error", f"{url}: unexpected {type(exc).__name__}: {exc}")
         res.elapsed_s = loop.time() - p.started if p.started is not None else 0.0
         return res
 
@@ -295,10 +294,16 @@ class Fetcher:
     def _fail(url: str, p: _Progress, kind: str, message: str) -> FetchResult:
         """A failed result; ``http_status``/``content_type`` are those of the last response."""
         return FetchResult(
-            url=url, ok=False, body=None,
-            http_status=p.http_status, content_type=p.content_type,
-            final_url=p.current, error_kind=kind, error_message=message,
-            attempts=p.attempts, elapsed_s=0.0,
+            url=url,
+            ok=False,
+            body=None,
+            http_status=p.http_status,
+            content_type=p.content_type,
+            final_url=p.current,
+            error_kind=kind,
+            error_message=message,
+            attempts=p.attempts,
+            elapsed_s=0.0,
         )
 
     async def _download(self, url: str, p: _Progress, cm: asyncio.Timeout) -> FetchResult:
@@ -337,7 +342,9 @@ class Fetcher:
                 p.redirects += 1
                 if p.redirects > s.max_redirects:
                     return self._fail(
-                        url, p, "too_many_redirects",
+                        url,
+                        p,
+                        "too_many_redirects",
                         f"{url}: more than {s.max_redirects} redirects (next: {outcome})",
                     )
                 current = outcome
@@ -351,17 +358,21 @@ class Fetcher:
             if f.retry_after is not None:
                 if f.retry_after > s.max_retry_after:
                     return self._fail(
-                        url, p, f.kind,
+                        url,
+                        p,
+                        f.kind,
                         f"{f.message}; the server asked to retry after {f.retry_after:g} s, more "
                         f"than max_retry_after={s.max_retry_after:g} s, so gave up",
                     )
                 delay = f.retry_after
             else:
-                step = s.backoff_base * (2 ** p.retries_used)
+                step = s.backoff_base * (2**p.retries_used)
                 delay = step / 2 + random.random() * step / 2  # "equal jitter"
             if loop.time() + delay >= p.started + s.total_timeout:
                 return self._fail(
-                    url, p, f.kind,
+                    url,
+                    p,
+                    f.kind,
                     f"{f.message}; no retry: waiting {delay:.2g} s would pass the total deadline "
                     f"of {s.total_timeout:g} s",
                 )
@@ -423,29 +434,34 @@ class Fetcher:
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 await self._drain(resp)
                 return _Failure(
-                    f"http_{status}", f"{here}: HTTP {status} {resp.reason or ''}".rstrip(),
-                    status in TRANSIENT_STATUSES, retry_after,
+                    f"http_{status}",
+                    f"{here}: HTTP {status} {resp.reason or ''}".rstrip(),
+                    status in TRANSIENT_STATUSES,
+                    retry_after,
                 )
             if s.respect_optout:
                 directive = optout_directive(resp.headers)
                 if directive:
                     resp.close()
-                    return self._fail(url, p, "opted_out",
-                                      f"{here}: the site opted out of AI use (X-Robots-Tag: {directive})")
+                    return self._fail(
+                        url, p, "opted_out", f"{here}: the site opted out of AI use (X-Robots-Tag: {directive})"
+                    )
             return await self._read_body(url, here, resp, p)
         finally:
             resp.release()
 
-    async def _read_body(self, url: str, here: str, resp: aiohttp.ClientResponse,
-                         p: _Progress) -> FetchResult | _Failure:
+    async def _read_body(
+        self, url: str, here: str, resp: aiohttp.ClientResponse, p: _Progress
+    ) -> FetchResult | _Failure:
         max_bytes = self.settings.max_bytes
         length = resp.content_length
         identity = resp.headers.get("Content-Encoding", "identity").lower() in ("identity", "")
         status, ctype = resp.status, p.content_type
         if length is not None and length > max_bytes:
             resp.close()
-            return self._fail(url, p, "too_large",
-                              f"{here}: Content-Length {length} bytes exceeds max_bytes={max_bytes}")
+            return self._fail(
+                url, p, "too_large", f"{here}: Content-Length {length} bytes exceeds max_bytes={max_bytes}"
+            )
         try:
             if length is not None and identity:
                 # the parser stops at Content-Length, so this read is bounded by max_bytes
@@ -457,23 +473,34 @@ class Fetcher:
                     total += len(chunk)
                     if total > max_bytes:
                         resp.close()
-                        return self._fail(url, p, "too_large",
-                                          f"{here}: body passed max_bytes={max_bytes} while streaming; cut")
+                        return self._fail(
+                            url, p, "too_large", f"{here}: body passed max_bytes={max_bytes} while streaming; cut"
+                        )
                     chunks.append(chunk)
                 body = b"".join(chunks)
         except aiohttp.ClientPayloadError as exc:
             short = f"before its Content-Length of {length} bytes" if length is not None else "early"
             return _Failure("truncated", f"{here}: the body ended {short} ({exc})", True)
         except TimeoutError:
-            return _Failure("timeout", f"{here}: read timeout after {self.settings.read_timeout:g} s "
-                            "while receiving the body", True)
+            return _Failure(
+                "timeout", f"{here}: read timeout after {self.settings.read_timeout:g} s while receiving the body", True
+            )
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
             return _Failure("truncated", f"{here}: connection lost while receiving the body ({exc})", True)
         if length is not None and identity and len(body) < length:
             return _Failure("truncated", f"{here}: got {len(body)} of {length} bytes", True)
-        return FetchResult(url=url, ok=True, body=body, http_status=status, content_type=ctype,
-                           final_url=here, error_kind=None, error_message=None,
-                           attempts=p.attempts, elapsed_s=0.0)
+        return FetchResult(
+            url=url,
+            ok=True,
+            body=body,
+            http_status=status,
+            content_type=ctype,
+            final_url=here,
+            error_kind=None,
+            error_message=None,
+            attempts=p.attempts,
+            elapsed_s=0.0,
+        )
 
     @staticmethod
     async def _drain(resp: aiohttp.ClientResponse) -> None:

@@ -116,17 +116,24 @@ class ProcessedImage:
         """The raw-shard fields (RAW_SCHEMA names) this outcome fills: image, sizes, hashes,
         status, error_kind, error_message. Merge with key/url/caption/source for a full row."""
         return {
-            "image": self.image, "width": self.width, "height": self.height,
-            "original_width": self.original_width, "original_height": self.original_height,
-            "sha256": self.sha256, "phash": self.phash, "status": self.status,
-            "error_kind": self.error_kind, "error_message": self.error_message,
+            "image": self.image,
+            "width": self.width,
+            "height": self.height,
+            "original_width": self.original_width,
+            "original_height": self.original_height,
+            "sha256": self.sha256,
+            "phash": self.phash,
+            "status": self.status,
+            "error_kind": self.error_kind,
+            "error_message": self.error_message,
         }
 
 
 def _fail(kind: str, message: str, fmt: str | None = None, size: tuple[int, int] | None = None) -> ProcessedImage:
     ow, oh = size if size else (None, None)
-    return ProcessedImage(ok=False, error_kind=kind, error_message=message, source_format=fmt,
-                          original_width=ow, original_height=oh)
+    return ProcessedImage(
+        ok=False, error_kind=kind, error_message=message, source_format=fmt, original_width=ow, original_height=oh
+    )
 
 
 # --------------------------------------------------------------------------------- sniffing
@@ -266,8 +273,9 @@ def _target_scale(w: int, h: int, s: ImageSettings) -> float:
     return s.image_size / min(w, h)  # keep_ratio, center_crop
 
 
-def _resize(im: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float] | None = None
-            ) -> Image.Image:
+def _resize(
+    im: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float] | None = None
+) -> Image.Image:
     src_w = (box[2] - box[0]) if box else im.width
     if size == im.size and box is None:
         return im
@@ -395,16 +403,22 @@ def _process(data: bytes, s: ImageSettings) -> ProcessedImage:
         return _fail(ERR_CORRUPT, f"{fmt} declares an empty size {w}x{h}", fmt)
     limit, limit_name = _pixel_limit(s)
     if w * h > limit:
-        return _fail(ERR_BOMB, f"{fmt} declares {w}x{h} = {w * h:,} pixels, over the limit of "
-                     f"{limit:,} ({limit_name}); refused before decoding", fmt, (w, h))
+        return _fail(
+            ERR_BOMB,
+            f"{fmt} declares {w}x{h} = {w * h:,} pixels, over the limit of "
+            f"{limit:,} ({limit_name}); refused before decoding",
+            fmt,
+            (w, h),
+        )
 
     try:
         orient = _orientation(im) if fmt != "PNG" else 1
         if fmt == "JPEG":
             r = _target_scale(w, h, s)
             if r < 1.0:  # decode at reduced scale, never below the size we need
-                im.draft(im.mode if im.mode in ("RGB", "L") else None,
-                         (max(1, math.ceil(w * r)), max(1, math.ceil(h * r))))
+                im.draft(
+                    im.mode if im.mode in ("RGB", "L") else None, (max(1, math.ceil(w * r)), max(1, math.ceil(h * r)))
+                )
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return _fail(ERR_BOMB, f"{fmt} refused: {e}", fmt, (w, h))
@@ -429,7 +443,13 @@ def _process(data: bytes, s: ImageSettings) -> ProcessedImage:
         stored = content
     out = _encode(stored, s)
     return ProcessedImage(
-        ok=True, image=out, width=stored.width, height=stored.height,
-        original_width=ow, original_height=oh,
-        sha256=hashlib.sha256(out).hexdigest(), phash=phash, source_format=fmt,
+        ok=True,
+        image=out,
+        width=stored.width,
+        height=stored.height,
+        original_width=ow,
+        original_height=oh,
+        sha256=hashlib.sha256(out).hexdigest(),
+        phash=phash,
+        source_format=fmt,
     )

@@ -46,8 +46,9 @@ _NO_STATS = {"image", "caption", "error_message", "url"}
 
 
 # --------------------------------------------------------------------------------- build
-def build_shard_table(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
-                      carried: pa.Table | None = None) -> pa.Table:
+def build_shard_table(
+    rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], carried: pa.Table | None = None
+) -> pa.Table:
     """Assemble a raw-shard table: RAW_SCHEMA's columns, in order, then the carried columns.
 
     ``rows`` is either a list of dicts or a dict of equal-length columns, keyed by RAW_SCHEMA
@@ -72,8 +73,11 @@ def build_shard_table(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[
     n = table.num_rows
     if n and table.column("ingested_at").null_count == n:
         now = pa.scalar(datetime.now(timezone.utc), RAW_SCHEMA.field("ingested_at").type)
-        table = table.set_column(table.schema.get_field_index("ingested_at"), RAW_SCHEMA.field("ingested_at"),
-                                 pa.array([now.as_py()] * n, now.type))
+        table = table.set_column(
+            table.schema.get_field_index("ingested_at"),
+            RAW_SCHEMA.field("ingested_at"),
+            pa.array([now.as_py()] * n, now.type),
+        )
     _validate(table)
     if carried is not None and carried.num_columns:
         if carried.num_rows != n:
@@ -176,8 +180,9 @@ def _row_group_rows(table: pa.Table) -> int:
     return max(MIN_ROW_GROUP_ROWS, min(n, ROW_GROUP_BYTES // per_row))
 
 
-def write_shard(table: pa.Table, out_dir: str | os.PathLike, shard_id: str, stats: dict,
-                overwrite: bool = False) -> Path:
+def write_shard(
+    table: pa.Table, out_dir: str | os.PathLike, shard_id: str, stats: dict, overwrite: bool = False
+) -> Path:
     """Write ``table`` as ``<out_dir>/<shard_id>.parquet`` with ``<shard_id>.stats.json``, atomically.
 
     See the module docstring for the crash guarantee. Parquet: zstd for text columns, images
@@ -199,7 +204,8 @@ def write_shard(table: pa.Table, out_dir: str | os.PathLike, shard_id: str, stat
     try:
         with open(tmp, "wb") as f:
             pq.write_table(
-                table, f,
+                table,
+                f,
                 row_group_size=_row_group_rows(table),
                 compression=compression,
                 use_dictionary=[c for c in _DICT_COLUMNS if c in names],
@@ -289,8 +295,9 @@ def _read_raw(pf: pq.ParquetFile, path: str, columns: Sequence[str] | None) -> p
                 try:
                     col = col.cast(f.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                    raise ValueError(f"raw shard {path}: column {f.name!r} of type {col.type} cannot be "
-                                     f"read as {f.type}: {e}") from e
+                    raise ValueError(
+                        f"raw shard {path}: column {f.name!r} of type {col.type} cannot be read as {f.type}: {e}"
+                    ) from e
             cols[f.name] = col
         else:
             cols[f.name] = pa.nulls(n, f.type)

@@ -43,8 +43,16 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "tsv", "parquet", "jsonl", "txt")
 _EXT_TO_FORMAT = {
-    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt", ".urls": "txt",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".txt": "txt",
+    ".urls": "txt",
 }
 _COMPRESSION_EXT = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
 RESERVED = frozenset(RAW_SCHEMA.names) | {"source"}
@@ -134,8 +142,9 @@ def _read_txt(f, label: str) -> pa.Table:
     return pa.table({"url": pa.array([u for u in urls if u], pa.string())})
 
 
-def _read_one(fs, path: str, label: str, fmt: str, url_col: str, caption_col: str | None,
-              carry: bool | Sequence[str]) -> pa.Table:
+def _read_one(
+    fs, path: str, label: str, fmt: str, url_col: str, caption_col: str | None, carry: bool | Sequence[str]
+) -> pa.Table:
     if fmt == "txt":
         with _open(fs, path) as f:
             return _read_txt(f, label)
@@ -192,7 +201,8 @@ def read_url_list(
         if fmt is None:
             raise UrlListError(
                 f"cannot tell the format of URL list {label} from its name; set ingest.input_format "
-                f"(--input-format) to one of {', '.join(FORMATS)}")
+                f"(--input-format) to one of {', '.join(FORMATS)}"
+            )
         raw = _read_one(fs, inner, label, fmt, url_col, caption_col, save_additional_columns)
         tables.append(_shape(raw, label, fmt, url_col, caption_col, save_additional_columns))
     return tables[0] if len(tables) == 1 else concat_url_tables(tables)
@@ -207,8 +217,9 @@ def _display(fs, inner: str) -> str:
     return f"{protocol}://{inner.lstrip('/') if protocol != 'memory' else inner}"
 
 
-def _shape(raw: pa.Table, label: str, fmt: str, url_col: str, caption_col: str | None,
-           carry: bool | Sequence[str]) -> pa.Table:
+def _shape(
+    raw: pa.Table, label: str, fmt: str, url_col: str, caption_col: str | None, carry: bool | Sequence[str]
+) -> pa.Table:
     names = raw.column_names
     src_url = "url" if fmt == "txt" else url_col
     if src_url not in names:
@@ -216,7 +227,8 @@ def _shape(raw: pa.Table, label: str, fmt: str, url_col: str, caption_col: str |
         raise UrlListError(
             f"URL list {label} has no column {src_url!r} (its columns: {names}). Set the URL column "
             f"with --url-col NAME or ingest.url_col in clipline.toml"
-            + (f"; did you mean {hint[0]!r}?" if hint else "."))
+            + (f"; did you mean {hint[0]!r}?" if hint else ".")
+        )
     n = raw.num_rows
     url = _as_string(raw.column(src_url))
     if caption_col and caption_col in names:
@@ -224,7 +236,8 @@ def _shape(raw: pa.Table, label: str, fmt: str, url_col: str, caption_col: str |
     elif caption_col and caption_col != DEFAULT_CAPTION_COL and fmt != "txt":
         raise UrlListError(
             f"URL list {label} has no caption column {caption_col!r} (its columns: {names}). Set "
-            "--caption-col / ingest.caption_col to one of them, or to \"\" for no captions.")
+            '--caption-col / ingest.caption_col to one of them, or to "" for no captions.'
+        )
     else:
         if caption_col and fmt != "txt":
             log.warning("URL list %s has no %r column: captions will be empty", label, caption_col)
@@ -238,8 +251,10 @@ def _shape(raw: pa.Table, label: str, fmt: str, url_col: str, caption_col: str |
         else:
             missing = [c for c in carry if c not in names]
             if missing:
-                raise UrlListError(f"URL list {label} lacks the column(s) {missing} named in "
-                                   f"save_additional_columns (its columns: {names})")
+                raise UrlListError(
+                    f"URL list {label} lacks the column(s) {missing} named in "
+                    f"save_additional_columns (its columns: {names})"
+                )
             extra = [c for c in carry if c not in used]
         for c in extra:
             name = f"src_{c}" if c in RESERVED else c

@@ -53,8 +53,10 @@ class SsrfBlocked(OSError):
         self.address = address
         self.address_class = address_class
         via = f", which {host} resolves to" if host.strip("[]") != address else ""
-        super().__init__(f"the SSRF guard refused {address} ({address_class} address){via}; "
-                         "allow a trusted server explicitly with --allow-host HOST:PORT")
+        super().__init__(
+            f"the SSRF guard refused {address} ({address_class} address){via}; "
+            "allow a trusted server explicitly with --allow-host HOST:PORT"
+        )
 
     def __str__(self) -> str:  # OSError's str() would prepend errno noise
         return self.args[0]
@@ -128,12 +130,15 @@ class AllowList:
         for raw in items:
             item = raw.strip()
             host, sep, port = item.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or (
-                ":" in host and not (host.startswith("[") and host.endswith("]"))
+            if (
+                not sep
+                or not host
+                or not port.isdigit()
+                or not 0 < int(port) < 65536
+                or (":" in host and not (host.startswith("[") and host.endswith("]")))
             ):
                 raise ValueError(
-                    f"allow_hosts entry {raw!r} is not HOST:PORT (for example 127.0.0.1:8123 "
-                    "or [::1]:8123)"
+                    f"allow_hosts entry {raw!r} is not HOST:PORT (for example 127.0.0.1:8123 or [::1]:8123)"
                 )
             out.add((_norm_host(host), int(port)))
         return cls(frozenset(out))

@@ -41,9 +41,22 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "CONFIG_FILE", "META_FILE", "WEIGHTS_FILE", "WEIGHTS_FILES", "CheckpointError", "LoadedModel",
-    "check_checkpoint_dir", "load_checkpoint", "load_weights", "read_config", "read_meta", "read_state_dict",
-    "save_checkpoint", "unwrap", "weights_file", "write_checkpoint",
+    "CONFIG_FILE",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "WEIGHTS_FILES",
+    "CheckpointError",
+    "LoadedModel",
+    "check_checkpoint_dir",
+    "load_checkpoint",
+    "load_weights",
+    "read_config",
+    "read_meta",
+    "read_state_dict",
+    "save_checkpoint",
+    "unwrap",
+    "weights_file",
+    "write_checkpoint",
 ]
 
 CONFIG_FILE = "open_clip_config.json"
@@ -76,6 +89,7 @@ class LoadedModel:
 
 # ----- reading -----
 
+
 def weights_file(path: str | os.PathLike) -> Path:
     """The weights file of a checkpoint given as a directory (the first of :data:`WEIGHTS_FILES`
     in it) or as a weights file (itself). Raises CheckpointError when there is none."""
@@ -87,7 +101,8 @@ def weights_file(path: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"checkpoint {p} has no weights file (expected {WEIGHTS_FILE}, or one of "
             f"{', '.join(WEIGHTS_FILES[1:])}): give a directory written by `clipline train` or "
-            "`clipline export`, or a weights file")
+            "`clipline export`, or a weights file"
+        )
     if p.is_file():
         return p
     raise CheckpointError(f"checkpoint {p} does not exist: give a checkpoint directory or a weights file")
@@ -97,15 +112,17 @@ def read_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``open_clip_config.json`` of a checkpoint directory, checked to hold ``model_cfg``."""
     cfg_path = Path(checkpoint_dir) / CONFIG_FILE
     if not cfg_path.is_file():
-        raise CheckpointError(f"checkpoint {cfg_path.parent} has no {CONFIG_FILE}: it is not an open_clip-layout "
-                              "checkpoint")
+        raise CheckpointError(
+            f"checkpoint {cfg_path.parent} has no {CONFIG_FILE}: it is not an open_clip-layout checkpoint"
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}): re-export the checkpoint") from e
     if not isinstance(cfg, dict) or "model_cfg" not in cfg:
-        raise CheckpointError(f"{cfg_path} has no 'model_cfg' key: it must be "
-                              "{'model_cfg': ..., 'preprocess_cfg': ...}")
+        raise CheckpointError(
+            f"{cfg_path} has no 'model_cfg' key: it must be {{'model_cfg': ..., 'preprocess_cfg': ...}}"
+        )
     return cfg
 
 
@@ -113,8 +130,9 @@ def check_checkpoint_dir(checkpoint_dir: str | os.PathLike) -> Path:
     """The directory, resolved, once it is known to hold a valid config and a weights file."""
     path = Path(checkpoint_dir).expanduser().resolve()
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a directory: give a checkpoint directory, a version "
-                              "or an alias")
+        raise CheckpointError(
+            f"checkpoint {path} is not a directory: give a checkpoint directory, a version or an alias"
+        )
     read_config(path)
     weights_file(path)
     return path
@@ -158,9 +176,11 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, model_name: st
         open_clip.load_checkpoint(unwrap(model), str(weights), strict=True, weights_only=True, device="cpu")
     except Exception as e:  # unreadable files and shape or key mismatches raise many types
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"checkpoint {weights} does not load into {what}: {type(e).__name__}: {reason}; "
-                              "give a checkpoint of that model (train with the model the checkpoint was "
-                              "made with)") from e
+        raise CheckpointError(
+            f"checkpoint {weights} does not load into {what}: {type(e).__name__}: {reason}; "
+            "give a checkpoint of that model (train with the model the checkpoint was "
+            "made with)"
+        ) from e
     return weights
 
 
@@ -185,17 +205,20 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, device: str = "auto") -> 
     try:
         # the weights are loaded below: open_clip's own search of the directory knows fewer names
         model, _, preprocess = open_clip.create_model_and_transforms(
-            f"local-dir:{path}", device=dev, load_weights=False, pretrained_text=False)
+            f"local-dir:{path}", device=dev, load_weights=False, pretrained_text=False
+        )
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     except Exception as e:  # open_clip raises many types; name the checkpoint in one line
         raise CheckpointError(f"open_clip could not load checkpoint {path}: {type(e).__name__}: {e}") from e
     load_weights(model, path)
     model.eval()
-    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, checkpoint_dir=path,
-                       meta=read_meta(path), device=dev)
+    return LoadedModel(
+        model=model, preprocess=preprocess, tokenizer=tokenizer, checkpoint_dir=path, meta=read_meta(path), device=dev
+    )
 
 
 # ----- writing -----
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DDP/compile wrappers."""
@@ -204,9 +227,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(model: torch.nn.Module, model_cfg: Mapping[str, Any], out_dir: str | os.PathLike,
-                    preprocess_cfg: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
-                    extra_files: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    model: torch.nn.Module,
+    model_cfg: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    preprocess_cfg: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``model`` (DDP/compile wrappers removed) as the checkpoint directory ``out_dir``,
     replacing a previous one whole; see :func:`write_checkpoint`."""
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
@@ -214,9 +242,14 @@ def save_checkpoint(model: torch.nn.Module, model_cfg: Mapping[str, Any], out_di
     return write_checkpoint(out_dir, state, config, meta, extra_files)
 
 
-def write_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                     meta: Mapping[str, Any] | None = None, extra_files: Mapping[str, Any] | None = None,
-                     keep_other_files: bool = False) -> Path:
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Any] | None = None,
+    keep_other_files: bool = False,
+) -> Path:
     """Write a checkpoint directory atomically: ``state`` as ``open_clip_model.safetensors``,
     ``config`` as ``open_clip_config.json``, ``meta`` (when given) as ``clipline.json``, and each of
     ``extra_files`` (name -> object) with ``torch.save``. All are written and fsynced in a temporary

@@ -31,8 +31,9 @@ class ExportResult:
     clip_benchmark_command: str
 
 
-def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      overwrite: bool = False) -> ExportResult:
+def export_checkpoint(
+    checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False
+) -> ExportResult:
     """Write the checkpoint at ``checkpoint_dir`` to ``out_dir`` (absent or empty, or any directory
     with ``overwrite``: its other files are kept) and load the result with open_clip (strict) as
     the proof. Its ``clipline.json`` records ``exported_from``. CheckpointError on a bad source or
@@ -44,8 +45,9 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"export target {out} is a file: choose a directory as OUT_DIR")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"export target {out} exists and is not empty: choose an empty OUT_DIR or pass "
-                              "--overwrite")
+        raise CheckpointError(
+            f"export target {out} exists and is not empty: choose an empty OUT_DIR or pass --overwrite"
+        )
     state = checkpoint.read_state_dict(src)
     config = checkpoint.read_config(src)
     meta = {**checkpoint.read_meta(src), "exported_from": str(src)}
@@ -56,13 +58,23 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
 
     tower = towers.our_tower(config.get("model_cfg", {}))
     load = f"open_clip.create_model_and_transforms('local-dir:{out}')"
-    bench = (f"eval --model_type open_clip --model local-dir:{out} "
-             f"--pretrained {out / WEIGHTS_FILE} --output result.json --dataset ...")
+    bench = (
+        f"eval --model_type open_clip --model local-dir:{out} "
+        f"--pretrained {out / WEIGHTS_FILE} --output result.json --dataset ..."
+    )
     if tower:  # open_clip builds it through timm once the module that registers it is imported
         load = f"import clipline.components.model.towers; {load}  # {tower} is clipline's own tower"
-        bench = ("python -c 'import sys, clipline.components.model.towers; from clip_benchmark.cli import main; "
-                 f"sys.exit(main())' {bench}")
+        bench = (
+            "python -c 'import sys, clipline.components.model.towers; from clip_benchmark.cli import main; "
+            f"sys.exit(main())' {bench}"
+        )
     else:
         bench = f"clip_benchmark {bench}"
-    return ExportResult(out_dir=out, weights=out / WEIGHTS_FILE, config=out / CONFIG_FILE, n_tensors=len(state),
-                        open_clip_command=load, clip_benchmark_command=bench)
+    return ExportResult(
+        out_dir=out,
+        weights=out / WEIGHTS_FILE,
+        config=out / CONFIG_FILE,
+        n_tensors=len(state),
+        open_clip_command=load,
+        clip_benchmark_command=bench,
+    )

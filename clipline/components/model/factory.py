@@ -68,8 +68,10 @@ def apply_init(model: torch.nn.Module, init_cfg: dict[str, Any]) -> None:
     unknown = sorted(set(init_cfg) - {"text_attention"})
     mode = init_cfg.get("text_attention", "default")
     if unknown or mode not in TEXT_ATTENTION_INITS:
-        raise ModelError(f"init_cfg {init_cfg!r} is not understood: the one option is text_attention, "
-                         f"one of {', '.join(TEXT_ATTENTION_INITS)}")
+        raise ModelError(
+            f"init_cfg {init_cfg!r} is not understood: the one option is text_attention, "
+            f"one of {', '.join(TEXT_ATTENTION_INITS)}"
+        )
     if mode == "uniform":
         for block in model.transformer.resblocks:
             attn = block.attn
@@ -117,12 +119,17 @@ def model_config(name: str) -> dict[str, Any]:
         ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise ModelError(
             f"unknown model {name!r}: use one of ours ({', '.join(ours)}) or an open_clip name such as "
-            "ViT-B-32, ViT-B-16, RN50 (see open_clip.list_models())")
+            "ViT-B-32, ViT-B-16, RN50 (see open_clip.list_models())"
+        )
     return copy.deepcopy(cfg)
 
 
-def create(name: str, pretrained: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-           aug: dict[str, Any] | None = None) -> ModelBundle:
+def create(
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    aug: dict[str, Any] | None = None,
+) -> ModelBundle:
     """Build model ``name`` (fp32, on ``device``) with its tokenizer and transforms.
 
     ``pretrained``: a local checkpoint directory or weights file to start from (fine-tuning, read
@@ -134,8 +141,9 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     weights = None
     if pretrained is not None:
         weights = checkpoint.weights_file(pretrained)  # a missing checkpoint fails before any work
-    model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True,
-                                   force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name))
+    model = open_clip.create_model(
+        name, pretrained=None, device=device, output_dict=True, force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name)
+    )
     if weights is None and name in INIT_OPTIONS:
         apply_init(model, INIT_OPTIONS[name])
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
@@ -148,9 +156,15 @@ def create(name: str, pretrained: str | os.PathLike | None = None, device: str |
     if weights is not None:
         checkpoint.load_weights(model, weights, model_name=name)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
-    return ModelBundle(name=name, model=model, tokenizer=open_clip.get_tokenizer(name),
-                       train_transform=train_tf, val_transform=val_tf, model_cfg=cfg,
-                       preprocess_cfg=preprocess_cfg)
+    return ModelBundle(
+        name=name,
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        train_transform=train_tf,
+        val_transform=val_tf,
+        model_cfg=cfg,
+        preprocess_cfg=preprocess_cfg,
+    )
 
 
 def preprocess_for(name: str) -> PreprocessCfg:
@@ -166,8 +180,9 @@ def make_train_transform(pp: PreprocessCfg, aug: dict[str, Any] | None = None) -
     ``aug``'s ``scale``, colour jitter and grey-scale options)."""
     aug = dict(aug or {})
     if pp.resize_mode == "longest":
-        return letterbox_train_transform(image_transform_v2(pp, is_train=False), pp,
-                                         float(aug.get("scale", (1.0, 1.0))[0]))
+        return letterbox_train_transform(
+            image_transform_v2(pp, is_train=False), pp, float(aug.get("scale", (1.0, 1.0))[0])
+        )
     with warnings.catch_warnings():
         # open_clip warns about every aug_cfg key but 'scale' even though it applies
         # color_jitter/gray_scale_prob itself (transform.py)
@@ -175,8 +190,9 @@ def make_train_transform(pp: PreprocessCfg, aug: dict[str, Any] | None = None) -
         return image_transform_v2(pp, is_train=True, aug_cfg=aug)
 
 
-def letterbox_train_transform(val_tf: Callable, pp: PreprocessCfg, scale_min: float,
-                              max_shift: float = 0.1) -> Callable:
+def letterbox_train_transform(
+    val_tf: Callable, pp: PreprocessCfg, scale_min: float, max_shift: float = 0.1
+) -> Callable:
     """The training transform of a model that letterboxes (``resize_mode`` "longest": the whole
     picture, longest side to the input size, padded with ``fill_color``): evaluation's own resize and
     pad, then a random zoom by a factor in [sqrt(scale_min), 1/sqrt(scale_min)] and a random shift of

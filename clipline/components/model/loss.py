@@ -39,8 +39,9 @@ class ContrastiveLoss(nn.Module):
         self.world_size = world_size
         self.max_log_scale = math.log(max_scale)
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
         """``*_features``: (b, d), already L2-normalised (open_clip's encoders with normalize=True);
         ``logit_scale``: the learned log-temperature (a parameter, not yet exponentiated)."""
         all_img = gather_with_grad(image_features, self.world_size)

@@ -52,17 +52,31 @@ class TwoStreamNet(nn.Module):
     colour features); see the module docstring. timm's classifier interface (``num_features``,
     ``reset_classifier``, ``forward_features``/``forward_head``) as open_clip's TimmModel uses it."""
 
-    def __init__(self, num_classes: int = 1000, global_pool: str = "avg", form_model: str = "test_resnet",
-                 colour_width: int = 32, colour_grid: int = 16, drop_rate: float = 0.0,
-                 mean: tuple[float, ...] = OPENAI_DATASET_MEAN, std: tuple[float, ...] = OPENAI_DATASET_STD,
-                 in_chans: int = 3, **kwargs: Any):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        form_model: str = "test_resnet",
+        colour_width: int = 32,
+        colour_grid: int = 16,
+        drop_rate: float = 0.0,
+        mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+        std: tuple[float, ...] = OPENAI_DATASET_STD,
+        in_chans: int = 3,
+        **kwargs: Any,
+    ):
         super().__init__()
         if in_chans != 3:
             raise ValueError(f"{TWO_STREAM} reads RGB images (in_chans=3), not in_chans={in_chans}")
-        self.form = timm.create_model(form_model, pretrained=False, num_classes=0, global_pool=global_pool,
-                                      in_chans=2, drop_rate=drop_rate)
-        self.colour = nn.Sequential(nn.Conv2d(3, colour_width, 1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(colour_width, colour_width, 1), nn.ReLU(inplace=True))
+        self.form = timm.create_model(
+            form_model, pretrained=False, num_classes=0, global_pool=global_pool, in_chans=2, drop_rate=drop_rate
+        )
+        self.colour = nn.Sequential(
+            nn.Conv2d(3, colour_width, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(colour_width, colour_width, 1),
+            nn.ReLU(inplace=True),
+        )
         self.colour_grid = int(colour_grid)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -70,8 +84,14 @@ class TwoStreamNet(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.pretrained_cfg = self.default_cfg = {
-            "architecture": TWO_STREAM, "num_classes": num_classes, "input_size": (3, 64, 64),
-            "mean": tuple(mean), "std": tuple(std), "first_conv": "form.conv1", "classifier": "head"}
+            "architecture": TWO_STREAM,
+            "num_classes": num_classes,
+            "input_size": (3, 64, 64),
+            "mean": tuple(mean),
+            "std": tuple(std),
+            "first_conv": "form.conv1",
+            "classifier": "head",
+        }
 
     def hue_free(self, x: torch.Tensor) -> torch.Tensor:
         """The form stream's input: luminance and chroma magnitude, scaled to roughly unit range."""
@@ -131,4 +151,5 @@ def check_normalisation(model: nn.Module, mean: Any, std: Any, name: str) -> Non
                 raise ValueError(
                     f"model {name!r}: its {TWO_STREAM} image tower reads images normalised with mean "
                     f"{want_mean} and std {want_std}, but its preprocess_cfg gives mean {got_mean} and "
-                    f"std {got_std}; remove mean/std from the config's preprocess_cfg")
+                    f"std {got_std}; remove mean/std from the config's preprocess_cfg"
+                )

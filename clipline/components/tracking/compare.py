@@ -102,14 +102,22 @@ def collect_versions(cfg: Config, versions: Sequence[str] | None = None) -> list
         mv = by_version[v]
         run = c.get_run(mv.run_id) if mv.run_id else None
         snap = (mv.tags or {}).get("snapshot_id") or None
-        rows.append(VersionRow(
-            version=v, aliases=sorted(aliases.get(v, [])), run_id=mv.run_id, snapshot_id=snap,
-            n_train=_n_train(cfg, run, snap) if run else None,
-            train_seconds=_train_seconds(run) if run else None,
-            metrics={k: float(val) for k, val in (run.data.metrics.items() if run else [])
-                     if k.startswith(("zeroshot/", "retrieval/"))},
-            promotion_metric=(mv.tags or {}).get("promotion.metric") or None,
-        ))
+        rows.append(
+            VersionRow(
+                version=v,
+                aliases=sorted(aliases.get(v, [])),
+                run_id=mv.run_id,
+                snapshot_id=snap,
+                n_train=_n_train(cfg, run, snap) if run else None,
+                train_seconds=_train_seconds(run) if run else None,
+                metrics={
+                    k: float(val)
+                    for k, val in (run.data.metrics.items() if run else [])
+                    if k.startswith(("zeroshot/", "retrieval/"))
+                },
+                promotion_metric=(mv.tags or {}).get("promotion.metric") or None,
+            )
+        )
     return rows
 
 
@@ -119,15 +127,21 @@ def default_metrics(cfg: Config, rows: Sequence[VersionRow]) -> list[str]:
     present = sorted({k for r in rows for k in r.metrics})
     primary = cfg.evaluate.primary_metric
     if primary == "auto":
-        primary = next((r.promotion_metric for r in sorted(rows, key=lambda r: -int(r.version)) if r.promotion_metric),
-                       None)
+        primary = next(
+            (r.promotion_metric for r in sorted(rows, key=lambda r: -int(r.version)) if r.promotion_metric), None
+        )
     chosen = [primary] if primary and any(primary in r.metrics for r in rows) else []
     chosen += [k for k in present if (k.endswith("/acc1") or k.endswith("_R5")) and k not in chosen]
     return chosen or present[:6]
 
 
-def compare_versions(cfg: Config, versions: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
-                     out_dir: Path | None = None, log_to_mlflow: bool = False) -> Comparison:
+def compare_versions(
+    cfg: Config,
+    versions: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    out_dir: Path | None = None,
+    log_to_mlflow: bool = False,
+) -> Comparison:
     """Collect the versions and draw the chart of ``metrics`` (PNG) beside the table (JSON) in
     ``out_dir`` (default ``<reports>/compare``). With ``log_to_mlflow``, also log both to a new
     MLflow run tagged ``clipline.kind=compare`` in ``cfg.tracking.experiment``; by default nothing
@@ -137,23 +151,35 @@ def compare_versions(cfg: Config, versions: Sequence[str] | None = None, metrics
     out = Path(out_dir) if out_dir else cfg.reports_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
     label = "-".join(f"v{r.version}" for r in rows)
-    chart = compare_chart_png([f"v{r.version}" for r in rows], {m: [r.metrics.get(m) for r in rows] for m in names},
-                              out / f"compare_{label}.png",
-                              title=f"{cfg.tracking.registered_model}: {len(rows)} version(s) compared")
+    chart = compare_chart_png(
+        [f"v{r.version}" for r in rows],
+        {m: [r.metrics.get(m) for r in rows] for m in names},
+        out / f"compare_{label}.png",
+        title=f"{cfg.tracking.registered_model}: {len(rows)} version(s) compared",
+    )
     table = out / f"compare_{label}.json"
     table.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
     run_id = None
     if log_to_mlflow:
         c = client(cfg)
         exp_id = ensure_experiment(cfg)
-        run = c.create_run(exp_id, run_name=f"compare {label}",
-                           tags={"clipline.kind": "compare", "versions": ",".join(r.version for r in rows)})
+        run = c.create_run(
+            exp_id,
+            run_name=f"compare {label}",
+            tags={"clipline.kind": "compare", "versions": ",".join(r.version for r in rows)},
+        )
         run_id = run.info.run_id
         c.log_artifact(run_id, str(chart), "compare")
         c.log_artifact(run_id, str(table), "compare")
         c.set_terminated(run_id)
-    return Comparison(name=cfg.tracking.registered_model, rows=rows, metric_names=names, chart=chart,
-                      table_json=table, mlflow_run_id=run_id)
+    return Comparison(
+        name=cfg.tracking.registered_model,
+        rows=rows,
+        metric_names=names,
+        chart=chart,
+        table_json=table,
+        mlflow_run_id=run_id,
+    )
 
 
 def _plt() -> Any:
@@ -182,8 +208,9 @@ def _fit_suptitle(fig: Any, title: str, fontsize: float = 12) -> Any:
     return t
 
 
-def compare_chart_png(versions: Sequence[str], series: Mapping[str, Sequence[float | None]], path: str | Path,
-                      title: str = "") -> Path:
+def compare_chart_png(
+    versions: Sequence[str], series: Mapping[str, Sequence[float | None]], path: str | Path, title: str = ""
+) -> Path:
     """Grouped bars: one group per version, one bar per metric (missing values left out); the
     metric names are in the legend, the title is wrapped to fit the image."""
     import numpy as np
@@ -226,7 +253,9 @@ def comparison_table(comp: Comparison) -> Any:
     for m in all_metrics:
         vals = [r.metrics.get(m) for r in comp.rows]
         best = max((v for v in vals if v is not None), default=None)
-        cells = ["-" if v is None else (f"[green]{v:.4f}[/]" if v == best and len(comp.rows) > 1 else f"{v:.4f}")
-                 for v in vals]
+        cells = [
+            "-" if v is None else (f"[green]{v:.4f}[/]" if v == best and len(comp.rows) > 1 else f"{v:.4f}")
+            for v in vals
+        ]
         t.add_row(m, *cells)
     return t

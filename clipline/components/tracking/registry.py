@@ -67,8 +67,9 @@ class RegistryResult:
         return f"models:/{self.name}@{self.alias}"
 
 
-def decide_promotion(candidate: float | None, champion: float | None, margin: float, metric: str,
-                     champion_version: str | None = None) -> PromotionDecision:
+def decide_promotion(
+    candidate: float | None, champion: float | None, margin: float, metric: str, champion_version: str | None = None
+) -> PromotionDecision:
     """The documented rule (see the module docstring), as a pure function. A candidate without the
     metric cannot be compared: RegistryError."""
     if candidate is None:
@@ -76,13 +77,34 @@ def decide_promotion(candidate: float | None, champion: float | None, margin: fl
     if champion_version is None:
         return PromotionDecision(True, metric, candidate, None, None, margin, "no champion yet")
     if champion is None:
-        return PromotionDecision(True, metric, candidate, None, champion_version, margin,
-                                 f"champion v{champion_version} has no '{metric}' metric")
+        return PromotionDecision(
+            True,
+            metric,
+            candidate,
+            None,
+            champion_version,
+            margin,
+            f"champion v{champion_version} has no '{metric}' metric",
+        )
     if candidate > champion + margin:
-        return PromotionDecision(True, metric, candidate, champion, champion_version, margin,
-                                 f"{candidate:.4f} > champion {champion:.4f} + margin {margin:g}")
-    return PromotionDecision(False, metric, candidate, champion, champion_version, margin,
-                             f"{candidate:.4f} <= champion {champion:.4f} + margin {margin:g}")
+        return PromotionDecision(
+            True,
+            metric,
+            candidate,
+            champion,
+            champion_version,
+            margin,
+            f"{candidate:.4f} > champion {champion:.4f} + margin {margin:g}",
+        )
+    return PromotionDecision(
+        False,
+        metric,
+        candidate,
+        champion,
+        champion_version,
+        margin,
+        f"{candidate:.4f} <= champion {champion:.4f} + margin {margin:g}",
+    )
 
 
 def primary_metric_for(cfg: Config, metrics: Mapping[str, float], zeroshot_sets: Sequence[str] | None = None) -> str:
@@ -95,18 +117,26 @@ def primary_metric_for(cfg: Config, metrics: Mapping[str, float], zeroshot_sets:
     name = cfg.evaluate.primary_metric
     if name != AUTO:
         return name
-    sets = list(zeroshot_sets) if zeroshot_sets is not None else [
-        k.split("/")[1] for k in metrics if k.startswith("zeroshot/") and k.endswith("/acc1") and k.count("/") == 2]
+    sets = (
+        list(zeroshot_sets)
+        if zeroshot_sets is not None
+        else [
+            k.split("/")[1] for k in metrics if k.startswith("zeroshot/") and k.endswith("/acc1") and k.count("/") == 2
+        ]
+    )
     for s in sets:
         if f"zeroshot/{s}/acc1" in metrics:
             return f"zeroshot/{s}/acc1"
-    recall = sorted((int(m["k"]), k) for k in metrics
-                    if (m := re.fullmatch(r"retrieval/val/text_to_image_R(?P<k>\d+)", k)))
+    recall = sorted(
+        (int(m["k"]), k) for k in metrics if (m := re.fullmatch(r"retrieval/val/text_to_image_R(?P<k>\d+)", k))
+    )
     if recall:
         return next((k for n, k in recall if n == 5), recall[0][1])
-    raise RegistryError("evaluate.primary_metric is 'auto' but the evaluation measured no zero-shot top-1 and no "
-                        "retrieval recall: evaluate on a zero-shot set (--dataset or evaluate.datasets) or on a "
-                        "snapshot's val split (--snapshot), or set evaluate.primary_metric")
+    raise RegistryError(
+        "evaluate.primary_metric is 'auto' but the evaluation measured no zero-shot top-1 and no "
+        "retrieval recall: evaluate on a zero-shot set (--dataset or evaluate.datasets) or on a "
+        "snapshot's val split (--snapshot), or set evaluate.primary_metric"
+    )
 
 
 def current_alias(cfg: Config, alias: str) -> Any | None:
@@ -148,8 +178,9 @@ def _measured(metrics: Mapping[str, float]) -> str:
     return "it has " + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
-def plan_promotion(cfg: Config, metrics: Mapping[str, float], run_id: str | None = None,
-                   zeroshot_sets: Sequence[str] | None = None) -> PromotionDecision:
+def plan_promotion(
+    cfg: Config, metrics: Mapping[str, float], run_id: str | None = None, zeroshot_sets: Sequence[str] | None = None
+) -> PromotionDecision:
     """The promotion decision for a candidate evaluated into ``metrics`` (its run's logged metrics
     fill in a missing primary one), made before anything is registered. RegistryError when the
     candidate lacks the primary metric: the message says which metric and what to do."""
@@ -166,19 +197,34 @@ def plan_promotion(cfg: Config, metrics: Mapping[str, float], run_id: str | None
         elif champion_value is None:
             why = f"neither this model ({has}) nor champion v{champion_mv.version} has the metric '{primary}'"
         else:
-            why = (f"this model has no '{primary}' metric ({has}), so it cannot be compared with champion "
-                   f"v{champion_mv.version} ({champion_value:.4f})")
-        raise RegistryError(f"cannot register: {why}; evaluate on the zero-shot set that evaluate.primary_metric "
-                            f"names, or set evaluate.primary_metric to a metric the evaluation measures (or to "
-                            f"'{AUTO}')")
-    return decide_promotion(candidate_value, champion_value, cfg.evaluate.promotion_margin, primary,
-                            champion_version=str(champion_mv.version) if champion_mv is not None else None)
+            why = (
+                f"this model has no '{primary}' metric ({has}), so it cannot be compared with champion "
+                f"v{champion_mv.version} ({champion_value:.4f})"
+            )
+        raise RegistryError(
+            f"cannot register: {why}; evaluate on the zero-shot set that evaluate.primary_metric "
+            f"names, or set evaluate.primary_metric to a metric the evaluation measures (or to "
+            f"'{AUTO}')"
+        )
+    return decide_promotion(
+        candidate_value,
+        champion_value,
+        cfg.evaluate.promotion_margin,
+        primary,
+        champion_version=str(champion_mv.version) if champion_mv is not None else None,
+    )
 
 
-def register_and_promote(cfg: Config, run_id: str, model_uri: str, metrics: Mapping[str, float],
-                         snapshot_id: str | None, parent_version: str | None = None,
-                         zeroshot_sets: Sequence[str] | None = None,
-                         extra_tags: Mapping[str, str] | None = None) -> RegistryResult:
+def register_and_promote(
+    cfg: Config,
+    run_id: str,
+    model_uri: str,
+    metrics: Mapping[str, float],
+    snapshot_id: str | None,
+    parent_version: str | None = None,
+    zeroshot_sets: Sequence[str] | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> RegistryResult:
     """Register ``model_uri`` as a new version of ``cfg.tracking.registered_model`` and set its alias.
 
     Tags on the version: ``snapshot_id``, ``parent_version`` (when fine-tuned), ``config_hash``,
@@ -196,8 +242,13 @@ def register_and_promote(cfg: Config, run_id: str, model_uri: str, metrics: Mapp
     primary, candidate_value, champion_value = decision.metric, decision.candidate_value, decision.champion_value
 
     ensure_signature(cfg, model_uri)
-    tags = {"snapshot_id": snapshot_id or "", "config_hash": config_hash(cfg), "code_version": code_version(),
-            "run_id": run_id, **dict(extra_tags or {})}
+    tags = {
+        "snapshot_id": snapshot_id or "",
+        "config_hash": config_hash(cfg),
+        "code_version": code_version(),
+        "run_id": run_id,
+        **dict(extra_tags or {}),
+    }
     if parent_version:
         tags["parent_version"] = str(parent_version)
     mv = mlflow.register_model(model_uri, name, tags=tags)
@@ -209,9 +260,13 @@ def register_and_promote(cfg: Config, run_id: str, model_uri: str, metrics: Mapp
         c.set_model_version_tag(name, decision.champion_version, "replaced_by", version)
 
     # log the decision and both numbers, on the version and in the run
-    vtags = {"promotion.decision": alias, "promotion.reason": decision.reason, "promotion.metric": primary,
-             "promotion.margin": f"{decision.margin:g}",
-             "promotion.champion_version": decision.champion_version or ""}
+    vtags = {
+        "promotion.decision": alias,
+        "promotion.reason": decision.reason,
+        "promotion.metric": primary,
+        "promotion.margin": f"{decision.margin:g}",
+        "promotion.champion_version": decision.champion_version or "",
+    }
     for k, v in vtags.items():
         c.set_model_version_tag(name, version, k, v)
         c.set_tag(run_id, k, v)
@@ -224,13 +279,20 @@ def register_and_promote(cfg: Config, run_id: str, model_uri: str, metrics: Mapp
     if nums:
         log_metrics(cfg, run_id, nums)
     run = c.get_run(run_id)
-    c.update_model_version(name, version, description=version_description(
-        decision, alias, snapshot_id, parent_version, run.data.params, extra_tags or {}))
-    return RegistryResult(name=name, version=version, alias=alias, decision=decision, model_uri=model_uri,
-                          run_id=run_id)
+    c.update_model_version(
+        name,
+        version,
+        description=version_description(
+            decision, alias, snapshot_id, parent_version, run.data.params, extra_tags or {}
+        ),
+    )
+    return RegistryResult(
+        name=name, version=version, alias=alias, decision=decision, model_uri=model_uri, run_id=run_id
+    )
 
 
 # ----- what the registry page shows: description and signature -----
+
 
 def training_recipe(params: Mapping[str, str]) -> str | None:
     """One line from a train run's parameters (``train.*``, ``total_steps``, ``pretrained``), or None."""
@@ -253,24 +315,32 @@ def training_recipe(params: Mapping[str, str]) -> str | None:
     return ", ".join(parts)
 
 
-def version_description(decision: PromotionDecision, alias: str, snapshot_id: str | None,
-                        parent_version: str | None, params: Mapping[str, str],
-                        extra_tags: Mapping[str, str]) -> str:
+def version_description(
+    decision: PromotionDecision,
+    alias: str,
+    snapshot_id: str | None,
+    parent_version: str | None,
+    params: Mapping[str, str],
+    extra_tags: Mapping[str, str],
+) -> str:
     """The model version's description (Markdown): primary metric and decision, snapshot, parent
     version, training recipe, and where an outside checkpoint came from."""
     d = decision
     champ = "" if d.champion_value is None else f" (champion v{d.champion_version}: {d.champion_value:.4f})"
-    lines = [f"- **{d.metric}**: {d.candidate_value:.4f}{champ} -> **{alias}**: {d.reason}",
-             f"- snapshot: {snapshot_id or 'none recorded'}",
-             f"- parent version: {'v' + str(parent_version) if parent_version else 'none (trained from scratch)'}",
-             f"- training recipe: {training_recipe(params) or 'not recorded in its run'}"]
+    lines = [
+        f"- **{d.metric}**: {d.candidate_value:.4f}{champ} -> **{alias}**: {d.reason}",
+        f"- snapshot: {snapshot_id or 'none recorded'}",
+        f"- parent version: {'v' + str(parent_version) if parent_version else 'none (trained from scratch)'}",
+        f"- training recipe: {training_recipe(params) or 'not recorded in its run'}",
+    ]
     if extra_tags.get("source_checkpoint"):
         src = f"- evaluated from checkpoint `{extra_tags['source_checkpoint']}`"
         if extra_tags.get("source_run_id"):
             src += f", trained in run {extra_tags['source_run_id']} of another tracking store"
         lines.append(src)
-    lines.append("- load: `mlflow.pytorch.load_model(uri)` gives the open_clip model; its signature is "
-                 "`model(image, text)`")
+    lines.append(
+        "- load: `mlflow.pytorch.load_model(uri)` gives the open_clip model; its signature is `model(image, text)`"
+    )
     return "\n".join(lines)
 
 
@@ -297,7 +367,10 @@ def ensure_signature(cfg: Config, model_uri: str) -> None:
 
 # ----- a checkpoint from elsewhere -----
 
-def adopt_checkpoint(cfg: Config, checkpoint_dir: Path, source_run_id: str | None = None) -> tuple[str, str, dict[str, str]]:
+
+def adopt_checkpoint(
+    cfg: Config, checkpoint_dir: Path, source_run_id: str | None = None
+) -> tuple[str, str, dict[str, str]]:
     """Log a checkpoint whose training run is not in this store into a new run of this store's
     experiment: its files under ``checkpoint/``, its model as ``model`` (with a signature), its
     recorded training settings as ``train.*`` parameters, and tags saying where it came from.
@@ -312,16 +385,22 @@ def adopt_checkpoint(cfg: Config, checkpoint_dir: Path, source_run_id: str | Non
     source = {"source_checkpoint": str(checkpoint_dir)}
     if source_run_id:
         source["source_run_id"] = source_run_id
-    tags = {"stage": "evaluate", "clipline.source": "outside checkpoint",
-            **{f"clipline.{k}": v for k, v in source.items()}}
+    tags = {
+        "stage": "evaluate",
+        "clipline.source": "outside checkpoint",
+        **{f"clipline.{k}": v for k, v in source.items()},
+    }
     if meta.get("snapshot_id"):
         tags["snapshot_id"] = str(meta["snapshot_id"])
     if meta.get("model_name"):
         tags["model_name"] = str(meta["model_name"])
     if meta.get("exported_from"):
         tags["clipline.exported_from"] = str(meta["exported_from"])
-    params = {f"train.{k}": str(v)[:500] for k, v in (meta.get("train") or {}).items()
-              if isinstance(v, (str, int, float, bool)) or v is None}
+    params = {
+        f"train.{k}": str(v)[:500]
+        for k, v in (meta.get("train") or {}).items()
+        if isinstance(v, (str, int, float, bool)) or v is None
+    }
     model = load_checkpoint(checkpoint_dir, "cpu").model
     client(cfg)
     exp_id = ensure_experiment(cfg)
@@ -329,13 +408,19 @@ def adopt_checkpoint(cfg: Config, checkpoint_dir: Path, source_run_id: str | Non
         if params:
             mlflow.log_params(params)
         mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
-        info = mlflow.pytorch.log_model(model, name="model", signature=clip_signature(model),
-                                        tags={"snapshot_id": str(meta.get("snapshot_id") or "")},
-                                        serialization_format="pickle", pip_requirements=["torch", "open_clip_torch"])
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=clip_signature(model),
+            tags={"snapshot_id": str(meta.get("snapshot_id") or "")},
+            serialization_format="pickle",
+            pip_requirements=["torch", "open_clip_torch"],
+        )
         return run.info.run_id, info.model_uri, source
 
 
 # ----- resolving what the user calls a model -----
+
 
 @dataclass
 class ResolvedModel:
@@ -361,8 +446,9 @@ def _version_for(cfg: Config, name: str, version: str | None, alias: str | None)
         return c.get_model_version(name, str(version))
     except MlflowException as e:
         what = f"alias '{alias}'" if alias is not None else f"version {version}"
-        raise RegistryError(f"registered model '{name}' has no {what} in {cfg.mlflow_uri}: "
-                            "list versions with `clipline compare`") from e
+        raise RegistryError(
+            f"registered model '{name}' has no {what} in {cfg.mlflow_uri}: list versions with `clipline compare`"
+        ) from e
 
 
 def download_checkpoint(cfg: Config, run_id: str, label: str) -> Path:
@@ -375,10 +461,13 @@ def download_checkpoint(cfg: Config, run_id: str, label: str) -> Path:
         return local
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dst),
-                                                   tracking_uri=cfg.mlflow_uri)
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoint", dst_path=str(dst), tracking_uri=cfg.mlflow_uri
+        )
     except Exception as e:  # noqa: BLE001 - mlflow raises several types; say which run
-        raise RegistryError(f"run {run_id} has no 'checkpoint/' artifacts ({e}): it was not logged by `clipline train`") from e
+        raise RegistryError(
+            f"run {run_id} has no 'checkpoint/' artifacts ({e}): it was not logged by `clipline train`"
+        ) from e
     return Path(path)
 
 
@@ -386,9 +475,14 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     """The most recently written checkpoint directory under ``cfg.checkpoints_dir``."""
     if not cfg.checkpoints_dir.is_dir():
         return None
-    found = sorted((p for p in cfg.checkpoints_dir.rglob(CONFIG_FILE)
-                    if not any(part.startswith(".") for part in p.relative_to(cfg.checkpoints_dir).parts)),
-                   key=lambda p: p.stat().st_mtime)  # hidden dirs are checkpoints still being written
+    found = sorted(
+        (
+            p
+            for p in cfg.checkpoints_dir.rglob(CONFIG_FILE)
+            if not any(part.startswith(".") for part in p.relative_to(cfg.checkpoints_dir).parts)
+        ),
+        key=lambda p: p.stat().st_mtime,
+    )  # hidden dirs are checkpoints still being written
     return found[-1].parent if found else None
 
 
@@ -401,8 +495,10 @@ def resolve_model(cfg: Config, ref: str | Path | None) -> ResolvedModel:
             return resolve_model(cfg, CHAMPION)
         ckpt = latest_checkpoint(cfg)
         if ckpt is None:
-            raise RegistryError(f"no model given, no '{CHAMPION}' in {cfg.mlflow_uri} and no checkpoint under "
-                                f"{cfg.checkpoints_dir}: train one or pass --model")
+            raise RegistryError(
+                f"no model given, no '{CHAMPION}' in {cfg.mlflow_uri} and no checkpoint under "
+                f"{cfg.checkpoints_dir}: train one or pass --model"
+            )
         ref = ckpt
     text = str(ref)
     path = Path(text).expanduser()
@@ -438,8 +534,9 @@ def model_uri_for_run(cfg: Config, run_id: str) -> str:
     c = client(cfg)
     exp_id = c.get_run(run_id).info.experiment_id
     try:
-        found = mlflow.search_logged_models(experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}'",
-                                            output_format="list")
+        found = mlflow.search_logged_models(
+            experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        )
     except Exception:  # noqa: BLE001 - older stores without logged models
         found = []
     named = [m for m in found if m.name == "model"] or list(found)

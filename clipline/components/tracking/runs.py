@@ -49,7 +49,7 @@ def log_metrics(cfg: Config, run_id: str, metrics: Mapping[str, float], step: in
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     c = client(cfg)
     for i in range(0, len(items), 500):
-        c.log_batch(run_id, metrics=items[i:i + 500])
+        c.log_batch(run_id, metrics=items[i : i + 500])
 
 
 def log_artifacts(cfg: Config, run_id: str, paths: Mapping[str, Path], artifact_path: str = "eval") -> None:
@@ -72,8 +72,12 @@ def code_version() -> str:
 
     root = Path(clipline.__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -62,13 +62,16 @@ def resolve_snapshot(snapshots_dir: Path, catalog_path: Path | None, snapshot_id
             with Catalog(catalog_path, read_only=True) as cat:
                 latest = cat.latest_snapshot()
         if latest is None:
-            raise SnapshotError(f"no snapshot in the catalog {catalog_path}: run `clipline curate` first, "
-                                "or pass --snapshot ID")
+            raise SnapshotError(
+                f"no snapshot in the catalog {catalog_path}: run `clipline curate` first, or pass --snapshot ID"
+            )
         snapshot_id = latest["snapshot_id"]
     mpath = Path(snapshots_dir) / snapshot_id / "manifest.json"
     if not mpath.is_file():
-        raise SnapshotError(f"snapshot {snapshot_id!r} has no manifest at {mpath}: give an id from "
-                            "`clipline curate` (directories under the snapshots dir)")
+        raise SnapshotError(
+            f"snapshot {snapshot_id!r} has no manifest at {mpath}: give an id from "
+            "`clipline curate` (directories under the snapshots dir)"
+        )
     manifest = json.loads(mpath.read_text())
     rel = manifest.get("files")
     if not rel:
@@ -128,7 +131,9 @@ class BatchDecoder:
     def _pixels(self, img: Image.Image) -> torch.Tensor:
         out = self.transform(img)
         if self.uint8:  # one writable copy of the PIL pixels, channels first
-            return torch.from_numpy(np.array(out if out.mode == "RGB" else out.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+            return torch.from_numpy(np.array(out if out.mode == "RGB" else out.convert("RGB"), dtype=np.uint8)).permute(
+                2, 0, 1
+            )
         return out
 
     def __call__(self, batch: pa.RecordBatch | pa.Table | dict[str, Any]) -> dict[str, Any]:
@@ -157,16 +162,19 @@ def split_normalize(transform: Callable) -> tuple[Callable, tuple[float, ...], t
     steps = list(getattr(transform, "transforms", []))
     names = [type(t).__name__ for t in steps]
     if len(steps) < 2 or names[-2] not in ("ToTensor", "MaybeToTensor") or names[-1] != "Normalize":
-        raise ValueError(f"uint8 feed needs a transform ending in ToTensor, Normalize; got {names}: "
-                         "use the float feed (uint8=False) for this transform")
+        raise ValueError(
+            f"uint8 feed needs a transform ending in ToTensor, Normalize; got {names}: "
+            "use the float feed (uint8=False) for this transform"
+        )
     from torchvision.transforms import Compose
 
     norm = steps[-1]
     return Compose(steps[:-2]), tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
 
 
-def normalize_on_device(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize_on_device(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """uint8 (B,3,S,S) pixels -> what ``ToTensor`` + ``Normalize(mean, std)`` would give, computed
     where ``images`` lives (on the GPU after the copy). Float tensors pass through unchanged."""
     if images.dtype != torch.uint8:
@@ -178,6 +186,7 @@ def normalize_on_device(images: torch.Tensor, mean: tuple[float, ...], std: tupl
 @functools.lru_cache(maxsize=8)
 def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
     """mean and std as (1,C,1,1) tensors on ``device``, made once (not a host-to-device copy per batch)."""
+
     def as_tensor(v: tuple[float, ...]) -> torch.Tensor:
         return torch.tensor(v, device=device, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -192,9 +201,19 @@ class SnapshotStream(torch.utils.data.IterableDataset):
     without decoding. Partial batches at the end of an epoch are dropped.
     """
 
-    def __init__(self, info: SnapshotInfo, decoder: BatchDecoder, local_batch: int, *, seed: int = 0,
-                 epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
-                 skip_batches: int = 0):
+    def __init__(
+        self,
+        info: SnapshotInfo,
+        decoder: BatchDecoder,
+        local_batch: int,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 1,
+        skip_batches: int = 0,
+    ):
         self.info, self.decoder, self.local_batch = info, decoder, local_batch
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.num_workers = max(1, num_workers)
@@ -229,7 +248,7 @@ class SnapshotStream(torch.utils.data.IterableDataset):
         for j in order:
             fi, rg, n = self.info.row_groups[j]
             perm = rng.permutation(n)  # drawn for every row group so all shards share one order
-            mine = perm[(shard - pos) % n_shards::n_shards]
+            mine = perm[(shard - pos) % n_shards :: n_shards]
             pos += n
             before, taken = taken, min(limit, taken + len(mine))
             start, stop = max(0, skip - before), min(len(mine), limit - before)
@@ -282,6 +301,10 @@ def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, d
     # (read_parquet's own columns= is deprecated in Ray 2.60)
     ds = ray.data.read_parquet([str(f) for f in info.files]).select_columns(COLUMNS + ["split"])
     ds = ds.randomize_block_order()
-    return ds.map_batches(RayDecode, fn_constructor_kwargs={"model_name": model_name,
-                                                            "crop_scale_min": crop_scale_min},
-                          batch_format="pyarrow", batch_size=256, concurrency=decode_concurrency or (1, 4))
+    return ds.map_batches(
+        RayDecode,
+        fn_constructor_kwargs={"model_name": model_name, "crop_scale_min": crop_scale_min},
+        batch_format="pyarrow",
+        batch_size=256,
+        concurrency=decode_concurrency or (1, 4),
+    )

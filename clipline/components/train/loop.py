@@ -77,11 +77,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         t = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
     return f
 
 
@@ -115,7 +117,7 @@ class _MlflowLogger:
     def flush(self) -> None:
         if self.client is not None and self.buf:
             for i in range(0, len(self.buf), 1000):
-                self.client.log_batch(self.run_id, metrics=self.buf[i:i + 1000])
+                self.client.log_batch(self.run_id, metrics=self.buf[i : i + 1000])
             self.buf = []
 
 
@@ -131,8 +133,9 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     device = torch.device(ctx.device)
     torch.manual_seed(cfg["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
 
-    bundle = factory.create(cfg["model"], pretrained=spec.pretrained, device=device,
-                            aug={"scale": (cfg["crop_scale_min"], 1.0)})
+    bundle = factory.create(
+        cfg["model"], pretrained=spec.pretrained, device=device, aug={"scale": (cfg["crop_scale_min"], 1.0)}
+    )
     model = bundle.model
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
@@ -141,10 +144,16 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     use_bf16 = device.type == "cuda" and cfg["precision"] in ("auto", "bf16")
     # fused AdamW: one kernel over all parameters, ~3x faster than the per-tensor loop on CPU, where
     # the small demo model's 3.2M-entry token embedding made the optimiser ~20% of a step
-    opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6,
-                            fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg["weight_decay"]),
+        lr=cfg["lr"],
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        fused=device.type in ("cpu", "cuda"),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(min(cfg["warmup_steps"], max(1, spec.total_steps // 10)), spec.total_steps, cfg["min_lr_ratio"]))
+        opt, lr_lambda(min(cfg["warmup_steps"], max(1, spec.total_steps // 10)), spec.total_steps, cfg["min_lr_ratio"])
+    )
 
     step, epoch, batch_in_epoch = 0, 0, 0
     resume = ctx.resume_from or run_state.latest(spec.run_dir)
@@ -159,25 +168,39 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     ddp = model
     if ctx.world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     loss_fn = ContrastiveLoss(world_size=ctx.world_size)
     local_batch = cfg["batch_size"] // ctx.world_size
     # on a GPU, workers hand over uint8 pixels (4x fewer bytes to pass and pin) normalised after the copy
     on_gpu = device.type == "cuda"
     decoder = BatchDecoder(bundle.train_transform, bundle.tokenizer, bundle.image_size, uint8=on_gpu)
     logger = _MlflowLogger(spec.mlflow_uri, spec.mlflow_run_id, cfg["log_every"]) if rank0 else None
-    meta = {"model_name": cfg["model"], "snapshot_id": spec.snapshot.snapshot_id, "run_id": spec.mlflow_run_id,
-            "run_name": spec.run_name, "train": cfg}
+    meta = {
+        "model_name": cfg["model"],
+        "snapshot_id": spec.snapshot.snapshot_id,
+        "run_id": spec.mlflow_run_id,
+        "run_name": spec.run_name,
+        "train": cfg,
+    }
 
     def state_now() -> run_state.TrainState:
-        return run_state.TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, optimizer=opt.state_dict(),
-                               scheduler=sched.state_dict(), scaler=None, rng=_rng_state())
+        return run_state.TrainState(
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            scaler=None,
+            rng=_rng_state(),
+        )
 
     def save(name: str, metrics: dict[str, float]) -> Path | None:
         path = None
         if rank0:
-            path = run_state.save(spec.run_dir / name, model, bundle.model_cfg, bundle.preprocess_cfg,
-                             {**meta, "step": step}, state_now())
+            path = run_state.save(
+                spec.run_dir / name, model, bundle.model_cfg, bundle.preprocess_cfg, {**meta, "step": step}, state_now()
+            )
             run_state.prune(spec.run_dir, cfg["keep_checkpoints"])
             if logger:
                 logger.flush()
@@ -194,15 +217,30 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
         t_window, n_window = time.perf_counter(), 0
         bad_images = 0
         while step < spec.total_steps:
-            stream = SnapshotStream(spec.snapshot, decoder, local_batch, seed=cfg["seed"], epoch=epoch,
-                                    rank=ctx.rank, world_size=ctx.world_size,
-                                    num_workers=max(1, cfg["loader_workers"]), skip_batches=batch_in_epoch)
+            stream = SnapshotStream(
+                spec.snapshot,
+                decoder,
+                local_batch,
+                seed=cfg["seed"],
+                epoch=epoch,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                num_workers=max(1, cfg["loader_workers"]),
+                skip_batches=batch_in_epoch,
+            )
             if stream.batches_per_epoch() == 0:
-                raise ValueError(f"snapshot {spec.snapshot.snapshot_id} has {spec.snapshot.n_train} train rows, fewer "
-                                 f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size")
+                raise ValueError(
+                    f"snapshot {spec.snapshot.snapshot_id} has {spec.snapshot.n_train} train rows, fewer "
+                    f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size"
+                )
             loader = torch.utils.data.DataLoader(
-                stream, batch_size=None, num_workers=cfg["loader_workers"],
-                persistent_workers=False, prefetch_factor=4 if cfg["loader_workers"] else None, pin_memory=on_gpu)
+                stream,
+                batch_size=None,
+                num_workers=cfg["loader_workers"],
+                persistent_workers=False,
+                prefetch_factor=4 if cfg["loader_workers"] else None,
+                pin_memory=on_gpu,
+            )
             for batch in loader:
                 if step >= spec.total_steps:
                     break
@@ -237,7 +275,8 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                     raise TrainingDiverged(
                         f"loss became {loss_val} at step {step} of run {spec.run_name!r}; the last good state was "
                         f"saved to {spec.run_dir}/step-{step:08d}. Lower train.lr or raise train.warmup_steps, "
-                        "then rerun with the same run name to continue from there")
+                        "then rerun with the same run name to continue from there"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg["grad_clip"] > 0:
@@ -251,9 +290,13 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                 n_window += n * ctx.world_size
                 if rank0:
                     now = time.perf_counter()
-                    metrics = {"train/loss": loss_val, "train/lr": opt.param_groups[0]["lr"],
-                               "train/temperature": 1.0 / scale_val, "train/logit_scale": scale_val,
-                               "train/samples_per_s": n_window / max(1e-9, now - t_window)}
+                    metrics = {
+                        "train/loss": loss_val,
+                        "train/lr": opt.param_groups[0]["lr"],
+                        "train/temperature": 1.0 / scale_val,
+                        "train/logit_scale": scale_val,
+                        "train/samples_per_s": n_window / max(1e-9, now - t_window),
+                    }
                     if step % cfg["log_every"] == 0:
                         t_window, n_window = now, 0
                     if logger:
@@ -275,11 +318,24 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     if not rank0:
         return None
     sps = samples / train_seconds if samples else 0.0
-    summary = LoopSummary(steps=step, samples_per_s=sps, train_seconds=train_seconds, final_loss=loss_val,
-                          final_dir=str(final), metrics={"bad_images": bad_images})
+    summary = LoopSummary(
+        steps=step,
+        samples_per_s=sps,
+        train_seconds=train_seconds,
+        final_loss=loss_val,
+        final_dir=str(final),
+        metrics={"bad_images": bad_images},
+    )
     if logger and logger.client is not None:
-        logger.log(step, {"train/final_loss": loss_val, "train/samples_per_s_mean": sps,
-                          "train/seconds": train_seconds, "data/bad_images": bad_images})
+        logger.log(
+            step,
+            {
+                "train/final_loss": loss_val,
+                "train/samples_per_s_mean": sps,
+                "train/seconds": train_seconds,
+                "data/bad_images": bad_images,
+            },
+        )
         logger.flush()
         summary.model_uri = _log_final(spec, model, final)
     return summary
@@ -300,8 +356,13 @@ def _log_final(spec: LoopSpec, model: torch.nn.Module, final: Path) -> str:
     with nullcontext() if same else mlflow.start_run(run_id=spec.mlflow_run_id):
         mlflow.log_artifacts(str(final), artifact_path="checkpoint")
         plain = checkpoint.unwrap(model).cpu().eval()
-        info = mlflow.pytorch.log_model(plain, name="model", tags={"snapshot_id": spec.snapshot.snapshot_id},
-                                        signature=clip_signature(plain), serialization_format="pickle",
-                                        pip_requirements=["torch", "open_clip_torch"])
+        info = mlflow.pytorch.log_model(
+            plain,
+            name="model",
+            tags={"snapshot_id": spec.snapshot.snapshot_id},
+            signature=clip_signature(plain),
+            serialization_format="pickle",
+            pip_requirements=["torch", "open_clip_torch"],
+        )
         mlflow.set_tag("snapshot_id", spec.snapshot.snapshot_id)
     return info.model_uri

@@ -52,8 +52,17 @@ def _train_func(config: dict[str, Any]) -> None:
             return shard.iter_torch_batches(batch_size=local_batch, drop_last=True, prefetch_batches=4)
 
     with restored_dir as d:
-        summary = run_loop(spec, WorkerContext(rank=rank, world_size=world, device=device, batches=batches,
-                                               on_checkpoint=on_checkpoint, resume_from=Path(d) if d else None))
+        summary = run_loop(
+            spec,
+            WorkerContext(
+                rank=rank,
+                world_size=world,
+                device=device,
+                batches=batches,
+                on_checkpoint=on_checkpoint,
+                resume_from=Path(d) if d else None,
+            ),
+        )
     if summary is not None:
         Path(spec.run_dir / "summary.json").write_text(json.dumps(summary.__dict__, default=str))
 
@@ -72,13 +81,22 @@ def resolve_use_gpu(setting: str, workers: int) -> bool:
     if 0 < gpus < workers:
         import warnings
 
-        warnings.warn(f"the Ray cluster has {gpus:g} GPU(s) for {workers} train workers: training on CPUs; "
-                      "lower train.workers to the GPU count or set train.use_gpu = 'yes' to wait for more")
+        warnings.warn(
+            f"the Ray cluster has {gpus:g} GPU(s) for {workers} train workers: training on CPUs; "
+            "lower train.workers to the GPU count or set train.use_gpu = 'yes' to wait for more"
+        )
     return gpus >= workers > 0
 
 
-def run_with_ray(spec: LoopSpec, workers: int, use_gpu: bool, max_failures: int, storage_path: Path,
-                 threads: int = 0, ray_data: bool = False) -> LoopSummary:
+def run_with_ray(
+    spec: LoopSpec,
+    workers: int,
+    use_gpu: bool,
+    max_failures: int,
+    storage_path: Path,
+    threads: int = 0,
+    ray_data: bool = False,
+) -> LoopSummary:
     """Run the loop on ``workers`` Ray Train workers; returns rank 0's summary.
 
     Connects to ``RAY_ADDRESS`` when set, else starts (or reuses) a local Ray. Raises the workers'

@@ -66,11 +66,13 @@ def latest(run_dir: Path) -> Path | None:
     return cands[-1][1] if cands else None
 
 
-def save(path: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, meta: dict,
-         state: TrainState) -> Path:
+def save(
+    path: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, meta: dict, state: TrainState
+) -> Path:
     """Write a resumable checkpoint directory atomically: the model checkpoint plus its train state."""
-    return checkpoint.save_checkpoint(model, model_cfg, path, preprocess_cfg, meta,
-                                      extra_files={STATE_FILE: state.__dict__})
+    return checkpoint.save_checkpoint(
+        model, model_cfg, path, preprocess_cfg, meta, extra_files={STATE_FILE: state.__dict__}
+    )
 
 
 def load_state(path: Path) -> TrainState:

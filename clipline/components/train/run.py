@@ -50,8 +50,9 @@ def use_ray(cfg: Config) -> bool:
     return t.backend == "ray" or (t.backend == "auto" and (t.workers > 1 or ray_address() is not None))
 
 
-def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None = None,
-          progress: ProgressFn | None = None) -> TrainResult:
+def train(
+    cfg: Config, snapshot_id: str | None = None, from_model: Path | None = None, progress: ProgressFn | None = None
+) -> TrainResult:
     """Train ``cfg.train.model`` on a snapshot's train split (latest snapshot when None).
 
     ``from_model``: a local checkpoint directory or weights file to fine-tune from (overrides
@@ -83,8 +84,10 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
     tc.model = model_name
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * info.n_train / tc.batch_size))
     if info.n_train < tc.batch_size:
-        raise ValueError(f"snapshot {info.snapshot_id} has {info.n_train} train rows, fewer than one batch "
-                         f"(train.batch_size {tc.batch_size}): lower train.batch_size")
+        raise ValueError(
+            f"snapshot {info.snapshot_id} has {info.n_train} train rows, fewer than one batch "
+            f"(train.batch_size {tc.batch_size}): lower train.batch_size"
+        )
     if tc.batch_size % tc.workers:
         raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by train.workers {tc.workers}")
 
@@ -93,8 +96,10 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
     run_dir = cfg.checkpoints_dir / run_name
     previous = run_state.read_run(run_dir)
     if previous and previous.get("snapshot_id") != info.snapshot_id:
-        raise ValueError(f"run {run_name!r} was trained on snapshot {previous.get('snapshot_id')}, not "
-                         f"{info.snapshot_id}: choose another train.run_name")
+        raise ValueError(
+            f"run {run_name!r} was trained on snapshot {previous.get('snapshot_id')}, not "
+            f"{info.snapshot_id}: choose another train.run_name"
+        )
 
     mlflow.set_tracking_uri(cfg.mlflow_uri)
     mlflow.set_experiment(cfg.tracking.experiment)
@@ -105,22 +110,44 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
             mlflow.tracking.MlflowClient().get_run(run_id)
         except Exception:  # noqa: BLE001 - a different tracking store: start afresh in this one
             run_id = None
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                              log_system_metrics=sysmetrics or None)
+    active = mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=sysmetrics or None
+    )
     run_id = active.info.run_id
-    run_state.write_run(run_dir, {"run_id": run_id, "snapshot_id": info.snapshot_id, "model_name": model_name,
-                             "total_steps": total_steps, "mlflow_uri": cfg.mlflow_uri})
+    run_state.write_run(
+        run_dir,
+        {
+            "run_id": run_id,
+            "snapshot_id": info.snapshot_id,
+            "model_name": model_name,
+            "total_steps": total_steps,
+            "mlflow_uri": cfg.mlflow_uri,
+        },
+    )
     status = "FAILED"
     try:
         if not previous:
             mlflow.log_params(_flat({"train": tc.model_dump(mode="json")}))
-            mlflow.log_params({"snapshot_id": info.snapshot_id, "n_train": info.n_train,
-                               "total_steps": total_steps, "pretrained": str(pretrained) if pretrained else "",
-                               "torch": torch.__version__})
+            mlflow.log_params(
+                {
+                    "snapshot_id": info.snapshot_id,
+                    "n_train": info.n_train,
+                    "total_steps": total_steps,
+                    "pretrained": str(pretrained) if pretrained else "",
+                    "torch": torch.__version__,
+                }
+            )
             mlflow.set_tags({"snapshot_id": info.snapshot_id, "stage": "train", "model_name": model_name})
-        spec = LoopSpec(train=tc.model_dump(mode="json"), snapshot=info, run_dir=run_dir, run_name=run_name,
-                        total_steps=total_steps, mlflow_uri=cfg.mlflow_uri, mlflow_run_id=run_id,
-                        pretrained=str(pretrained) if pretrained else None)
+        spec = LoopSpec(
+            train=tc.model_dump(mode="json"),
+            snapshot=info,
+            run_dir=run_dir,
+            run_name=run_name,
+            total_steps=total_steps,
+            mlflow_uri=cfg.mlflow_uri,
+            mlflow_run_id=run_id,
+            pretrained=str(pretrained) if pretrained else None,
+        )
         use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and torch.cuda.is_available())
         threads = tc.threads or max(1, (os.cpu_count() or 1) // tc.workers)
         if use_ray(cfg):
@@ -128,8 +155,15 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
 
             use_gpu = resolve_use_gpu(tc.use_gpu, tc.workers)  # the cluster's GPUs, not the driver's
             ray_data = tc.data_feed == "ray" or (tc.data_feed == "auto" and ray_address() is not None)
-            summary = run_with_ray(spec, tc.workers, use_gpu, tc.max_failures, cfg.checkpoints_dir / "_ray",
-                                   threads=threads, ray_data=ray_data)
+            summary = run_with_ray(
+                spec,
+                tc.workers,
+                use_gpu,
+                tc.max_failures,
+                cfg.checkpoints_dir / "_ray",
+                threads=threads,
+                ray_data=ray_data,
+            )
         else:
             torch.set_num_threads(threads)
             device = "cuda" if use_gpu else "cpu"
@@ -149,10 +183,18 @@ def train(cfg: Config, snapshot_id: str | None = None, from_model: Path | None =
         status = "FINISHED"
     finally:
         mlflow.end_run(status=status)
-    return TrainResult(run_id=run_id, model_uri=summary.model_uri, checkpoint_dir=Path(summary.final_dir),
-                       snapshot_id=info.snapshot_id, model_name=model_name, steps=summary.steps,
-                       samples_per_s=summary.samples_per_s, train_seconds=summary.train_seconds,
-                       final_loss=summary.final_loss, run_name=run_name)
+    return TrainResult(
+        run_id=run_id,
+        model_uri=summary.model_uri,
+        checkpoint_dir=Path(summary.final_dir),
+        snapshot_id=info.snapshot_id,
+        model_name=model_name,
+        steps=summary.steps,
+        samples_per_s=summary.samples_per_s,
+        train_seconds=summary.train_seconds,
+        final_loss=summary.final_loss,
+        run_name=run_name,
+    )
 
 
 def resolve_from_model(cfg: Config, value: str) -> Path:
@@ -166,15 +208,20 @@ def resolve_from_model(cfg: Config, value: str) -> Path:
 
     name, ref = cfg.tracking.registered_model, value
     if value.startswith("models:/"):
-        rest = value[len("models:/"):]
-        name, ref = (rest.split("@", 1) if "@" in rest else rest.rsplit("/", 1)) if ("@" in rest or "/" in rest) \
+        rest = value[len("models:/") :]
+        name, ref = (
+            (rest.split("@", 1) if "@" in rest else rest.rsplit("/", 1))
+            if ("@" in rest or "/" in rest)
             else (rest, "champion")
+        )
     client = MlflowClient(cfg.mlflow_uri)
     try:
         mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
     except Exception as e:  # noqa: BLE001 - say what was looked for
-        raise FileNotFoundError(f"--from-model {value!r} is neither an existing path nor a version/alias of the "
-                                f"registered model {name!r} in {cfg.mlflow_uri}: {str(e).splitlines()[0]}") from e
+        raise FileNotFoundError(
+            f"--from-model {value!r} is neither an existing path nor a version/alias of the "
+            f"registered model {name!r} in {cfg.mlflow_uri}: {str(e).splitlines()[0]}"
+        ) from e
     if not mv.run_id:
         raise FileNotFoundError(f"model version {name}/{mv.version} has no source run to take a checkpoint from")
     dest = cfg.checkpoints_dir / "_registry" / f"{name}-v{mv.version}"

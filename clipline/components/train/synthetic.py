@@ -20,11 +20,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 215, 40),
-          "purple": (140, 40, 170), "orange": (245, 140, 20), "black": (20, 20, 20), "white": (245, 245, 245)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+}
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
-TEMPLATES = ["a {c} {s}", "a photo of a {c} {s}", "a {c} {s} on a background", "an image of a {c} {s}",
-             "a drawing of a {c} {s}", "the {c} {s}"]
+TEMPLATES = [
+    "a {c} {s}",
+    "a photo of a {c} {s}",
+    "a {c} {s} on a background",
+    "an image of a {c} {s}",
+    "a drawing of a {c} {s}",
+    "the {c} {s}",
+]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -35,11 +49,26 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     elif shape == "diamond":
         pts = [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)]
     elif shape == "star":
-        pts = [((1 if i % 2 == 0 else 0.45) * math.cos(a), (1 if i % 2 == 0 else 0.45) * math.sin(a))
-               for i, a in enumerate(np.arange(10) * math.pi / 5 - math.pi / 2)]
+        pts = [
+            ((1 if i % 2 == 0 else 0.45) * math.cos(a), (1 if i % 2 == 0 else 0.45) * math.sin(a))
+            for i, a in enumerate(np.arange(10) * math.pi / 5 - math.pi / 2)
+        ]
     elif shape == "cross":
         w = 0.33
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(shape)
     c, s = math.cos(rot), math.sin(rot)
@@ -73,15 +102,40 @@ def pairs(heldout: int = 12, seed: int = 0) -> tuple[list[tuple[str, str]], list
             return seen, held
 
 
-def write_snapshot(snapshots_dir: Path, n: int = 512, *, seed: int = 0, size: int = 128, heldout: int = 12,
-                   val_fraction: float = 0.05, row_group_rows: int = 256, corrupt: int = 0,
-                   snapshot_id: str | None = None) -> str:
+def write_snapshot(
+    snapshots_dir: Path,
+    n: int = 512,
+    *,
+    seed: int = 0,
+    size: int = 128,
+    heldout: int = 12,
+    val_fraction: float = 0.05,
+    row_group_rows: int = 256,
+    corrupt: int = 0,
+    snapshot_id: str | None = None,
+) -> str:
     """Write a snapshot of ``n`` shape images over the seen pairs; returns its id. ``corrupt`` rows get
     undecodable image bytes (the train feed must count and skip them)."""
     rng = np.random.default_rng(seed)
     seen, _ = pairs(heldout, seed)
-    rows: dict[str, list] = {k: [] for k in ("key", "url", "caption", "image", "width", "height", "original_width",
-                                             "original_height", "sha256", "phash", "split", "color", "shape")}
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "key",
+            "url",
+            "caption",
+            "image",
+            "width",
+            "height",
+            "original_width",
+            "original_height",
+            "sha256",
+            "phash",
+            "split",
+            "color",
+            "shape",
+        )
+    }
     for i in range(n):
         c, s = seen[int(rng.integers(len(seen)))]
         buf = io.BytesIO()
@@ -104,10 +158,16 @@ def write_snapshot(snapshots_dir: Path, n: int = 512, *, seed: int = 0, size: in
     d.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, d / "part-00000.parquet", row_group_size=row_group_rows)
     n_val = rows["split"].count("val")
-    manifest = {"snapshot_id": sid, "parent_id": None, "created_at": datetime.now(timezone.utc).isoformat(),
-                "config": {"synthetic": True, "seed": seed}, "source_shards": [],
-                "counts": {"input": n, "kept": n, "dropped": {}}, "n_train": n - n_val, "n_val": n_val,
-                "files": [f"{sid}/part-00000.parquet"]}
+    manifest = {
+        "snapshot_id": sid,
+        "parent_id": None,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "config": {"synthetic": True, "seed": seed},
+        "source_shards": [],
+        "counts": {"input": n, "kept": n, "dropped": {}},
+        "n_train": n - n_val,
+        "n_val": n_val,
+        "files": [f"{sid}/part-00000.parquet"],
+    }
     (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return sid
-
