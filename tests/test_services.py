@@ -1,7 +1,8 @@
 """The pipeline against real services: an `mlflow server` process and a `prefect server` process,
 started here on free loopback ports. `clipline run` (a subprocess) shows up in both; `clipline
-serve` serves the deployments, Prefect runs the scheduled refresh on its own, and `clipline run
---deployment` runs the pipeline through the served deployment."""
+serve` serves the deployments, Prefect runs the scheduled refresh on its own, `clipline run
+--deployment` runs the pipeline through the served deployment, a run whose parameters would loosen
+the worker's security is refused, and SIGTERM stops `serve` within 10 s, cancelling its run."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from tests.pipelinekit import (
     SMALL, base_env, clipline, deep_merge, mlflow_get, mlflow_post, prefect_call, servers, stop, write_toml,
 )
+from tests.sigkit import GRACE_S, HangingServer, hanging_url_list, kill_all, run_lock_holders, sigterm_and_wait
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,29 @@ def _flow_runs(api: str) -> list[tuple[str, object]]:
         return [(flows[r.flow_id], r) for r in await c.read_flow_runs(limit=200)]
 
     return sorted(prefect_call(api, read), key=lambda fr: fr[1].created, reverse=True)
+
+
+def _start_run(api: str, deployment: str, parameters: dict):
+    """A flow run of ``deployment`` (FLOW/NAME) with ``parameters``, created through the Prefect API
+    as any user of the server may."""
+    async def create(c):
+        dep = await c.read_deployment_by_name(deployment)
+        return await c.create_flow_run_from_deployment(dep.id, parameters=parameters)
+
+    return prefect_call(api, create)
+
+
+def _wait_final(api: str, flow_run_id, timeout: float, log) -> object:
+    async def read(c):
+        return await c.read_flow_run(flow_run_id)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fr = prefect_call(api, read)
+        if fr.state is not None and fr.state.is_final():
+            return fr
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _artifact(api: str, flow_run_id, key: str):
@@ -106,7 +132,8 @@ def test_served_deployments_run_on_schedule_and_on_demand(first_run):
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "clipline.flows.cli", "--config", str(first_run["config"]), "--data-dir",
-             str(first_run["data"]), "serve", "--interval", "15"],
+             str(first_run["data"]), "serve", "--interval", "15",
+             "--input-root", str(first_run["web"].url_list.parent)],
             cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # Prefect schedules and runs the refresh by itself
@@ -138,5 +165,85 @@ def test_served_deployments_run_on_schedule_and_on_demand(first_run):
         assert "Completed" in proc.stdout and "nothing new" in proc.stdout
         pipes = [fr for name, fr in _flow_runs(api) if name == "pipeline" and fr.deployment_id is not None]
         assert len(pipes) == 1 and pipes[0].state.is_completed()
+
+        # a user of the Prefect server starts a run whose parameters would loosen the worker's
+        # security: switch the SSRF guard off, exempt the cloud metadata service, move the data dir and
+        # the config file, read a file outside the worker's input root. Refused, each one named.
+        elsewhere = work / "elsewhere"
+        bad = {"config_file": str(work / "attacker.toml"), "url_lists": ["/etc/hostname"],
+               "overrides": {"data_dir": str(elsewhere),
+                             "ingest": {"ssrf_guard": False, "allow_hosts": ["169.254.169.254:80"]}}}
+        fr = _wait_final(api, _start_run(api, "pipeline/pipeline", bad).id, 300, log)
+        assert fr.state.is_failed(), fr.state
+        msg = fr.state.message or ""
+        assert "RunRefused: this served run was refused" in msg, msg
+        for named in ("overrides.ingest.ssrf_guard = false", 'overrides.ingest.allow_hosts = ["169.254.169.254:80"]',
+                      f'overrides.data_dir = "{elsewhere}"', f'config_file = "{work / "attacker.toml"}"',
+                      'url_lists[0] = "/etc/hostname"', "only the worker sets", "clipline serve --input-root"):
+            assert named in msg, (named, msg)
+        assert not elsewhere.exists()  # refused before anything was written
+
+        # through the command line: the refusal is the command's one-line reason
+        proc = clipline(["--config", str(first_run["config"]), "run", "--deployment", "--timeout", "300",
+                         "--allow-host", "10.0.0.1:80", str(first_run["web"].url_list)], env, cwd=work)
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: flow run ") and "ended Failed" in last, proc.stderr[-3000:]
+        assert 'overrides.ingest.allow_hosts = ["10.0.0.1:80"]' in last and "only the worker sets" in last, last
     finally:
         stop(server, grace=20)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_serve_within_10_s_and_its_run_is_cancelled_at_a_safe_point(services, tmp_path):
+    """`clipline serve` with a run in progress (downloading from a server that never answers) gets
+    SIGTERM, as from a service manager (to the main process only): within 10 s it and every process
+    it started are gone, the run is Cancelled, and it released the data dir's run lock."""
+    _, mlflow_url, api = services
+    hang = HangingServer()
+    # deployment names of its own, so that it and the other test's `serve` never take each other's runs
+    config = write_toml(tmp_path / "clipline.toml", deep_merge(SMALL, {
+        "ingest": {"allow_hosts": [f"127.0.0.1:{hang.port}"], "read_timeout": 300.0, "total_timeout": 600.0,
+                   "retries": 0},
+        "refresh": {"pipeline_deployment": "pipeline-sigterm", "refresh_deployment": "refresh-sigterm"}}))
+    data = tmp_path / "data"
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    urls = hanging_url_list(lists / "hang.csv", hang.port)
+    env = base_env(MLFLOW_TRACKING_URI=mlflow_url, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="2")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "clipline.flows.cli", "--config", str(config), "--data-dir", str(data), "serve",
+             "--cron", "0 0 1 1 *", "--input-root", str(lists)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no deployment served after 240 s:\n{log.read_text()[-3000:]}"
+            try:
+                run = _start_run(api, "pipeline/pipeline-sigterm", {"url_lists": [str(urls)]})
+                break
+            except Exception:  # noqa: BLE001 - not registered yet
+                time.sleep(2)
+        while not hang.connected.wait(1):  # the served run is downloading
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline + 300, f"the run never started:\n{log.read_text()[-3000:]}"
+        took, tree, left = sigterm_and_wait(server, log)
+        out = log.read_text()
+        assert tree, "the run's process (and what it started) are the server's descendants"
+        assert took <= GRACE_S, f"`clipline serve` took {took:.1f} s to exit after SIGTERM:\n{out[-3000:]}"
+        assert server.returncode == 0, out[-3000:]
+        assert not left, f"still running {GRACE_S:g} s after SIGTERM: {[p.cmdline() for p in left]}"
+
+        async def read(c):
+            return await c.read_flow_run(run.id)
+
+        fr = prefect_call(api, read)
+        assert fr.state.is_cancelled(), (fr.state, out[-3000:])
+        assert run_lock_holders(data) == [], out[-3000:]  # the run unwound through its lock's release
+    finally:
+        kill_all(server, tree)
+        hang.close()

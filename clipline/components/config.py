@@ -198,6 +198,11 @@ class RefreshConfig(_Section):
         0.0, ge=0, description="how long a pipeline/refresh run waits for another one on the same data dir (0: fail at once)")
     pipeline_deployment: str = Field("pipeline", description="deployment name of the pipeline flow under `clipline serve`")
     refresh_deployment: str = Field("refresh", description="deployment name of the refresh flow under `clipline serve`")
+    input_roots: list[str] = Field(
+        default_factory=list,
+        description="folders (or fsspec URL prefixes) inside which a run of a `clipline serve` deployment may name "
+                    "files to read (URL lists, eval sets, checkpoints); outside them, and when none is set, it may "
+                    "name none (clipline.components.refresh.params)")
 
     @field_validator("cron")
     @classmethod

@@ -35,9 +35,9 @@ class _State:
 state = _State()
 
 
-def _flush_prefect() -> None:
+def _flush_prefect(timeout: float = 30.0) -> None:
     """Finish Prefect's exit work now: send what its background workers still hold (events,
-    API logs) and stop the temporary server it started, if any.
+    API logs; waiting up to ``timeout`` s) and stop the temporary server it started, if any.
 
     Otherwise both happen at interpreter exit and log ("Still processing items...",
     "Stopping temporary server...") after the error line, which must stay the last line a
@@ -47,7 +47,7 @@ def _flush_prefect() -> None:
         try:
             from prefect._internal.concurrency.services import _QueueServiceBase
 
-            _QueueServiceBase.drain_all(timeout=30, at_exit=False)
+            _QueueServiceBase.drain_all(timeout=timeout, at_exit=False)
         except Exception:  # noqa: BLE001 - best effort; exit drains again anyway
             pass
     if "prefect.server.api.server" in sys.modules:
@@ -591,7 +591,8 @@ def run_cmd(
     force: bool = typer.Option(False, "--force", help="Train even when the snapshot did not change."),
     deployment: bool = typer.Option(False, "--deployment",
                                     help="Run it as the served `pipeline` deployment (PREFECT_API_URL, `clipline serve`) "
-                                         "instead of in this process, and wait for it."),
+                                         "instead of in this process, and wait for it. The worker's configuration "
+                                         "applies; files must lie inside its input roots (see `clipline serve --help`)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", min=0,
                                             help="With --deployment: seconds to wait (default: until it ends)."),
 ) -> None:
@@ -599,6 +600,25 @@ def run_cmd(
     cfg = get_config(ingest={"allow_hosts": list(allow_host)} if allow_host else {})
     from clipline.components.refresh import RunBusy
 
+    for p in [*eval_set, *([decontaminate] if decontaminate else [])]:
+        if not p.exists():
+            fail(f"evaluation set {p} does not exist: give a Parquet file (image,label) or an ImageFolder directory")
+    evals = [str(p.resolve()) for p in eval_set] or None
+    decon = str(decontaminate.resolve()) if decontaminate else None
+    if deployment:
+        # the served run starts from the worker's configuration: send only what was asked for here
+        # (the worker refuses what only it may set, naming it), and a --from-model version or alias
+        # as it is, for the worker's registry
+        overrides: dict[str, Any] = {"ingest": {"allow_hosts": list(allow_host)}} if allow_host else {}
+        if state.data_dir is not None:
+            overrides["data_dir"] = str(state.data_dir.expanduser().resolve())
+        params = {"config_file": str(state.config_file.resolve()) if state.config_file else None,
+                  "overrides": overrides, "url_lists": [_abs_location(u) for u in url_lists], "eval_sets": evals,
+                  "decontaminate": decon, "force": force,
+                  "from_model": (_abs_location(from_model) if from_model and Path(from_model).expanduser().exists()
+                                 else from_model)}
+        _trigger(f"pipeline/{cfg.refresh.pipeline_deployment}", params, timeout, "pipeline-summary")
+        return
     start = None
     if from_model:
         from clipline.components.train.run import resolve_from_model
@@ -607,18 +627,6 @@ def run_cmd(
             start = str(resolve_from_model(cfg, from_model))
         except FileNotFoundError as e:
             fail(str(e))
-    for p in [*eval_set, *([decontaminate] if decontaminate else [])]:
-        if not p.exists():
-            fail(f"evaluation set {p} does not exist: give a Parquet file (image,label) or an ImageFolder directory")
-    evals = [str(p.resolve()) for p in eval_set] or None
-    decon = str(decontaminate.resolve()) if decontaminate else None
-    if deployment:
-        from clipline.components.refresh.params import deployment_parameters
-
-        params = {**deployment_parameters(state.config_file, cfg), "url_lists": [_abs_location(u) for u in url_lists],
-                  "eval_sets": evals, "decontaminate": decon, "from_model": start, "force": force}
-        _trigger(f"pipeline/{cfg.refresh.pipeline_deployment}", params, timeout, "pipeline-summary")
-        return
     from clipline.flows.pipeline import pipeline_flow, summary_rows
 
     try:
@@ -663,27 +671,53 @@ def refresh_cmd(
     _print_rows("clipline refresh", summary_rows(result))
 
 
-@app.command()
+_SERVE_EPILOG = (
+    "What a run may change: a run of these deployments starts from this process's own configuration, captured "
+    "when `serve` starts, not from its parameters (anyone who may start a run, any user of a shared Prefect "
+    "server, could otherwise switch the SSRF guard off or point the data dir anywhere). Only this process sets "
+    "ingest.ssrf_guard and ingest.allow_hosts (a run may only narrow them), tracking.tracking_uri, the data dir, "
+    "refresh.inbox, refresh.input_roots, curate.rules_file, curate.duckdb_temp_dir and the config file; a run may "
+    "restate them, not change them. Files a run names (url_lists, eval_sets, decontaminate, a from_model "
+    "checkpoint, path settings in its overrides) must lie inside an --input-root; with none, a run names no files "
+    "(the refresh deployment still reads the inbox). A refused run fails at its start, naming each parameter."
+    "\n\n"
+    "Stopping: SIGTERM or SIGINT cancels the runs in progress (each unwinds to a safe point and is marked "
+    "Cancelled), pauses the schedules and ends every process this one started, within 10 s."
+)
+
+
+@app.command(epilog=_SERVE_EPILOG)
 def serve(
     cron: Optional[str] = typer.Option(None, "--cron", help="Refresh schedule (default: refresh.cron)."),
     interval: Optional[float] = typer.Option(None, "--interval", min=1, metavar="SECONDS",
                                              help="Refresh every N seconds instead of on cron (refresh.interval_s)."),
     allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
                                          help="Exempt HOST:PORT from the SSRF guard in served runs."),
+    input_root: list[str] = typer.Option([], "--input-root", metavar="DIR|URL",
+                                         help="A folder (or fsspec URL prefix) inside which runs may name files to "
+                                              "read: URL lists, eval sets, checkpoints (repeatable; adds to "
+                                              "refresh.input_roots)."),
 ) -> None:
-    """Deployments: `pipeline` on demand, `refresh` on schedule (until Ctrl-C).
+    """Deployments: `pipeline` on demand, `refresh` on schedule (until Ctrl-C or SIGTERM).
 
     Needs a Prefect server (PREFECT_API_URL). Each deployment runs one flow run at a time; more
-    are queued. Trigger the pipeline with `clipline run URL_LIST... --deployment`."""
+    are queued. Trigger the pipeline with `clipline run URL_LIST... --deployment`. Runs take their
+    configuration from this process, and may name files only inside an --input-root (below)."""
+    import os
+
+    if os.environ.get(ONE_LINE_CONSOLE[0]) == ONE_LINE_CONSOLE[1]:
+        del os.environ[ONE_LINE_CONSOLE[0]]  # served runs' failures: tracebacks in this log, for the operator
     flags = {"cron": cron, "interval_s": interval}
-    cfg = get_config(refresh={k: v for k, v in flags.items() if v is not None},
-                     ingest={"allow_hosts": list(allow_host)} if allow_host else {})
+    refresh = {k: v for k, v in flags.items() if v is not None}
+    if input_root:
+        base = get_config()
+        refresh["input_roots"] = [*base.refresh.input_roots, *input_root]
+    cfg = get_config(refresh=refresh, ingest={"allow_hosts": list(allow_host)} if allow_host else {})
     api = _need_prefect_server("clipline serve")
-    from prefect import serve as prefect_serve
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
     from prefect.deployments.runner import EntrypointType
 
-    from clipline.components.refresh.params import deployment_parameters
+    from clipline.components.refresh.params import ServePolicy, deployment_parameters
     from clipline.flows.pipeline import pipeline_flow
     from clipline.flows.refresh import refresh_flow
 
@@ -702,6 +736,10 @@ def serve(
         fail(f"refresh schedule: {why} (cron {rc.cron!r}, timezone {rc.timezone!r}); set refresh.cron to a "
              "5-field cron expression and refresh.timezone to an IANA name, or use refresh.interval_s")
         return
+    # the bounds of every served run: this process's configuration, handed to the runs through the
+    # environment (which a run's parameters cannot reach; served runs ignore job variables)
+    policy = ServePolicy.capture(state.config_file, cfg)
+    os.environ.update(policy.to_env())
     params = deployment_parameters(state.config_file, cfg)
     pipe = pipeline_flow.to_deployment(
         name=rc.pipeline_deployment, parameters=params, concurrency_limit=1,
@@ -711,9 +749,139 @@ def serve(
         name=rc.refresh_deployment, parameters=params, schedule=schedule, concurrency_limit=1,
         entrypoint_type=EntrypointType.MODULE_PATH, tags=["clipline"],
         description=f"clipline refresh of the inbox {rc.inbox}, {when}")
+    roots = ", ".join(policy.input_roots) or "none (runs name no files)"
     console.print(f"serving pipeline/{rc.pipeline_deployment} (on demand) and refresh/{rc.refresh_deployment} "
-                  f"({when}) on {api}; data dir {cfg.data_dir.resolve()}", highlight=False, soft_wrap=True)
-    prefect_serve(pipe, ref, print_starting_message=False)
+                  f"({when}) on {api}; data dir {cfg.data_dir.resolve()}; input roots: {roots}",
+                  highlight=False, soft_wrap=True)
+    _serve_until_stopped(pipe, ref)
+
+
+#: after SIGTERM/SIGINT, how long `serve` waits for the processes of the runs in progress to end
+#: (its runner has told each run to cancel and sent it SIGTERM) before it kills them; and how long
+#: it lets an idle runner finish. Both within shutdown.HARD_STOP_S, with time left to record states.
+SERVE_STOP_S = 5.0
+IDLE_STOP_S = 2.5
+#: how long after the signal `serve` waits for its schedules to be paused, at most
+PAUSE_BY_S = 7.5
+
+
+def _serve_until_stopped(*deployments: Any) -> None:
+    """Prefect's `serve`, stopping within 10 s of SIGTERM or SIGINT.
+
+    The runner runs in a thread, so it installs no signal handler of its own. At the first signal
+    the runner is told to stop: it cancels the runs in progress (each is told, then sent SIGTERM,
+    unwinds to a safe point such as its released run lock, and ends). Here the runs' processes
+    get until ``SERVE_STOP_S`` after the signal to end, whatever is left is killed, a run that did
+    not reach a final state is marked Cancelled through the API, the schedules are paused (in the
+    background, waited for until ``PAUSE_BY_S``), and the process exits at once (no interpreter teardown, which takes
+    seconds with torch loaded; the runner's own slower bookkeeping is not waited for)."""
+    import asyncio
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.runner import Runner
+
+    from clipline.flows import shutdown
+
+    runner = Runner(pause_on_shutdown=True)
+    in_progress: dict[str, list] = {}  # flow run id -> its processes
+
+    def on_signal(signum: int) -> None:
+        in_progress.update(_served_flow_runs())  # before anything is stopped
+        try:
+            runner.handle_sigterm()
+        except SystemExit:  # not started yet: nothing to cancel
+            pass
+
+    shutdown.on_signal(on_signal)
+    deployment_ids = [runner.add_deployment(d) for d in deployments]
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(runner.start())
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="clipline-serve", daemon=True)
+    if not shutdown.stop_requested.is_set():
+        thread.start()
+    while thread.is_alive() and not shutdown.stop_requested.is_set():
+        thread.join(0.5)
+    if not shutdown.stop_requested.is_set():
+        if failure:
+            raise failure[0]
+        return
+    def api_client() -> Any:
+        try:
+            client = get_client(sync_client=True)
+            client.__enter__()  # left open: the process exits below
+            return client
+        except Exception as e:  # noqa: BLE001 - the processes are stopped regardless
+            err_console.print(f"[yellow]note:[/] cannot reach the Prefect API while stopping: {e}", highlight=False)
+            return None
+
+    # pausing the schedules (as Prefect's `serve` does on shutdown) can take seconds on a busy
+    # server: in the background, waited for only while there is time
+    pauser = threading.Thread(target=lambda: _api_quietly(
+        api_client(), lambda c: [c.pause_deployment(d) for d in deployment_ids], "pause the schedules"),
+        name="clipline-serve-pause", daemon=True)
+    pauser.start()
+    client = api_client()
+    procs = [p for ps in in_progress.values() for p in ps]
+    limit = SERVE_STOP_S if procs else IDLE_STOP_S
+    while thread.is_alive() and shutdown.seconds_since_signal() < limit:
+        if procs and not any(shutdown.running(p) for p in procs):
+            break
+        thread.join(0.2)
+    left = [p for p in procs if shutdown.running(p)]
+    shutdown.stop_tree(timeout=0.3, procs=procs)  # they were sent SIGTERM already: what is left is killed
+    _api_quietly(client, lambda c: _cancel_unfinished(c, list(in_progress)), "mark the unfinished runs Cancelled")
+    pauser.join(max(PAUSE_BY_S - shutdown.seconds_since_signal(), 0.0))
+    _flush_prefect(timeout=0.5)
+    runs = f"{len(in_progress)} run(s) in progress cancelled" + (f", {len(left)} process(es) killed" if left else "")
+    console.print(f"stopped serving {shutdown.seconds_since_signal():.1f} s after the signal ({runs})", highlight=False)
+    shutdown.hard_stop(0)
+
+
+def _api_quietly(client: Any, fn: Any, what: str) -> Any:
+    """``fn(client)``; None, and a note, when there is no client or the API fails."""
+    if client is None:
+        return None
+    try:
+        return fn(client)
+    except Exception as e:  # noqa: BLE001 - best effort while stopping; the watchdog ends the process regardless
+        err_console.print(f"[yellow]note:[/] could not {what}: {e}", highlight=False, soft_wrap=True)
+        return None
+
+
+def _served_flow_runs() -> dict[str, list]:
+    """The flow runs this process's runner is executing, with their processes: the runner starts
+    each in a process whose environment carries its id (PREFECT__FLOW_RUN_ID), which the
+    processes it starts inherit."""
+    from clipline.flows import shutdown
+
+    runs: dict[str, list] = {}
+    for p in shutdown.descendants():
+        try:
+            fid = p.environ().get("PREFECT__FLOW_RUN_ID")
+        except Exception:  # noqa: BLE001 - gone, or not ours to read
+            continue
+        if fid:
+            runs.setdefault(fid, []).append(p)
+    return runs
+
+
+def _cancel_unfinished(client: Any, flow_run_ids: list[str]) -> None:
+    """Mark Cancelled those of ``flow_run_ids`` that did not reach a final state (their process
+    ended, or was stopped, before the runner recorded it)."""
+    from prefect.states import Cancelled
+
+    for fid in flow_run_ids:
+        fr = client.read_flow_run(fid)
+        if fr.state is None or not fr.state.is_final():
+            client.set_flow_run_state(fid, Cancelled(message="clipline serve was stopped before the run ended"),
+                                      force=True)
 
 
 # ---- ui ----
@@ -721,24 +889,67 @@ def serve(
 def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(5000, "--port", help="Port of the MLflow UI."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server worker processes (MLflow's own default is 4)."),
 ) -> None:
-    """Start the MLflow UI on this data dir's tracking store."""
+    """Start the MLflow UI on this data dir's tracking store (until Ctrl-C or SIGTERM).
+
+    SIGTERM or SIGINT stops the MLflow server and every process it started (its workers and job
+    consumers) within 10 s, then exits 0."""
     import subprocess
+
+    from clipline.flows import shutdown
 
     cfg = get_config()
     uri = cfg.mlflow_uri
-    console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
-    try:
-        subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                        "--host", host, "--port", str(port)], check=False)
-    except KeyboardInterrupt:
-        pass
+    console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)", highlight=False, soft_wrap=True)
+    shutdown.on_signal(lambda signum: None)  # the loop below watches shutdown.stop_requested
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", host, "--port", str(port), "--workers", str(workers)])
+    while server.poll() is None and not shutdown.stop_requested.is_set():
+        shutdown.stop_requested.wait(0.5)
+    # MLflow's own launcher leaves its job consumers running when it is stopped, and takes seconds
+    # to exit after its server did: stop the whole tree, killing what has not exited after 4 s
+    shutdown.stop_tree(timeout=4.0)
+    if shutdown.received() is not None:
+        console.print("MLflow UI stopped")
+        shutdown.hard_stop(0)
+    if server.returncode:
+        fail(f"the MLflow UI exited with status {server.returncode} (see its output above)")
+
+
+#: Prefect's console handler, less the failure reports that would print a traceback before
+#: clipline's one-line reason (clipline/flows/console.py); set through Prefect's documented
+#: `PREFECT_LOGGING_[PATH]_[TO]_[KEY]` override of its logging config
+ONE_LINE_CONSOLE = ("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "clipline.flows.console.OneLineConsoleHandler")
+
+
+def _stopped(e: BaseException | None) -> None:
+    """The end of a command stopped by SIGTERM or SIGINT: Prefect's exit work (briefly), every
+    process this one started stopped, and exit without the interpreter's teardown (seconds, with
+    torch and MLflow loaded), inside the 10 s a service manager gives. ``e``: what interrupted the
+    command (one line, exit 128+signal), or None when the command ended by itself (exit 0; a
+    command that runs until stopped, such as `demo-web`)."""
+    import signal
+
+    from clipline.flows import shutdown
+
+    signum = shutdown.received() or getattr(e, "signum", signal.SIGINT)
+    _flush_prefect(timeout=3.0)
+    shutdown.stop_tree(timeout=3.0)
+    if e is None:
+        shutdown.hard_stop(0)
+    why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    err_console.print(f"[bold red]error:[/] {why}", highlight=False)
+    shutdown.hard_stop(shutdown.exit_code(signum))
 
 
 def main() -> None:
     """Entry point: any uncaught error becomes a one-line reason and exit code 1
-    (set CLIPLINE_DEBUG=1 for the traceback)."""
+    (set CLIPLINE_DEBUG=1 for the traceback); SIGTERM and SIGINT stop the command and every
+    process it started (clipline/flows/shutdown.py)."""
     import os
+
+    from clipline.flows import shutdown
 
     # nothing leaves the machine unasked: no Prefect/Ray usage telemetry
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -746,14 +957,17 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Prefect's embedded server gets 20 s to start by default; a busy 2-core laptop needs more
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault(*ONE_LINE_CONSOLE)
     state.in_main = True
+    shutdown.install()
     try:
         app(standalone_mode=True)
-    except KeyboardInterrupt:
-        _flush_prefect()
-        err_console.print("[bold red]error:[/] interrupted")
-        sys.exit(130)
-    except SystemExit:
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (shutdown.Terminated)
+        _stopped(e)
+    except SystemExit as e:
+        if shutdown.received() is not None:
+            # typer turns an uncaught KeyboardInterrupt (shutdown.Terminated included) into exit 130
+            _stopped(None if e.code in (0, None) else KeyboardInterrupt())
         raise
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line, not a traceback
         if os.environ.get("CLIPLINE_DEBUG"):

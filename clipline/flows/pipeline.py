@@ -5,15 +5,17 @@ finds nothing new (the snapshot is unchanged) and whose registry already has a c
 training and says so.
 
 The flow takes its configuration either as a ready ``cfg`` (in-process calls) or, as a served
-deployment passes it, as ``config_file`` + ``overrides`` (JSON). A run holds the data dir's run
-lock (``clipline.components.refresh.lock``): a second pipeline or refresh on the same data dir
-fails at once, naming the holder; a lock left by a killed run is taken over.
+deployment passes it, as ``config_file`` + ``overrides`` (JSON). Under `clipline serve` the
+worker's own configuration bounds both, and the files the run names
+(``clipline.components.refresh.params``): a run that would switch the SSRF guard off, widen the
+allow-list, move the data dir or read outside the worker's input roots is refused. A run holds
+the data dir's run lock (``clipline.components.refresh.lock``): a second pipeline or refresh on
+the same data dir fails at once, naming the holder; a lock left by a killed run is taken over.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -23,8 +25,8 @@ from clipline.components.config import Config
 from clipline.components.curate import CurateResult
 from clipline.components.ingest.runner import IngestResult
 from clipline.components.refresh.lock import exclusive_run, holder_name
-from clipline.components.refresh.params import run_config
-from clipline.components.train.run import TrainResult
+from clipline.components.refresh.params import served_run
+from clipline.components.train.run import TrainResult, resolve_from_model
 from clipline.flows.curate import curate_flow
 from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
 from clipline.flows.ingest import ingest_flow
@@ -55,11 +57,15 @@ def pipeline_flow(url_lists: list[str], cfg: Config | None = None, eval_sets: li
 
     ``eval_sets``: zero-shot sets for evaluation (default ``evaluate.datasets``); ``decontaminate``:
     an evaluation set whose near-duplicates are dropped from training data; ``from_model``: a
-    checkpoint to fine-tune from; ``force``: train even when the snapshot did not change.
-    ``config_file``/``overrides``: the configuration when ``cfg`` is not given (served deployments).
+    checkpoint, or a registered version or alias, to fine-tune from; ``force``: train even when the
+    snapshot did not change. ``config_file``/``overrides``: the configuration when ``cfg`` is not
+    given (served deployments, bounded by the serving process: see the module docstring).
     """
     logger = get_run_logger()
-    cfg = run_config(cfg, config_file, overrides)
+    cfg, inputs = served_run(cfg, config_file, overrides, url_lists=list(url_lists), eval_sets=eval_sets,
+                             decontaminate=decontaminate, from_model=from_model)
+    url_lists, eval_sets, decontaminate, from_model = (
+        inputs["url_lists"], inputs["eval_sets"], inputs["decontaminate"], inputs["from_model"])
     with exclusive_run(cfg, holder_name("pipeline")):
         ing = ingest_flow(url_lists, cfg)
         cur = curate_flow(eval_set=decontaminate, cfg=cfg)
@@ -69,7 +75,8 @@ def pipeline_flow(url_lists: list[str], cfg: Config | None = None, eval_sets: li
             logger.info(why)
             result = PipelineResult(ingest=ing, curate=cur, skipped=why)
         else:
-            tr = train_flow(cfg, snapshot_id=cur.snapshot_id, from_model=Path(from_model) if from_model else None)
+            start = resolve_from_model(cfg, from_model) if from_model else None
+            tr = train_flow(cfg, snapshot_id=cur.snapshot_id, from_model=start)
             ev = evaluate_flow(model=str(tr.checkpoint_dir), datasets=list(eval_sets or []) or None,
                                snapshot_id=tr.snapshot_id, run_id=tr.run_id, register_model=True,
                                model_uri=tr.model_uri, cfg=cfg)

@@ -31,7 +31,7 @@ from clipline.components.curate import CurateResult
 from clipline.components.ingest.runner import IngestResult
 from clipline.components.refresh import Inbox, exclusive_run, unreadable_lists
 from clipline.components.refresh.lock import holder_name
-from clipline.components.refresh.params import run_config
+from clipline.components.refresh.params import served_run
 from clipline.components.train.run import TrainResult
 from clipline.flows.curate import curate_flow
 from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
@@ -113,10 +113,12 @@ def refresh_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
     ``config_file``/``overrides``: the configuration, as a served deployment passes it (JSON);
     ``cfg``: a ready config (in-process calls; wins over both). ``eval_sets`` default to
     ``refresh.eval_sets``, then ``evaluate.datasets``; ``decontaminate`` to ``refresh.decontaminate``
-    (then ``curate.eval_set``); ``from_scratch`` to ``refresh.from_scratch``.
+    (then ``curate.eval_set``); ``from_scratch`` to ``refresh.from_scratch``. Under `clipline serve`,
+    the worker's own configuration bounds the parameters (``clipline.components.refresh.params``).
     """
     logger = get_run_logger()
-    cfg = run_config(cfg, config_file, overrides)
+    cfg, inputs = served_run(cfg, config_file, overrides, eval_sets=eval_sets, decontaminate=decontaminate)
+    eval_sets, decontaminate = inputs["eval_sets"], inputs["decontaminate"]
     rc = cfg.refresh
     eval_sets = list(eval_sets or [str(p) for p in rc.eval_sets] or []) or None
     decontaminate = decontaminate or (str(rc.decontaminate) if rc.decontaminate else None)
