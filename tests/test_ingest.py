@@ -22,7 +22,7 @@ from flowkit import run_flow_with_artifact
 
 from clipline.components.catalog import Catalog
 from clipline.components.config import load_config
-from clipline.components.ingest.runner import ingest
+from clipline.components.ingest.runner import RECORD_COLUMNS, ingest, plan
 from clipline.components.ingest.schema import RAW_SCHEMA
 
 
@@ -89,6 +89,31 @@ def server():
     s.close()
 
 
+def _photo_like_jpeg(i: int) -> bytes:
+    """Noise under a tint and discs, 400x300: about 20 KB once stored at 256 px (the server's solid
+    colours store in about 3 KB, too little for image bytes to stand out from the rest)."""
+    import random
+
+    from PIL import ImageDraw
+
+    rnd = random.Random(i)
+    img = Image.blend(Image.effect_noise((400, 300), 40).convert("RGB"),
+                      Image.new("RGB", (400, 300), tuple(rnd.randrange(256) for _ in range(3))), 0.6)
+    d = ImageDraw.Draw(img)
+    for _ in range(8):
+        x, y, r = rnd.randrange(400), rnd.randrange(300), rnd.randrange(15, 90)
+        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rnd.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _use_photo_like_images(server: _Server, distinct: int = 8) -> None:
+    bodies = [_photo_like_jpeg(i) for i in range(distinct)]
+    for i, name in enumerate(sorted(server.images)):
+        server.images[name] = bodies[i % distinct]
+
+
 def _write_list(path: Path, urls: list[str], extra: dict | None = None) -> Path:
     cols = {"url": urls, "caption": [f"a photo number {i}" for i in range(len(urls))]}
     cols.update(extra or {})
@@ -127,6 +152,52 @@ def test_ingest_writes_shards_with_contract_and_keeps_failures(data_dir, server,
     assert len(r.shards) == 3 and all(p.with_suffix(".stats.json").exists() for p in r.shards)
     with Catalog(cfg.catalog_path) as cat:
         assert cat.url_counts() == {"success": 100, "failed_to_download": 5}
+
+
+def test_arrow_memory_held_during_ingest_does_not_grow_with_the_shards_written(data_dir, server, tmp_path):
+    """A shard's images are released once its file is written: the Arrow memory this process holds
+    while URLs complete stays at a couple of shards' worth, however many shards the run writes
+    (it used to keep every shard's table, images included, until the run ended)."""
+    _use_photo_like_images(server)
+    cfg = _cfg(data_dir, server, shard_size=20)
+    lst = _write_list(tmp_path / "l.parquet", [server.url(i) for i in range(240)])
+    held: list[int] = []
+    r = ingest(cfg, [str(lst)], progress=lambda done, total: held.append(pa.total_allocated_bytes()))
+    assert (r.n_success, len(r.shards)) == (240, 12)
+    stored = sum(json.loads(p.with_suffix(".stats.json").read_text())["bytes_stored"] for p in r.shards)
+    assert stored > 240 * 8_000  # the images are big enough to show
+    # 12 shards of about the same size: two shards in flight are 1/6 of the images; all of them
+    # were held at the end before
+    assert len(held) >= 12 and max(held) < stored / 3, (max(held), stored)
+
+
+def test_planning_a_long_list_makes_no_python_object_per_url(data_dir, tmp_path):
+    """Reading a list, dropping repeats and asking the catalog what is new stays columnar: the
+    Python memory it needs is a few integers per URL, about 60 bytes (it was about 600: a str, a
+    list entry and a dict entry after another, per URL)."""
+    import tracemalloc
+
+    n = 60_000
+    urls = [f"http://example.com/img/{i}.jpg" for i in range(n)]
+    urls[5], urls[7], urls[9] = None, "  ", urls[3]  # two rows without a URL, one repeat
+    lst = _write_list(tmp_path / "l.parquet", urls)
+    cfg = load_config(None, {"data_dir": data_dir})
+    with Catalog(cfg.catalog_path) as cat:
+        seen = pa.table({"url": urls[:1000:2], "key": [str(i) for i in range(500)], "status": ["success"] * 500,
+                         "error_message": pa.nulls(500, pa.string())})
+        cat.record_raw_shard("s0", data_dir / "s0.parquet", seen, {})
+        plan(cfg, cat, [str(_write_list(tmp_path / "warm.parquet", [None, urls[0], "x"]))])  # imports done
+        tracemalloc.start()
+        try:
+            todo, listed, n_dup = plan(cfg, cat, [str(lst)])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert (listed, n_dup, todo.num_rows) == (n - 1, 1, n - 1 - 500)
+    got = todo.column("url").to_pylist()
+    assert got[:4] == [urls[1], urls[3], f"missing-url:{lst}#row5", f"missing-url:{lst}#row7"]
+    assert urls[9] not in got[4:] and got[-1] == urls[-1]
+    assert peak < 100 * n, peak
 
 
 def test_incremental_rerun_fetches_only_new_urls(data_dir, server, tmp_path):
@@ -271,12 +342,31 @@ def test_ingest_flow_makes_artifact(prefect_harness, data_dir, server, tmp_path)
 def test_shards_run_as_ray_tasks_when_ray_address_is_set(ray_local, data_dir, server, tmp_path, monkeypatch):
     """With RAY_ADDRESS set, each shard is downloaded and written by a Ray task; the driver records
     them. (The session's local Ray stands in for the cluster: ingest joins the running one.)"""
+    import ray
+
     monkeypatch.setenv("RAY_ADDRESS", "auto")
+    # what the tasks send back to the driver: the real ray.get, observed
+    received = []
+    real_get = ray.get
+
+    def get(refs, *a, **k):
+        out = real_get(refs, *a, **k)
+        received.append(out)
+        return out
+
+    monkeypatch.setattr(ray, "get", get)
+    _use_photo_like_images(server)
     cfg = _cfg(data_dir, server)
     urls = [server.url(i) for i in range(90)] + [f"http://{server.host}/img/none.jpg"]
     r = ingest(cfg, [str(_write_list(tmp_path / "l.parquet", urls))])
     assert (r.n_fetched, r.n_success, r.failures) == (91, 90, {"http_404": 1})
     assert len(r.shards) == 3
+    # each shard's catalog record came back, never its images: memory on the driver stays flat
+    shards = [out for out in received if isinstance(out, tuple) and len(out) == 3]
+    assert len(shards) == 3
+    for path, stats, record in shards:
+        assert tuple(record.column_names) == RECORD_COLUMNS and record.num_rows == stats["n_rows"]
+        assert record.nbytes * 10 < stats["bytes_stored"]
     rows = _all_rows(cfg.raw_dir)
     assert sorted(rows.column("url").to_pylist()) == sorted(urls)
     with Catalog(cfg.catalog_path) as cat:

@@ -10,6 +10,11 @@ and restarted ends with every URL recorded exactly once, in exactly one shard.
 
 The per-shard work (:func:`ingest_shard`) is a plain function of its rows and settings, so it can
 run on a Ray cluster (``RAY_ADDRESS``) as well as in this process.
+
+Memory is flat in the number of URLs: a shard's image bytes live only until its file is written.
+What comes back to the driver, locally or from a Ray task, is the shard's path, its stats and its
+catalog record (url, key, status, error columns: :data:`RECORD_COLUMNS`), which is recorded at once
+and dropped; the run keeps only counts and paths. At most two shards are in flight locally.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipline.components.catalog import Catalog
 from clipline.components.cluster import connect_ray, ray_address
@@ -51,6 +58,13 @@ ProgressFn = Callable[[int, int], None]
 
 # Images are sent to the process pool in small batches: one pickle round trip per batch.
 _BATCH = 16
+
+# The columns of a written shard that the catalog records (Catalog.record_raw_shard): all the
+# driver receives of a shard besides its path and stats. Never the image bytes.
+RECORD_COLUMNS = ("url", "key", "status", "error_kind", "error_message")
+
+# Called by the runners as each shard is in place: (path, stats, record table).
+ShardFn = Callable[[Path, dict, pa.Table], None]
 
 
 def url_key(url: str) -> str:
@@ -182,9 +196,16 @@ def _rows_from_results(rows: pa.Table, results: Sequence[tuple[FetchResult, Proc
     return out
 
 
+def shard_record(table: pa.Table) -> pa.Table:
+    """The catalog's columns of a shard table (:data:`RECORD_COLUMNS`): no image bytes."""
+    return table.select([c for c in RECORD_COLUMNS if c in table.column_names])
+
+
 async def _ingest_shard_async(rows: pa.Table, fetcher: Fetcher, processor: _PoolProcessor,
                               out_dir: Path, shard_id: str,
                               on_done: Callable[[], None] | None = None) -> tuple[Path, dict, pa.Table]:
+    """Fetch, process and write one shard. Returns its path, stats and catalog record
+    (:func:`shard_record`); the image bytes are released when this returns."""
     t0 = time.perf_counter()
 
     async def one(u: str):
@@ -197,18 +218,20 @@ async def _ingest_shard_async(rows: pa.Table, fetcher: Fetcher, processor: _Pool
     bytes_dl = sum(n for _, _, n in results)
     carried_names = [c for c in rows.column_names if c not in ("url", "caption", "source")]
     table = build_shard_table(_rows_from_results(rows, results), rows.select(carried_names) if carried_names else None)
+    del results  # the table holds the images now; one copy of them, not two, during the write
     stats = shard_stats(table, time.perf_counter() - t0, bytes_dl)
     stats["shard_id"] = shard_id
     stats["written_by"] = f"{socket.gethostname()}:{os.getpid()}"  # which node/process (a cluster has many)
     path = await asyncio.to_thread(write_shard, table, out_dir, shard_id, stats)
-    return path, stats, table
+    return path, stats, shard_record(table)
 
 
 def ingest_shard(rows: pa.Table, fetch_settings: FetchSettings, image_settings: ImageSettings,
                  out_dir: str | os.PathLike, shard_id: str) -> tuple[Path, dict, pa.Table]:
     """Download, process and write one shard; a plain function of its inputs (runs on Ray too).
 
-    Returns the shard path, its stats and the written table (the caller records it in the catalog).
+    Returns the shard path, its stats and the shard's catalog record (:func:`shard_record`: url,
+    key, status and error columns, no image bytes), which the caller records in the catalog.
     """
 
     async def run():
@@ -222,34 +245,57 @@ def _partition(table: pa.Table, size: int) -> list[pa.Table]:
     return [table.slice(i, size) for i in range(0, table.num_rows, size)]
 
 
+def _fill_missing_urls(table: pa.Table) -> pa.ChunkedArray:
+    """The ``url`` column, where a row without a URL (null or blank) gets a stable placeholder
+    naming its list and its row there, ``missing-url:<list>#row<n>``, which the downloader records
+    as invalid_url: such a row cannot be fetched but must be recorded, once."""
+    url = table.column("url")
+    if url.type != pa.string():
+        url = url.cast(pa.string())
+    missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(url), ""), True)
+    if not pc.any(missing).as_py():
+        return url
+    is_missing = missing.to_numpy(zero_copy_only=False)
+    pos = np.flatnonzero(is_missing)
+    # each missing row's index among the rows of its own list
+    source = pc.fill_null(table.column("source"), "")
+    codes = pc.index_in(source, value_set=pc.unique(source)).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.argsort(codes, kind="stable")
+    rank = np.empty(len(codes), np.int64)
+    rank[order] = np.arange(len(codes)) - np.searchsorted(codes[order], codes[order])
+    names = source.take(pa.array(pos)).to_pylist()
+    fill = [f"missing-url:{src}#row{rank[p]}" for src, p in zip(names, pos)]
+    chunks, at, k = [], 0, 0
+    for chunk in url.chunks:
+        m = is_missing[at:at + len(chunk)]
+        n = int(m.sum())
+        chunks.append(pc.replace_with_mask(chunk, pa.array(m), pa.array(fill[k:k + n], pa.string())) if n else chunk)
+        at, k = at + len(chunk), k + n
+    return pa.chunked_array(chunks, pa.string())
+
+
 def plan(cfg: Config, catalog: Catalog, url_lists: Sequence[str]) -> tuple[pa.Table, int, int]:
     """Read the lists and keep the rows whose URL still needs fetching (first occurrence of each URL).
 
-    Returns (rows to fetch, number of unique URLs listed, number of rows repeating a URL).
+    Returns (rows to fetch, number of unique URLs listed, number of rows repeating a URL). Columnar
+    throughout: no Python object per URL, so a list of millions costs little more than its table.
     """
     ic = cfg.ingest
     table = read_url_lists(list(url_lists), url_col=ic.url_col, caption_col=ic.caption_col,
                            input_format=ic.input_format, save_additional_columns=ic.save_additional_columns)
-    # A row without a URL cannot be fetched but must be recorded, once: it gets a stable
-    # placeholder naming its list and row, which the downloader records as invalid_url.
-    per_source: Counter = Counter()
-    urls = []
-    sources = table.column("source").to_pylist()
-    for u, src in zip(table.column("url").to_pylist(), sources):
-        n = per_source[src]
-        per_source[src] += 1
-        urls.append(u if u and u.strip() else f"missing-url:{src}#row{n}")
-    table = table.set_column(table.schema.get_field_index("url"), "url", pa.array(urls, pa.string()))
-    first: dict[str, int] = {}
-    for i, u in enumerate(urls):
-        first.setdefault(u, i)
-    table = table.take(pa.array(sorted(first.values()), pa.int64()))
-    n_dup = len(urls) - table.num_rows
+    table = table.set_column(table.schema.get_field_index("url"), "url", _fill_missing_urls(table))
+    n_rows = table.num_rows
+    # the first row of each URL, in list order
+    index = pa.array(np.arange(n_rows, dtype=np.int64))
+    firsts = (pa.table({"url": table.column("url"), "i": index}).group_by("url", use_threads=False)
+              .aggregate([("i", "min")]).column("i_min").to_numpy())
+    if len(firsts) < n_rows:
+        table = table.take(pa.array(np.sort(firsts)))
     listed = table.num_rows
-    todo = set(catalog.unseen_urls(table.column("url").to_pylist(), retry_failed=ic.retry_failed))
-    keep = [i for i, u in enumerate(table.column("url").to_pylist()) if u in todo]
-    table = table.take(pa.array(keep, pa.int64()))
-    return table, listed, n_dup
+    keep = catalog.unseen_rows(table.column("url"), retry_failed=ic.retry_failed)
+    if len(keep) < listed:
+        table = table.take(pa.array(keep))
+    return table, listed, n_rows - listed
 
 
 def ingest(cfg: Config, url_lists: Sequence[str], progress: ProgressFn | None = None,
@@ -268,17 +314,20 @@ def ingest(cfg: Config, url_lists: Sequence[str], progress: ProgressFn | None = 
         todo, result.n_listed, result.n_duplicate_rows = plan(cfg, catalog, url_lists)
         result.n_already_seen = result.n_listed - todo.num_rows
         result.n_fetched = todo.num_rows
+
+        def on_shard(path: Path, stats: dict, record: pa.Table) -> None:
+            # record as soon as the file is in place (a crash later loses nothing), then keep
+            # only the path and the counts
+            catalog.record_raw_shard(path.stem, path, record, stats)
+            result.shards.append(path)
+            _accumulate(result, stats)
+
         if todo.num_rows:
             fs = FetchSettings.from_config(cfg.ingest)
             if resolver is None and not os.environ.get("CLIPLINE_INGEST_LOCAL") and ray_address():
-                outs = _run_on_ray(cfg, todo, fs, progress)
+                _run_on_ray(cfg, todo, fs, progress, on_shard)
             else:
-                outs = asyncio.run(_run_local(cfg, todo, fs, progress, resolver, catalog))
-            for path, stats, table in outs:
-                if not catalog.has_shard(path.stem):
-                    catalog.record_raw_shard(path.stem, path, table, stats)
-                result.shards.append(path)
-                _accumulate(result, stats)
+                asyncio.run(_run_local(cfg, todo, fs, progress, resolver, on_shard))
     result.duration_s = time.perf_counter() - t0
     return result
 
@@ -294,7 +343,7 @@ def _accumulate(result: IngestResult, stats: dict) -> None:
 
 
 async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None,
-                     resolver, catalog: Catalog) -> list[tuple[Path, dict, pa.Table]]:
+                     resolver, on_shard: ShardFn) -> None:
     ic = cfg.ingest
     n_proc = ic.processes or (os.cpu_count() or 1)
     total = todo.num_rows
@@ -306,10 +355,9 @@ async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: P
         if progress and (done % 16 == 0 or done == total):
             progress(done, total)
 
-    outs: list[tuple[Path, dict, pa.Table]] = []
-    parts = _partition(todo, ic.shard_size)
-    # two shards in flight: the next one's downloads overlap the current one's tail and write
-    gate = asyncio.Semaphore(2)
+    # shards are taken in order by two loops: two shards in flight, so the next one's downloads
+    # overlap the current one's tail and write. Slices share todo's buffers: nothing is copied.
+    parts = iter(enumerate(_partition(todo, ic.shard_size)))
     # spawn, not fork: a forked worker would inherit this process's sockets (an open HTTP
     # connection would then never close) and DuckDB's threads. Workers die with this process.
     ctx = mp.get_context("spawn")
@@ -317,33 +365,33 @@ async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: P
         processor = _PoolProcessor(pool, ImageSettings.from_config(ic))
         async with Fetcher(fs, resolver=resolver) as fetcher:
 
-            async def run_part(i: int, rows: pa.Table):
-                async with gate:
-                    out = await _ingest_shard_async(rows, fetcher, processor, cfg.raw_dir, new_shard_id(i), tick)
-                # record as soon as the file is in place: a crash later loses nothing
-                path, stats, table = out
-                catalog.record_raw_shard(path.stem, path, table, stats)
-                return out
+            async def shard_loop() -> None:
+                for i, rows in parts:
+                    path, stats, record = await _ingest_shard_async(rows, fetcher, processor, cfg.raw_dir,
+                                                                    new_shard_id(i), tick)
+                    on_shard(path, stats, record)
 
-            outs = await asyncio.gather(*(run_part(i, p) for i, p in enumerate(parts)))
-    return list(outs)
+            await asyncio.gather(shard_loop(), shard_loop())
 
 
-def _run_on_ray(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None):
+def _run_on_ray(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None,
+                on_shard: ShardFn) -> None:
     import ray
 
     connect_ray()
     remote = ray.remote(ingest_shard)
     isets = ImageSettings.from_config(cfg.ingest)
-    parts = _partition(todo, cfg.ingest.shard_size)
-    refs = [remote.remote(p, fs, isets, str(cfg.raw_dir), new_shard_id(i)) for i, p in enumerate(parts)]
-    outs, done = [], 0
-    pending = list(refs)
+    # All tasks are submitted at once (an autoscaling cluster sizes itself on the pending ones);
+    # each holds only its rows (Ray serialises a slice compactly). A task returns its path, stats
+    # and catalog record, never image bytes; the driver records each as it arrives and keeps no
+    # reference to it, so the object store frees it.
+    pending = [remote.remote(p, fs, isets, str(cfg.raw_dir), new_shard_id(i))
+               for i, p in enumerate(_partition(todo, cfg.ingest.shard_size))]
+    done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        out = ray.get(ready[0])
-        outs.append(out)
-        done += out[2].num_rows
+        path, stats, record = ray.get(ready[0])
+        on_shard(path, stats, record)
+        done += record.num_rows
         if progress:
             progress(done, todo.num_rows)
-    return outs
