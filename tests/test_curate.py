@@ -14,9 +14,9 @@ from PIL import Image
 
 from clipline.components.catalog import Catalog
 from clipline.components.curate import CurateError, curate
-from clipline.components.curate.dedup import band_plan, near_pairs
+from clipline.components.curate.near import band_plan, near_pairs, near_pairs_reference
 from clipline.components.curate.evalset import EvalSetError
-from clipline.components.curate.language import classify_langid, classify_vectorized
+from clipline.components.curate.language import classes, classify, classify_langid
 from clipline.components.curate.normalize import normalize_text
 from clipline.components.curate.phash import phash64
 from test_curate_helpers import config, hamming, jpeg, pattern_image, read_snapshot, row, write_shard
@@ -36,30 +36,40 @@ def test_each_rule_drops_exactly_its_rows(data_dir, tmp_path):
     blocklist.write_text("# my terms\nforbidden\nbad phrase\n")
     good = [row(f"good{i}", f"a clear photo of object number {i} on a table", seed=i) for i in range(6)]
     crafted = {
-        "failed_download": [row("f1", status="failed_to_download"),
-                            row("f2", "tiny", status="failed_to_resize")],  # also too short: first rule wins
+        "failed_download": [
+            row("f1", status="failed_to_download"),
+            row("f2", "tiny", status="failed_to_resize"),
+        ],  # also too short: first rule wins
         "missing_key": [row("", "a photo of a missing key row", seed=50)],
         "image_too_small": [row("small", "a photo of a very small picture", seed=51, ow=199, oh=640)],
         "aspect_ratio": [row("wide", "a photo of a very wide panorama", seed=52, ow=1000, oh=300)],
         "missing_caption": [row("nocap", None, seed=53), row("blankcap", "  \t\n ", seed=54)],
-        "caption_is_pattern": [row("urlcap", "https://example.com/some/image/path.jpg", seed=55),
-                               row("filecap", "IMG 2041 final (2).JPG", seed=56),
-                               row("numcap", "2019-07-04 12:30 #45", seed=57),
-                               row("filecap2", "my holiday photo (1).jpeg", seed=73),
-                               row("symbols", "★ ★ ★ — 2019 — ★ ★ ★", seed=74)],
+        "caption_is_pattern": [
+            row("urlcap", "https://example.com/some/image/path.jpg", seed=55),
+            row("filecap", "IMG 2041 final (2).JPG", seed=56),
+            row("numcap", "2019-07-04 12:30 #45", seed=57),
+            row("filecap2", "my holiday photo (1).jpeg", seed=73),
+            row("symbols", "★ ★ ★ — 2019 — ★ ★ ★", seed=74),
+        ],
         "too_few_words": [row("words", "two words", seed=58)],
         "too_few_chars": [row("chars", "a b c", seed=59)],
         "too_long": [row("long", "a " + "very " * 300 + "long caption", seed=60)],
-        "blocklisted": [row("block1", "a photo with a Forbidden thing inside", seed=61),
-                        row("block2", "this is a bad   phrase indeed", seed=62)],
-        "language": [row("fr", "un chat noir dort sur la table de la cuisine", seed=63),
-                     row("de", "ein roter Kreis auf einem blauen Hintergrund", seed=64)],
+        "blocklisted": [
+            row("block1", "a photo with a Forbidden thing inside", seed=61),
+            row("block2", "this is a bad   phrase indeed", seed=62),
+        ],
+        "language": [
+            row("fr", "un chat noir dort sur la table de la cuisine", seed=63),
+            row("de", "ein roter Kreis auf einem blauen Hintergrund", seed=64),
+        ],
     }
     # near misses that every rule must keep
-    keep_extra = [row("forbiddenness", "a photo about forbiddenness in art", seed=70),  # not a whole word
-                  row("exact200", "a photo exactly at the size limit", seed=71, ow=200, oh=600),  # ratio 3.0
-                  row("three", "three word caption", seed=72),
-                  row("midfile", "a photo of file.jpg on a desk", seed=75)]  # a file name, not only one
+    keep_extra = [
+        row("forbiddenness", "a photo about forbiddenness in art", seed=70),  # not a whole word
+        row("exact200", "a photo exactly at the size limit", seed=71, ow=200, oh=600),  # ratio 3.0
+        row("three", "three word caption", seed=72),
+        row("midfile", "a photo of file.jpg on a desk", seed=75),
+    ]  # a file name, not only one
     rows = good + keep_extra + [r for rs in crafted.values() for r in rs]
     write_shard(data_dir, "s0", rows)
     cfg = config(data_dir, blocklist_file=blocklist)
@@ -70,12 +80,14 @@ def test_each_rule_drops_exactly_its_rows(data_dir, tmp_path):
 
 
 def test_rules_are_configurable_and_language_switchable(data_dir):
-    rows = [row("fr", "un chat noir dort sur la table de la cuisine", seed=1),
-            row("two", "two words", seed=2),
-            row("small", "a photo of a small image here", seed=3, ow=120, oh=120),
-            # letters of other scripts are letters: not "a caption without letters"
-            row("ru", "фото чёрной кошки на столе", seed=4),
-            row("ja", "テーブル の 上 の 黒い 猫", seed=5)]
+    rows = [
+        row("fr", "un chat noir dort sur la table de la cuisine", seed=1),
+        row("two", "two words", seed=2),
+        row("small", "a photo of a small image here", seed=3, ow=120, oh=120),
+        # letters of other scripts are letters: not "a caption without letters"
+        row("ru", "фото чёрной кошки на столе", seed=4),
+        row("ja", "テーブル の 上 の 黒い 猫", seed=5),
+    ]
     write_shard(data_dir, "s0", rows)
     cfg = config(data_dir, language=None, min_caption_words=2, min_image_side=100)
     res = curate(cfg, track=False)
@@ -112,18 +124,80 @@ def test_caption_pattern_rule_is_one_full_match_of_its_patterns():
     from clipline.components.config import CurateConfig
     from clipline.components.curate.rules import sql_rules
 
-    patterns = [r"(https?://|www\.)\S+", r"[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)",
-                r"(img|dsc|dscn|dscf|pxl|dcim|photo|image|pic|screenshot)[_\- ]?[\d_\- ]+", r"[^\pL]+"]
+    patterns = [
+        r"(https?://|www\.)\S+",
+        r"[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)",
+        r"(img|dsc|dscn|dscf|pxl|dcim|photo|image|pic|screenshot)[_\- ]?[\d_\- ]+",
+        r"[^\pL]+",
+    ]
     rnd = random.Random(3)
-    captions = [None, "", ".", "a.jpg", "A.JPG", "x.jpeg.", "x.jpeg ", "my photo (1).jpeg", "IMG_2041.heic",
-                "file.tiff", "file.tif", ".png", "a cat.", "www.example.com/x", "HTTPS://a.b", "img 12-3",
-                "12:30", "★ — ★", "日本語", "a photo of file.jpg on a desk", "é.png", "[a] b.webp"]
-    captions += [f"my file (2).{ext}" for ext in ["jpg", "JPEG", "png", "gif", "webp", "bmp", "tif", "TIFF", "heic", "avif"]]
-    alphabet = ["a", "b", "I", "M", "G", "j", "p", "e", "g", "n", "f", "w", ".", " ", "_", "-", "(", ")", "1", "/",
-                ":", "h", "t", "s", "é", "★", "jpg", "JPEG", "webp", "tiff", "img", "www.", "http://"]
+    captions = [
+        None,
+        "",
+        ".",
+        "a.jpg",
+        "A.JPG",
+        "x.jpeg.",
+        "x.jpeg ",
+        "my photo (1).jpeg",
+        "IMG_2041.heic",
+        "file.tiff",
+        "file.tif",
+        ".png",
+        "a cat.",
+        "www.example.com/x",
+        "HTTPS://a.b",
+        "img 12-3",
+        "12:30",
+        "★ — ★",
+        "日本語",
+        "a photo of file.jpg on a desk",
+        "é.png",
+        "[a] b.webp",
+    ]
+    captions += [
+        f"my file (2).{ext}" for ext in ["jpg", "JPEG", "png", "gif", "webp", "bmp", "tif", "TIFF", "heic", "avif"]
+    ]
+    alphabet = [
+        "a",
+        "b",
+        "I",
+        "M",
+        "G",
+        "j",
+        "p",
+        "e",
+        "g",
+        "n",
+        "f",
+        "w",
+        ".",
+        " ",
+        "_",
+        "-",
+        "(",
+        ")",
+        "1",
+        "/",
+        ":",
+        "h",
+        "t",
+        "s",
+        "é",
+        "★",
+        "jpg",
+        "JPEG",
+        "webp",
+        "tiff",
+        "img",
+        "www.",
+        "http://",
+    ]
     captions += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 8))) for _ in range(5000)]
-    captions += [rnd.choice(["img", "DSC", "photo", "Pic"]) + "".join(rnd.choice("12_- a.g") for _ in range(rnd.randint(0, 6)))
-                 for _ in range(1000)]
+    captions += [
+        rnd.choice(["img", "DSC", "photo", "Pic"]) + "".join(rnd.choice("12_- a.g") for _ in range(rnd.randint(0, 6)))
+        for _ in range(1000)
+    ]
     con = duckdb.connect()
     con.execute("CREATE TABLE t (caption VARCHAR)")
     con.executemany("INSERT INTO t VALUES (?)", [[c] for c in captions])
@@ -140,10 +214,15 @@ def test_rules_file_is_editable_sql(data_dir, tmp_path):
     from clipline.components.curate.rules import RULES_FILE, parse_rules
 
     custom = tmp_path / "my_rules.sql"
-    custom.write_text(RULES_FILE.read_text() + "\n-- rule: no_cats\n-- a data person's own rule\n"
-                      "regexp_matches(lower(caption), '\\bcats?\\b')  -- cats are out\n")
-    write_shard(data_dir, "s0", [row("cat", "a photo of two cats on a sofa", seed=1),
-                                 row("dog", "a photo of a dog on a sofa", seed=2)])
+    custom.write_text(
+        RULES_FILE.read_text() + "\n-- rule: no_cats\n-- a data person's own rule\n"
+        "regexp_matches(lower(caption), '\\bcats?\\b')  -- cats are out\n"
+    )
+    write_shard(
+        data_dir,
+        "s0",
+        [row("cat", "a photo of two cats on a sofa", seed=1), row("dog", "a photo of a dog on a sofa", seed=2)],
+    )
     res = curate(config(data_dir, rules_file=custom), track=False)
     assert _dropped(res) == {"no_cats": 1}
     order = res.manifest["rule_order"]
@@ -158,9 +237,11 @@ def test_rules_file_is_editable_sql(data_dir, tmp_path):
 
 def test_normalisation_applies_before_rules_and_comparison(data_dir):
     img = jpeg(pattern_image(7))
-    rows = [row("a", "The caf\u00c3\u00a9 doesn\u00e2\u20ac\u2122t   open\u200b early", image=img, url="http://x.test/a"),
-            row("b", " The caf\u00e9 doesn't open early\n", image=img, url="http://x.test/b"),
-            row("c", "\t\u00a0  \x07 ", seed=8)]
+    rows = [
+        row("a", "The caf\u00c3\u00a9 doesn\u00e2\u20ac\u2122t   open\u200b early", image=img, url="http://x.test/a"),
+        row("b", " The caf\u00e9 doesn't open early\n", image=img, url="http://x.test/b"),
+        row("c", "\t\u00a0  \x07 ", seed=8),
+    ]
     write_shard(data_dir, "s0", rows)
     cfg = config(data_dir, exact_image_dedup="image_and_caption", language=None)
     res = curate(cfg, track=False)
@@ -217,7 +298,7 @@ def test_near_duplicates_found_and_distinct_images_kept(data_dir):
 
 
 def test_lsh_finds_exactly_the_pairs_brute_force_finds(data_dir):
-    from clipline.components.curate.stage import connect
+    from clipline.components.curate.db import connect
 
     rng = np.random.default_rng(0)
     base = rng.integers(-(2**63), 2**63 - 1, size=1500, dtype=np.int64)
@@ -240,15 +321,18 @@ def test_lsh_finds_exactly_the_pairs_brute_force_finds(data_dir):
         dist = np.unpackbits(x.view(np.uint8), axis=-1).reshape(len(u), len(u), 64).sum(-1)
         ii, jj = np.nonzero(np.triu(dist <= d, k=1))
         assert got == set(zip(ii.tolist(), jj.tolist())), (d, engine)
+        assert got == {tuple(p) for p in near_pairs_reference(hashes, d).tolist()}  # gid = position here
         assert d == 0 or len(got) >= 20  # d == 0: the hashes are unique
     plan = band_plan(6, 1_000_000)
     assert plan.n_bands - 6 >= 2 and plan.key_bits >= 16  # no 8-bit buckets at scale
 
 
 def test_caption_near_dedup_optional(data_dir):
-    rows = [row("a", "Buy cheap red shoes online now at the best store", seed=1),
-            row("b", "Buy cheap red shoes online now at the best store!", seed=2),
-            row("c", "a photo of a dog running on the beach at sunset", seed=3)]
+    rows = [
+        row("a", "Buy cheap red shoes online now at the best store", seed=1),
+        row("b", "Buy cheap red shoes online now at the best store!", seed=2),
+        row("c", "a photo of a dog running on the beach at sunset", seed=3),
+    ]
     write_shard(data_dir, "s0", rows)
     res = curate(config(data_dir), track=False)
     assert _dropped(res) == {}
@@ -294,6 +378,60 @@ def test_bad_eval_set_and_no_shards_give_clear_errors(data_dir, tmp_path):
         curate(config(data_dir, blocklist_file=tmp_path / "missing.txt"), track=False)
 
 
+def test_curate_phash_is_the_ingest_phash():
+    """One pHash: curate hashes an eval image as ingest hashed the shard row of the same picture."""
+    import io
+
+    from clipline.components.curate import phash
+    from clipline.components.ingest import imaging
+
+    sources = [
+        pattern_image(1),
+        pattern_image(2, size=20),  # small: enlarged to 32x32
+        pattern_image(3).resize((150, 90)),
+        pattern_image(4).convert("L"),
+        pattern_image(5).convert("RGBA"),
+    ]
+    for im in sources:
+        assert phash.phash64(im) == imaging.phash64(im)
+        for fmt in ("PNG", "JPEG"):
+            buf = io.BytesIO()
+            (im if fmt == "PNG" else im.convert("RGB")).save(buf, format=fmt)
+            data = buf.getvalue()
+            # a row ingested without resizing stores the pHash of the decoded picture; curate's
+            # pHash of the same bytes (an eval image) is the same value
+            stored = imaging.process_image(data, imaging.ImageSettings(resize_mode="no"))
+            assert stored.ok and phash.phash64(data) == stored.phash, (im.size, im.mode, fmt)
+    assert phash.hamming(phash.to_signed64(2**64 - 1), 0) == 64
+
+
+def test_removed_benchmark_switches_are_config_errors(tmp_path):
+    """language_backend and near_dup_engine are gone from [curate]: a file that still sets them
+    fails as any unknown key does, naming it."""
+    from clipline.components.config import ConfigError, load_config
+
+    for key, value in (("language_backend", "compiled"), ("near_dup_engine", "numpy")):
+        f = tmp_path / f"{key}.toml"
+        f.write_text(f'[curate]\n{key} = "{value}"\n')
+        with pytest.raises(ConfigError, match=f"curate.{key}"):
+            load_config(f)
+
+
+def test_steps_are_timed_in_order_and_report_progress(data_dir):
+    from clipline.components.curate.steps import KEEP_FIRST, PAIR_SEARCH, SETUP, STEPS
+
+    write_shard(data_dir, "s0", [row(f"k{i}", f"a photo of object number {i} here", seed=i) for i in range(3)])
+    seen = []
+    res = curate(config(data_dir), progress=lambda *a: seen.append(a), track=False)
+    assert seen == [(name, i, len(STEPS)) for i, name in enumerate(STEPS)] + [("done", len(STEPS), len(STEPS))]
+    want = [SETUP, *STEPS[:3], PAIR_SEARCH, KEEP_FIRST, *STEPS[3:]]
+    assert list(res.timings) == want and list(res.cpu_timings) == want
+    assert json.loads((res.path / "manifest.json").read_text())["timings"] == res.timings
+    seen.clear()
+    again = curate(config(data_dir), progress=lambda *a: seen.append(a), track=False)
+    assert not again.new and seen == [("done", len(STEPS), len(STEPS))]
+
+
 # ------------------------------------------------------------------ snapshots
 def _three_shards(seed=0):
     """Rows with duplicates inside and across shards (URL, image, near image)."""
@@ -311,8 +449,16 @@ def _three_shards(seed=0):
             else:
                 img = jpeg(imgs[i])
             url = f"http://x.test/{i}" if kind > 0.85 else None
-            rows.append(row(key, f"a photo of item {i} variant {j} shard {s}", image=img, url=url,
-                            ow=rnd.choice([300, 600]), oh=400))
+            rows.append(
+                row(
+                    key,
+                    f"a photo of item {i} variant {j} shard {s}",
+                    image=img,
+                    url=url,
+                    ow=rnd.choice([300, 600]),
+                    oh=400,
+                )
+            )
         rows.append(row(f"s{s}-fail", status="failed_to_download"))
         shards.append(rows)
     return shards
@@ -339,7 +485,7 @@ def test_incremental_equals_all_at_once_and_ids_are_content_hashes(tmp_path):
     assert _kept_keys(config(inc_dir), last) == _kept_keys(config(all_dir), res_all)
     assert last.snapshot_id == res_all.snapshot_id
     # the incremental snapshot reuses the parent's files and adds its own
-    assert last.manifest["files"][:len(inc_results[1].manifest["files"])] == inc_results[1].manifest["files"]
+    assert last.manifest["files"][: len(inc_results[1].manifest["files"])] == inc_results[1].manifest["files"]
     # same inputs, same id; running again with nothing new returns the snapshot unchanged
     for i, rows in enumerate(shards):
         write_shard(again_dir, f"shard-{i}", rows)
@@ -366,14 +512,36 @@ def test_snapshot_contract(data_dir):
     cfg = config(data_dir, val_fraction=0.2)
     res = curate(cfg, track=False)
     m = json.loads((res.path / "manifest.json").read_text())
-    for k in ("snapshot_id", "parent_id", "created_at", "config", "source_shards", "counts", "n_train",
-              "n_val", "files"):
+    for k in (
+        "snapshot_id",
+        "parent_id",
+        "created_at",
+        "config",
+        "source_shards",
+        "counts",
+        "n_train",
+        "n_val",
+        "files",
+    ):
         assert k in m
     assert m["source_shards"] == ["s0"] and m["counts"]["kept"] == 300 and m["parent_id"] is None
     assert all(not f.startswith("/") and (cfg.snapshots_dir / f).exists() for f in m["files"])
     snap = read_snapshot(cfg, m)
-    for col in ("key", "url", "caption", "image", "width", "height", "original_width", "original_height",
-                "sha256", "phash", "split", "color", "source"):
+    for col in (
+        "key",
+        "url",
+        "caption",
+        "image",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "sha256",
+        "phash",
+        "split",
+        "color",
+        "source",
+    ):
         assert col in snap.column_names, col
     assert "status" not in snap.column_names
     n_val = snap.column("split").to_pylist().count("val")
@@ -404,8 +572,18 @@ def test_row_groups_sized_for_sequential_reads(data_dir):
     rows = []
     for i in range(5000):
         r = row(f"k{i:05d}", f"a photo of object number {i} on a table", status="failed_to_download")
-        r.update(status="success", error_kind=None, error_message=None, image=b"img%d" % i, width=64, height=64,
-                 original_width=400, original_height=400, sha256=f"{i:064x}", phash=int(rng.integers(-2**63, 2**63 - 1)))
+        r.update(
+            status="success",
+            error_kind=None,
+            error_message=None,
+            image=b"img%d" % i,
+            width=64,
+            height=64,
+            original_width=400,
+            original_height=400,
+            sha256=f"{i:064x}",
+            phash=int(rng.integers(-(2**63), 2**63 - 1)),
+        )
         rows.append(r)
     write_shard(data_dir, "s0", rows)
     cfg = config(data_dir, row_group_rows=2048, language=None, contact_sheet_examples=0)
@@ -417,11 +595,21 @@ def test_row_groups_sized_for_sequential_reads(data_dir):
 
 def test_img2dataset_style_external_shard(data_dir):
     img = jpeg(pattern_image(3))
-    ext = pa.table({"key": ["000000000", "000000001"], "url": ["http://e.test/0", "http://e.test/1"],
-                    "caption": ["a photo from an external tool", "another photo from that tool"],
-                    "jpg": [img, jpeg(pattern_image(4))], "width": [96, 96], "height": [96, 96],
-                    "original_width": [400, 400], "original_height": [400, 400],
-                    "sha256": ["x0", "x1"], "status": ["success", "success"], "error_message": [None, None]})
+    ext = pa.table(
+        {
+            "key": ["000000000", "000000001"],
+            "url": ["http://e.test/0", "http://e.test/1"],
+            "caption": ["a photo from an external tool", "another photo from that tool"],
+            "jpg": [img, jpeg(pattern_image(4))],
+            "width": [96, 96],
+            "height": [96, 96],
+            "original_width": [400, 400],
+            "original_height": [400, 400],
+            "sha256": ["x0", "x1"],
+            "status": ["success", "success"],
+            "error_message": [None, None],
+        }
+    )
     p = data_dir / "ext.parquet"
     pq.write_table(ext, p)
     with Catalog(data_dir / "catalog.duckdb") as cat:
@@ -437,8 +625,11 @@ def test_img2dataset_style_external_shard(data_dir):
 # ------------------------------------------------------------------ report + tracking
 def test_report_table_contact_sheet_and_mlflow(data_dir, mlflow_uri):
     rows = [row(f"k{i}", f"a photo of object number {i} here", seed=i) for i in range(5)]
-    rows += [row("short", "tiny", seed=20), row("fail", status="failed_to_download"),
-             row("dup", "a duplicate of object one", image=rows[1]["image"])]
+    rows += [
+        row("short", "tiny", seed=20),
+        row("fail", status="failed_to_download"),
+        row("dup", "a duplicate of object one", image=rows[1]["image"]),
+    ]
     write_shard(data_dir, "s0", rows)
     cfg = config(data_dir)
     res = curate(cfg)
@@ -446,8 +637,10 @@ def test_report_table_contact_sheet_and_mlflow(data_dir, mlflow_uri):
     assert "| 1 | failed_download | 1 |" in text and "| dup_image | 1 |" in text.replace("| 17 ", "| ")
     dropped = pq.read_table(res.report_path.parent / "dropped.parquet").to_pylist()
     assert {(d["key"], d["shard_id"], d["reason"]) for d in dropped} == {
-        ("short", "s0", "too_few_words"), ("fail", "s0", "failed_download"),
-        ("k1", "s0", "dup_image")}  # same image, same size: the smaller key ("dup") is kept
+        ("short", "s0", "too_few_words"),
+        ("fail", "s0", "failed_download"),
+        ("k1", "s0", "dup_image"),
+    }  # same image, same size: the smaller key ("dup") is kept
     sheet = Image.open(res.contact_sheet_path)
     assert sheet.format == "PNG" and sheet.height >= 3 * 128  # one row per rule with drops
     run = mlflow.get_run(res.mlflow_run_id)
@@ -462,12 +655,12 @@ def test_report_table_contact_sheet_and_mlflow(data_dir, mlflow_uri):
 
 
 CAPTIONS_IN_SCRIPTS = [
-    "São Tomé & Príncipe flag emoji",     # Latin with accents
+    "São Tomé & Príncipe flag emoji",  # Latin with accents
     "Łódź, Zürich, Ørsted, façade, œuvre",
-    "Ελληνική σημαία στον άνεμο",          # Greek
-    "Красный круг на белом фоне",          # Cyrillic
-    "דגל ישראל",                           # Hebrew
-    "علم المغرب",                          # Arabic
+    "Ελληνική σημαία στον άνεμο",  # Greek
+    "Красный круг на белом фоне",  # Cyrillic
+    "דגל ישראל",  # Hebrew
+    "علم المغرب",  # Arabic
 ]
 
 
@@ -485,21 +678,23 @@ def test_contact_sheet_draws_letters_of_several_scripts(tmp_path):
         ImageDraw.Draw(im).text((4, 4), ch, font=font, fill=255)
         return im.tobytes()
 
-    missing = glyph("\U0010FFFD")  # a private-use code point no font draws: the missing-glyph box
+    missing = glyph("\U0010fffd")  # a private-use code point no font draws: the missing-glyph box
     boxes = sorted({ch for cap in CAPTIONS_IN_SCRIPTS for ch in cap if ch.isalpha() and glyph(ch) == missing})
     assert boxes == []
-    examples = {"too_few_words": [(None, cap) for cap in CAPTIONS_IN_SCRIPTS[:3]],
-                "language": [(None, cap) for cap in CAPTIONS_IN_SCRIPTS[3:]]}
+    examples = {
+        "too_few_words": [(None, cap) for cap in CAPTIONS_IN_SCRIPTS[:3]],
+        "language": [(None, cap) for cap in CAPTIONS_IN_SCRIPTS[3:]],
+    }
     sheet = Image.open(contact_sheet(examples, tmp_path / "sheet.png", per_rule=3))
     assert sheet.format == "PNG" and sheet.height >= 2 * 128
 
 
-def test_vectorised_language_id_matches_langid():
+def test_language_id_of_a_list_of_texts_matches_langid():
     rnd = random.Random(1)
     words = ["red", "the", "photo", "chat", "noir", "Kreis", "über", "casa", "日本", "car", "de", "la", "sunset"]
     texts = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 9))) for _ in range(300)]
     texts += ["", None, "a photo of a cat", "x" * 3000]
     a_lang, a_p = classify_langid(texts)
-    b_lang, b_p = classify_vectorized(texts, batch=64)
-    assert a_lang == b_lang
+    best, b_p = classify(texts)
+    assert a_lang == [classes()[b] if b >= 0 else None for b in best.tolist()]
     assert np.allclose(a_p, b_p, atol=1e-9)

@@ -59,9 +59,18 @@ class _TempWatch:
 
 
 def _cfg(data: Path, limit: str):
-    return load_config(None, {"data_dir": data, "curate": {
-        "duckdb_memory_limit": limit, "duckdb_temp_dir": data / "spill", "duckdb_threads": 2,
-        "contact_sheet_examples": 0}})
+    return load_config(
+        None,
+        {
+            "data_dir": data,
+            "curate": {
+                "duckdb_memory_limit": limit,
+                "duckdb_temp_dir": data / "spill",
+                "duckdb_threads": 2,
+                "contact_sheet_examples": 0,
+            },
+        },
+    )
 
 
 def test_spills_under_a_small_memory_limit_and_builds_the_same_snapshot(tmp_path, shards):
@@ -69,7 +78,7 @@ def test_spills_under_a_small_memory_limit_and_builds_the_same_snapshot(tmp_path
     assert free.manifest["duckdb_spilled_bytes_max"] == 0  # it all fit: nothing was spilled
 
     tight_dir = _data_dir(tmp_path / "tight", shards)
-    cfg = _cfg(tight_dir, "96MB")  # DuckDB's buffer manager gets 72 MB of it (stage.DUCKDB_SHARE)
+    cfg = _cfg(tight_dir, "96MB")  # DuckDB's buffer manager gets 72 MB of it (db.DUCKDB_SHARE)
     (tight_dir / "spill").mkdir()
     with _TempWatch(tight_dir / "spill") as watch:
         tight = curate(cfg, track=False)

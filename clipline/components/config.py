@@ -89,9 +89,6 @@ class CurateConfig(_Section):
     language: str | None = Field("en", description="ISO 639-1 code to keep; empty/None switches the rule off")
     language_min_confidence: float = Field(
         0.9, ge=0, le=1, description="drop a caption only when langid names another language with at least this probability")
-    language_backend: Literal["compiled", "vectorized", "langid"] = Field(
-        "compiled", description="compiled: one numba loop over langid's own model (needs numba, else vectorized); "
-        "vectorized: numpy pass over the same model; langid: langid.classify per caption")
     # image rules (DataComp: 200 px shorter side of the original)
     min_image_side: int = Field(200, ge=0, description="shorter side of the original image, px")
     max_aspect_ratio: float = Field(3.0, ge=1.0)
@@ -99,8 +96,6 @@ class CurateConfig(_Section):
     exact_image_dedup: Literal["image", "image_and_caption"] = Field(
         "image", description="image: one row per stored-image sha256; image_and_caption: only when the caption is the same too")
     phash_max_distance: int = Field(6, ge=-1, le=32, description="near-duplicate image distance in bits of 64; -1 switches it off")
-    near_dup_engine: Literal["numpy", "sql"] = Field(
-        "numpy", description="where the band join runs: numpy sort-merge (faster) or DuckDB equi-joins; same pairs")
     caption_near_dedup: bool = False
     caption_minhash_threshold: float = Field(0.8, gt=0, le=1)
     caption_minhash_perm: int = Field(64, ge=16, le=512)

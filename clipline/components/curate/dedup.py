@@ -1,230 +1,45 @@
-"""Near-duplicate search on 64-bit perceptual hashes, and the keep-first deduplication rule.
-
-Finding pairs within Hamming distance ``d`` without an all-pairs join (generalised pigeonhole,
-a form of LSH banding with a recall guarantee): cut the 64 bits into ``m = d + t`` contiguous
-bands. Two hashes that differ in at most ``d`` bits leave at least ``t`` bands untouched, so they
-agree exactly on at least one of the ``C(m, t)`` combinations of ``t`` bands. Each combination is
-a bit mask; candidates are pairs with equal ``phash & mask`` (an equi-join in DuckDB), and
-``bit_count(xor(a, b)) <= d`` checks them exactly. The join runs either in DuckDB (``sql``) or,
-by default, as a sort-merge on the masked keys in numpy (``numpy``, same pairs, several times faster). ``t = 1`` is the classic "d+1 bands" scheme;
-larger ``t`` makes each key longer (fewer random collisions) at the cost of more combinations;
-:func:`band_plan` picks ``m`` from the row count to minimise the expected work. No pair within
-``d`` is ever missed.
+"""The keep-first deduplication rule, and the exact grouping it runs on.
 
 Keep rule (deterministic, documented): rows are visited in a fixed order (parent snapshot rows
 first, then shards in catalog order, then the largest original image, then the smallest key). A
-row is dropped when it duplicates a row already KEPT (same URL, same key, same image sha256, same caption and
-image, phash within d, or similar caption); the reason is the first of those relations that
-holds. Because a row's fate depends only on rows kept before it, building a snapshot in two
+row is dropped when it duplicates a row already KEPT (same URL, same key, same image sha256, same
+caption and image, phash within d, or similar caption); the reason is the first of those relations
+that holds. Because a row's fate depends only on rows kept before it, building a snapshot in two
 steps (parent, then new shards against the parent's rows) keeps exactly the rows that building it
 at once would.
+
+Public operations, each with its contract in its docstring and its plain reference beside it (the
+tests compare them; the compiled loops are in :mod:`clipline.components.curate.kernels.dedup`):
+
+============================  ======================================  ===========================
+operation                     what                                    reference
+============================  ======================================  ===========================
+:func:`keep_first_codes`      drop reason per row, as a code          :func:`keep_first`
+:func:`keep_first_table`      the same for the stage's fetched rows   (composes the ones here)
+:func:`candidates`            rows that share a value with another    :func:`repeated_reference`
+:func:`repeated`              positions whose 64-bit value repeats    :func:`repeated_reference`
+:func:`first_ids`             first position of each 64-bit value     :func:`first_ids_reference`
+:func:`group_ids`             exact group id of each string           :func:`exact_group_ids`
+============================  ======================================  ===========================
+
+The pairs of pHashes within the distance come from :mod:`clipline.components.curate.near`.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import reduce
 
-import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from clipline.components.curate.phash import to_signed64
+from clipline.components.curate import arrays
+from clipline.components.curate.kernels import dedup as kernels
 
-try:  # the compiled loops; without numba the numpy paths are used
-    from numba import njit
-except ImportError:  # pragma: no cover - numba is a dependency
-    njit = None
-
-
-def unique_sorted(x: np.ndarray) -> np.ndarray:
-    """The sorted distinct values of a 1-d integer array, as ``np.unique(x)``, by one sort: NumPy
-    2.4's ``np.unique`` without ``return_inverse`` takes a hash-table path that is 10-30x slower
-    than sorting here (0.2-0.3 s for 280k int64 against 8 ms)."""
-    s = np.sort(np.asarray(x).reshape(-1))
-    if len(s) < 2:
-        return s
-    return s[np.concatenate(([True], s[1:] != s[:-1]))]
-
-
-@dataclass(frozen=True)
-class BandPlan:
-    max_distance: int
-    n_bands: int
-    masks: list[int]  # one signed-int64 bit mask per t-combination of bands
-    combos: list[tuple[tuple[int, int], ...]] = ()  # the same combinations as (start, width) bands
-
-    @property
-    def key_bits(self) -> int:
-        return min(bin(m & ((1 << 64) - 1)).count("1") for m in self.masks)
-
-
-def _bands(m: int) -> list[int]:
-    """Bit masks of m contiguous bands covering 64 bits (sizes differ by at most one)."""
-    out, start = [], 0
-    for i in range(m):
-        width = 64 // m + (1 if i < 64 % m else 0)
-        out.append(((1 << width) - 1) << start)
-        start += width
-    return out
-
-
-def band_plan(max_distance: int, n_rows: int, n_query: int | None = None) -> BandPlan:
-    """The band scheme for finding every pair within ``max_distance`` bits among ``n_rows``
-    hashes (or between ``n_query`` hashes and ``n_rows`` hashes)."""
-    d = int(max_distance)
-    if d < 0 or d > 32:
-        raise ValueError(f"phash_max_distance must be between 0 and 32 (or -1 to switch off), got {d}")
-    n = max(int(n_rows), 1)
-    q = n if n_query is None else max(int(n_query), 1)
-    best: tuple[float, int] | None = None
-    for m in range(d + 1, min(64, d + 9) + 1):
-        t = m - d
-        combos = math.comb(m, t)
-        if combos > 4096:
-            continue
-        bits = (64 // m) * t
-        # keys of <= 16 bits sort in one radix pass, <= 32 bits in two (_radix_argsort), wider by merging
-        sort_cost = 3.0 if bits + t <= 16 else 8.0 if bits + t <= 32 else 20.0
-        cost = combos * (sort_cost * (n + q) + n * q / 2.0 ** bits)  # a sort per combination + candidates
-        if best is None or cost < best[0]:
-            best = (cost, m)
-    assert best is not None
-    m = best[1]
-    bands = _bands(m)
-    masks = [to_signed64(sum(c)) for c in itertools.combinations(bands, m - d)]
-    spans = [((b & -b).bit_length() - 1, bin(b).count("1")) for b in bands]
-    return BandPlan(d, m, masks, list(itertools.combinations(spans, m - d)))
-
-
-def _combo_batches(masks: list[int], n_rows: int, budget_rows: int = 4_000_000) -> list[list[int]]:
-    per = max(1, budget_rows // max(n_rows, 1))
-    return [masks[i:i + per] for i in range(0, len(masks), per)]
-
-
-def _popcount_xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(np.bitwise_xor(a, b).view(np.uint64))
-
-
-def _combo_key(hashes: np.ndarray, combo: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """The bits of the combination's bands packed into the narrowest unsigned integer."""
-    u = hashes.view(np.uint64)
-    key = np.zeros(len(u), dtype=np.uint64)
-    width = 0
-    for start, w in combo:
-        key = (key << np.uint64(w)) | ((u >> np.uint64(start)) & np.uint64((1 << w) - 1))
-        width += w
-    for dt, bits in ((np.uint16, 16), (np.uint32, 32)):
-        if width <= bits:
-            return key.astype(dt)
-    return key
-
-
-def _radix_argsort(kv: np.ndarray) -> np.ndarray:
-    """A stable argsort; keys of up to 32 bits as two 16-bit radix passes (numpy's stable sort is a
-    radix sort for 16-bit integers only, a merge sort for wider ones)."""
-    if kv.dtype == np.uint32:
-        o = np.argsort((kv & np.uint32(0xFFFF)).astype(np.uint16), kind="stable")
-        return o[np.argsort((kv[o] >> np.uint32(16)).astype(np.uint16), kind="stable")]
-    return np.argsort(kv, kind="stable")
-
-
-def _bucket_pairs(hashes: np.ndarray, combo: tuple[tuple[int, int], ...], max_distance: int) -> np.ndarray:
-    """Index pairs (i, j), i != j, that agree on the combination's bands and are within
-    max_distance: sort by the packed band bits (radix sort for <= 16 bits), then compare each row
-    with the rows after it in its run (the sort-merge form of the equi-join ``a.kv = b.kv``)."""
-    kv = _combo_key(hashes, combo)
-    order = _radix_argsort(kv)
-    s = kv[order]
-    h = hashes[order]
-    n = len(s)
-    out = []
-    cand = np.flatnonzero(s[:-1] == s[1:])
-    k = 1
-    while len(cand):
-        close = _popcount_xor(h[cand], h[cand + k]) <= max_distance
-        if close.any():
-            out.append(np.stack([order[cand[close]], order[cand[close] + k]], axis=1))
-        cand = cand[cand + k + 1 < n]
-        cand = cand[s[cand] == s[cand + k + 1]]
-        k += 1
-    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
-
-
-def near_pairs_numpy(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Every unordered index pair (i < j) of ``hashes`` (int64) within ``max_distance`` bits,
-    sorted, found with the band plan (no all-pairs comparison)."""
-    hashes = np.ascontiguousarray(hashes, dtype=np.int64)
-    n = len(hashes)
-    if n < 2:
-        return np.zeros((0, 2), dtype=np.int64)
-    codes = []
-    for combo in band_plan(max_distance, n).combos:
-        p = _bucket_pairs(hashes, combo, max_distance)
-        if len(p):
-            lo, hi = np.minimum(p[:, 0], p[:, 1]), np.maximum(p[:, 0], p[:, 1])
-            codes.append(unique_sorted(lo * n + hi))
-    if not codes:
-        return np.zeros((0, 2), dtype=np.int64)
-    u = unique_sorted(np.concatenate(codes))
-    return np.stack([u // n, u % n], axis=1)
-
-
-def near_pairs(con: duckdb.DuckDBPyConnection, table: str, max_distance: int, engine: str = "numpy") -> np.ndarray:
-    """Every unordered pair (gid_a < gid_b) of rows of ``table`` (columns ``gid BIGINT, phash
-    BIGINT``, one row per distinct phash) within ``max_distance`` bits, as an (n, 2) int64 array.
-
-    ``engine="sql"`` runs the band equi-joins and the ``bit_count(xor(a, b))`` check in DuckDB;
-    ``engine="numpy"`` (default, several times faster) does the same join as a sort-merge in numpy.
-    Both return exactly the pairs within the distance (tested against brute force)."""
-    if engine == "numpy":
-        t = con.execute(f"SELECT gid, phash FROM {table} ORDER BY gid").fetchnumpy()
-        gid = np.asarray(t["gid"], dtype=np.int64)
-        idx = near_pairs_numpy(np.asarray(t["phash"], dtype=np.int64), max_distance)
-        pairs = np.stack([gid[idx[:, 0]], gid[idx[:, 1]]], axis=1) if len(idx) else idx
-        return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs
-    if engine != "sql":
-        raise ValueError(f"unknown near-duplicate engine {engine!r}: use 'numpy' or 'sql'")
-    n = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
-    if n < 2:
-        return np.zeros((0, 2), dtype=np.int64)
-    plan = band_plan(max_distance, n)
-    con.execute("CREATE OR REPLACE TEMP TABLE _near_pairs (a BIGINT, b BIGINT)")
-    for batch in _combo_batches(plan.masks, n):
-        con.register("_masks", pa.table({"cid": np.arange(len(batch)), "mask": pa.array(batch, pa.int64())}))
-        con.execute(f"""
-            INSERT INTO _near_pairs
-            WITH k AS (SELECT m.cid, t.gid, t.phash, t.phash & m.mask AS kv FROM {table} t, _masks m)
-            SELECT x.gid, y.gid FROM k x JOIN k y ON x.cid = y.cid AND x.kv = y.kv AND x.gid < y.gid
-            WHERE bit_count(xor(x.phash, y.phash)) <= {int(max_distance)}""")
-        con.unregister("_masks")
-    pairs = con.execute("SELECT DISTINCT a, b FROM _near_pairs ORDER BY a, b").fetchnumpy()
-    con.execute("DROP TABLE _near_pairs")
-    return np.stack([pairs["a"], pairs["b"]], axis=1).astype(np.int64) if len(pairs["a"]) else np.zeros((0, 2), np.int64)
-
-
-def near_any(con: duckdb.DuckDBPyConnection, table: str, reference: str, max_distance: int) -> np.ndarray:
-    """The ``gid`` of every row of ``table`` (gid, phash) within ``max_distance`` bits of any
-    ``phash`` in ``reference`` (a table with a ``phash`` column), sorted."""
-    n = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
-    q = con.execute(f"SELECT count(*) FROM {reference}").fetchall()[0][0]
-    if n == 0 or q == 0:
-        return np.zeros(0, dtype=np.int64)
-    plan = band_plan(max_distance, n, q)
-    found: list[np.ndarray] = []
-    for batch in _combo_batches(plan.masks, n + q):
-        con.register("_masks", pa.table({"cid": np.arange(len(batch)), "mask": pa.array(batch, pa.int64())}))
-        got = con.execute(f"""
-            WITH k AS (SELECT m.cid, t.gid, t.phash, t.phash & m.mask AS kv FROM {table} t, _masks m),
-                 r AS (SELECT m.cid, e.phash, e.phash & m.mask AS kv FROM {reference} e, _masks m
-                       WHERE e.phash IS NOT NULL)
-            SELECT DISTINCT k.gid FROM k JOIN r ON k.cid = r.cid AND k.kv = r.kv
-            WHERE bit_count(xor(k.phash, r.phash)) <= {int(max_distance)}""").fetchnumpy()["gid"]
-        con.unregister("_masks")
-        found.append(np.asarray(got, dtype=np.int64))
-    return unique_sorted(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+REASONS = ["dup_url", "dup_key", "dup_image", "dup_caption_image", "near_dup_image", "near_dup_caption"]
+"""Drop reasons of the keep-first rule; :func:`keep_first_codes` returns ``index + 1`` (0 = kept)."""
 
 
 @dataclass
@@ -233,19 +48,19 @@ class DedupInput:
     sharing a URL / sha256 / (caption, sha256) / phash value; a row alone in its group may carry
     any id not shared with another row."""
 
-    is_parent: np.ndarray       # bool: rows of the parent snapshot (always kept)
-    url_g: np.ndarray           # int64
+    is_parent: np.ndarray  # bool: rows of the parent snapshot (always kept)
+    url_g: np.ndarray  # int64
     key_g: np.ndarray
     sha_g: np.ndarray
     capimg_g: np.ndarray
-    ph_g: np.ndarray            # id of the row's distinct phash value (-1: no phash)
-    ph_pairs: np.ndarray        # (k, 2) near pairs of ph_g values (unordered)
+    ph_g: np.ndarray  # id of the row's distinct phash value (-1: no phash)
+    ph_pairs: np.ndarray  # (k, 2) near pairs of ph_g values (unordered)
     captions: list[str] | None = None  # for the optional caption MinHash rule
 
 
 @dataclass(frozen=True)
 class DedupOptions:
-    same_image: bool = True            # dup_image on; else only dup_caption_image
+    same_image: bool = True  # dup_image on; else only dup_caption_image
     near_image: bool = True
     near_caption: bool = False
     minhash_threshold: float = 0.8
@@ -253,248 +68,15 @@ class DedupOptions:
     shingle_chars: int = 5
 
 
-def _involved(g: np.ndarray) -> np.ndarray:
-    _, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
-    return counts[inv] > 1
-
-
-def _shingles(text: str, k: int) -> list[bytes]:
-    s = text.lower()
-    if len(s) <= k:
-        return [s.encode("utf-8")]
-    return list({s[i:i + k].encode("utf-8") for i in range(len(s) - k + 1)})
-
-
-REASONS = ["dup_url", "dup_key", "dup_image", "dup_caption_image", "near_dup_image", "near_dup_caption"]
-"""Drop reasons of the keep-first rule; :func:`keep_first_codes` returns ``index + 1`` (0 = kept)."""
-
-
-def _dense(g: np.ndarray) -> np.ndarray:
-    """Group ids renumbered 0..k-1 (same partition); ids already within [0, 4n) are kept as
-    they are (the visit only needs small non-negative ids)."""
-    g = np.asarray(g, np.int64).reshape(-1)
-    if len(g) == 0 or (g.min() >= 0 and g.max() < 4 * len(g) + 16):
-        return g
-    return np.unique(g, return_inverse=True)[1].astype(np.int64).reshape(-1)
-
-
-def _keep_first_loop(is_parent, url, key, sha, ci, ph, indptr, nbr, same_image, near_image, out):  # pragma: no cover - compiled
-    """The keep-first visit over dense group ids (ph: -1 = no phash; nbr[indptr[p]:indptr[p+1]]:
-    phash ids within the distance of p). Writes reason codes (0 = kept) into ``out``."""
-    kept_url = np.zeros(url.max() + 1 if len(url) else 1, np.bool_)
-    kept_key = np.zeros(key.max() + 1 if len(key) else 1, np.bool_)
-    kept_sha = np.zeros(sha.max() + 1 if len(sha) else 1, np.bool_)
-    kept_ci = np.zeros(ci.max() + 1 if len(ci) else 1, np.bool_)
-    kept_ph = np.zeros(len(indptr), np.bool_)
-    for i in range(len(is_parent)):
-        if not is_parent[i]:
-            r = 0
-            if kept_url[url[i]]:
-                r = 1
-            elif kept_key[key[i]]:
-                r = 2
-            elif same_image and kept_sha[sha[i]]:
-                r = 3
-            elif kept_ci[ci[i]]:
-                r = 4
-            elif near_image and ph[i] >= 0:
-                p = ph[i]
-                if kept_ph[p]:
-                    r = 5
-                else:
-                    for j in range(indptr[p], indptr[p + 1]):
-                        if kept_ph[nbr[j]]:
-                            r = 5
-                            break
-            if r:
-                out[i] = r
-                continue
-        kept_url[url[i]] = True
-        kept_key[key[i]] = True
-        kept_sha[sha[i]] = True
-        kept_ci[ci[i]] = True
-        if ph[i] >= 0:
-            kept_ph[ph[i]] = True
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_loop():
-    return _keep_first_loop if njit is None else njit(cache=True, nogil=True)(_keep_first_loop)
-
-
-def _mix(x):  # pragma: no cover - compiled
-    """splitmix64's finaliser: a 64-bit value's bits spread over all 64 (slot and fingerprint)."""
-    z = x + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-if njit is not None:  # compiled into the loops below
-    _mix = njit(cache=True, nogil=True, inline="always")(_mix)
-
-
-def _member_loop(members, h, valid, out):  # pragma: no cover - compiled
-    """out[i] = True where valid row i's 64-bit value ``h[i]`` is one of ``members``: they go into
-    an open-addressing set (linear probing, at most half full), and each row looks its value up
-    there. :func:`repeated` passes only the values that repeat, so the set stays in the cache,
-    where a table of every value would not (2-3x faster at 1M rows)."""
-    size = 2
-    while size < 2 * len(members):
-        size *= 2
-    mask = np.uint64(size - 1)
-    keys = np.empty(size, np.uint64)
-    used = np.zeros(size, np.bool_)
-    for i in range(len(members)):
-        x = np.uint64(members[i])
-        j = np.int64(_mix(x) & mask)
-        while used[j] and keys[j] != x:
-            j = (j + 1) & (size - 1)
-        keys[j] = x
-        used[j] = True
-    for i in range(len(h)):
-        if not valid[i]:
-            continue
-        x = np.uint64(h[i])
-        j = np.int64(_mix(x) & mask)
-        while used[j]:
-            if keys[j] == x:
-                out[i] = True
-                break
-            j = (j + 1) & (size - 1)
-
-
-def _same_strings_loop(ids, data, starts, ends):  # pragma: no cover - compiled
-    """True when every row i with ids[i] = f >= 0 holds the same bytes as row f."""
-    for i in range(len(ids)):
-        f = ids[i]
-        if f < 0 or f == i:
-            continue
-        a, b, fa = starts[i], ends[i], starts[f]
-        if b - a != ends[f] - fa:
-            return False
-        for k in range(b - a):
-            if data[a + k] != data[fa + k]:
-                return False
-    return True
-
-
-def _first_loop(h, valid, ids):  # pragma: no cover - compiled
-    """ids[i] = the first valid position holding the 64-bit value ``h[i]``, -1 where invalid: an
-    open-addressing map whose 8-byte slots pack a 32-bit fingerprint of the value with the
-    position, so that the map of 200k values stays within the cache."""
-    n = len(h)
-    size = 2
-    while size < 2 * n:
-        size *= 2
-    mask = np.uint64(size - 1)
-    slots = np.zeros(size, np.uint64)  # 0: empty; else fingerprint << 32 | (position + 1)
-    low = np.uint64(0xFFFFFFFF)
-    for i in range(n):
-        if not valid[i]:
-            ids[i] = -1
-            continue
-        x = np.uint64(h[i])
-        z = _mix(x)
-        fp = z >> np.uint64(32)
-        j = np.int64(z & mask)
-        f = -1
-        while slots[j] != 0:
-            e = slots[j]
-            if (e >> np.uint64(32)) == fp:
-                g = np.int64(e & low) - 1
-                if np.uint64(h[g]) == x:
-                    f = g
-                    break
-            j = (j + 1) & (size - 1)
-        if f < 0:
-            slots[j] = (fp << np.uint64(32)) | np.uint64(i + 1)
-            f = i
-        ids[i] = f
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_first():
-    return None if njit is None else njit(cache=True, nogil=True)(_first_loop)
-
-
-def first_ids(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """For each 64-bit value, the first position (among the ``valid`` ones) holding the same
-    value; -1 at invalid positions. Equal values get equal ids, and ids are within [0, n)."""
-    values = np.ascontiguousarray(values).view(np.uint64) if np.asarray(values).dtype.itemsize == 8 \
-        else np.asarray(values, np.int64).view(np.uint64)
-    valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
-    ids = np.empty(len(values), np.int64)
-    loop = _compiled_first()
-    if loop is not None and len(values) < 2**31:  # positions are packed in 32 bits
-        loop(values, valid, ids)
-        return ids
-    idx = np.flatnonzero(valid)  # pragma: no cover - numba is a dependency
-    _, first, inv = np.unique(values[idx], return_index=True, return_inverse=True)  # pragma: no cover
-    ids[:] = -1  # pragma: no cover
-    ids[idx] = idx[first][inv.reshape(-1)]  # pragma: no cover
-    return ids  # pragma: no cover
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_same():
-    return None if njit is None else njit(cache=True, nogil=True)(_same_strings_loop)
-
-
-def string_group_ids(values: pa.Array, hashes: np.ndarray) -> np.ndarray | None:
-    """A group id per string: the position of the first row holding the same string (rows in
-    [0, n)), or n + i for a null at row i; grouped by the strings' 64-bit ``hashes``
-    (:func:`first_ids`), then every row's bytes are compared with its group's first in one
-    compiled pass. None when a hash collision put two different strings together, or without
-    numba (the caller then groups by the values themselves)."""
-    same = _compiled_same()
-    if same is None:  # pragma: no cover - numba is a dependency
-        return None
-    from clipline.components.curate.language import string_buffers
-
-    n = len(values)
-    valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), np.bool_) if values.null_count \
-        else np.ones(n, np.bool_)
-    ids = first_ids(hashes, valid)
-    data, starts, ends = string_buffers(values)
-    if not same(ids, data, starts, ends):
-        return None
-    return np.where(valid, ids, n + np.arange(n, dtype=np.int64)) if values.null_count else ids
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_repeated():
-    return None if njit is None else njit(cache=True, nogil=True)(_member_loop)
-
-
-def repeated(values: np.ndarray, valid: np.ndarray | None = None, also: np.ndarray | None = None) -> np.ndarray:
-    """True where a 64-bit value (e.g. a hash of a URL) occurs at more than one position, among
-    the ``valid`` positions (all by default; the others are False), or is one of ``also``. Exact
-    on the values: equal values repeat, nothing else. numpy's sort (it releases the GIL) finds
-    the values that repeat, then one compiled pass marks the rows holding them (numpy's isin
-    where numba is missing)."""
-    values = np.ascontiguousarray(values).view(np.uint64) if np.asarray(values).dtype.itemsize == 8 \
-        else np.asarray(values, np.int64).view(np.uint64)
-    all_valid = valid is None
-    valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
-    s = np.sort(values if all_valid else values[valid])
-    members = s[1:][s[1:] == s[:-1]]
-    if also is not None:
-        members = np.concatenate([members, np.asarray(also).reshape(-1).astype(np.int64).view(np.uint64)])
-    out = np.zeros(len(values), np.bool_)
-    if len(members) == 0:
-        return out
-    loop = _compiled_repeated()
-    if loop is not None:
-        loop(members, values, valid, out)
-        return out
-    return valid & np.isin(values, members)  # pragma: no cover - numba is a dependency
+# ---------------------------------------------------------------- the keep-first rule
 
 
 def keep_first_codes(inp: DedupInput, opts: DedupOptions, compiled: bool = True) -> np.ndarray:
     """The drop reason of every row as an int8 code (0 = kept, else ``REASONS[code - 1]``) under
-    the keep-first rule. Without the caption rule the visit is one compiled loop over dense group
-    ids (``compiled=False``: the same loop in Python); with it, :func:`keep_first`'s Python loop."""
+    the keep-first rule: :func:`keep_first`'s answer. Parent rows are always kept. Group ids may
+    be any int64 (renumbered when they are not small and non-negative); pairs may name pHash ids
+    no row has. Without the caption rule the visit is one compiled loop over dense group ids
+    (``compiled=False``: the same loop in Python); with it, :func:`keep_first` itself."""
     n = len(inp.is_parent)
     if n == 0:
         return np.zeros(0, np.int8)
@@ -504,41 +86,30 @@ def keep_first_codes(inp: DedupInput, opts: DedupOptions, compiled: bool = True)
         for k, name in enumerate(REASONS, 1):
             codes[names == name] = k
         return codes
-    ph = np.asarray(inp.ph_g, np.int64)
-    pairs = np.asarray(inp.ph_pairs, np.int64).reshape(-1, 2)
-    bound = 4 * (n + len(pairs)) + 16
-    if not opts.near_image:
-        ph_dense, pairs, k = np.full(n, -1, np.int64), pairs[:0], 0
-    elif ph.max() < bound and pairs.min(initial=0) >= 0 and pairs.max(initial=-1) < bound:
-        # small non-negative ids (the stage passes positions): used as they are; an id of a pair
-        # that no row has is simply never kept
-        ph_dense = np.where(ph >= 0, ph, -1)
-        k = int(max(ph.max(), pairs.max(initial=-1))) + 1
-    else:  # any other ids: renumbered 0..k-1
-        valid = ph >= 0
-        ph_ids = unique_sorted(ph[valid])
-        ph_dense = np.full(n, -1, np.int64)
-        ph_dense[valid] = np.searchsorted(ph_ids, ph[valid])
-        k = len(ph_ids)
-        if len(pairs) and k:
-            a = np.searchsorted(ph_ids, pairs[:, 0]).clip(0, k - 1)
-            b = np.searchsorted(ph_ids, pairs[:, 1]).clip(0, k - 1)
-            ok = (ph_ids[a] == pairs[:, 0]) & (ph_ids[b] == pairs[:, 1])  # pairs of phashes no row has: irrelevant
-            pairs = np.stack([a[ok], b[ok]], axis=1)
-        else:
-            pairs = pairs[:0]
-    both = np.concatenate([pairs, pairs[:, ::-1]])  # neighbours of each id, as CSR (indptr, nbr)
-    nbr = both[np.argsort(both[:, 0], kind="stable"), 1]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(both[:, 0], minlength=k))])
+    ph_dense, indptr, nbr = _phash_neighbours(
+        np.asarray(inp.ph_g, np.int64), np.asarray(inp.ph_pairs, np.int64).reshape(-1, 2), n, opts.near_image
+    )
     out = np.zeros(n, np.int8)
-    loop = _compiled_loop() if compiled else _keep_first_loop
-    loop(np.asarray(inp.is_parent, np.bool_), _dense(inp.url_g), _dense(inp.key_g), _dense(inp.sha_g),
-         _dense(inp.capimg_g), ph_dense, indptr.astype(np.int64), nbr, bool(opts.same_image), bool(opts.near_image), out)
+    visit = kernels.keep_first_visit if compiled else kernels.keep_first_visit.py_func
+    visit(
+        np.asarray(inp.is_parent, np.bool_),
+        _dense(inp.url_g),
+        _dense(inp.key_g),
+        _dense(inp.sha_g),
+        _dense(inp.capimg_g),
+        ph_dense,
+        indptr,
+        nbr,
+        bool(opts.same_image),
+        bool(opts.near_image),
+        out,
+    )
     return out
 
 
 def keep_first(inp: DedupInput, opts: DedupOptions) -> np.ndarray:
-    """The drop reason for every row (None = kept) under the keep-first rule."""
+    """The reference: the drop reason name of every row (None = kept) under the keep-first rule,
+    with Python sets, and the caption MinHash rule (datasketch) when ``opts.near_caption``."""
     n = len(inp.is_parent)
     reasons = np.full(n, None, dtype=object)
     if n == 0:
@@ -561,8 +132,9 @@ def keep_first(inp: DedupInput, opts: DedupOptions) -> np.ndarray:
 
         involved[:] = True
         lsh = MinHashLSH(threshold=opts.minhash_threshold, num_perm=opts.minhash_perm)
-        minhashes = MinHash.bulk([_shingles(c or "", opts.shingle_chars) for c in inp.captions],
-                                 num_perm=opts.minhash_perm, seed=1)
+        minhashes = MinHash.bulk(
+            [_shingles(c or "", opts.shingle_chars) for c in inp.captions], num_perm=opts.minhash_perm, seed=1
+        )
     kept_url: set[int] = set()
     kept_key: set[int] = set()
     kept_sha: set[int] = set()
@@ -582,8 +154,11 @@ def keep_first(inp: DedupInput, opts: DedupOptions) -> np.ndarray:
                 reason = "dup_image"
             elif ci_g[i] in kept_ci:
                 reason = "dup_caption_image"
-            elif opts.near_image and ph_g[i] >= 0 and (
-                    ph_g[i] in kept_ph or any(x in kept_ph for x in nbrs.get(ph_g[i], ()))):
+            elif (
+                opts.near_image
+                and ph_g[i] >= 0
+                and (ph_g[i] in kept_ph or any(x in kept_ph for x in nbrs.get(ph_g[i], ())))
+            ):
                 reason = "near_dup_image"
             elif lsh is not None:
                 mh = minhashes[i]
@@ -601,3 +176,225 @@ def keep_first(inp: DedupInput, opts: DedupOptions) -> np.ndarray:
         if lsh is not None:
             lsh.insert(i, minhashes[i], check_duplication=False)
     return reasons
+
+
+def keep_first_table(tab: pa.Table, pairs: np.ndarray, opts: DedupOptions) -> np.ndarray:
+    """:func:`keep_first_codes` for rows fetched in visiting order, with columns ``is_parent``,
+    ``url``, ``key``, ``sha256``, ``phash`` (int64, null: none), ``h_url``, ``h_key``,
+    ``h_sha256`` (each value's 64-bit hash, as DuckDB's ``hash()``), and ``caption`` when the
+    caption rule is on or ``opts.same_image`` is off; ``pairs``: the (k, 2) pHash values within
+    the distance of each other (:func:`clipline.components.curate.near.near_pairs`). Group ids
+    come from the values themselves (:func:`group_ids`), so a hash collision never merges two
+    different values."""
+    n = tab.num_rows
+    ph_col = tab.column("phash")
+    ph_valid = arrays.valid_mask(ph_col) if n else np.zeros(0, np.bool_)
+    ph_vals = np.asarray(pc.fill_null(ph_col, 0).to_numpy(), np.int64) if n else np.zeros(0, np.int64)
+    # one id per distinct pHash value, rows' and pairs' alike: the position of its first occurrence
+    ph_ids = first_ids(
+        np.concatenate([ph_vals, pairs.reshape(-1)]), np.concatenate([ph_valid, np.ones(pairs.size, np.bool_)])
+    )
+    alone = np.arange(n, dtype=np.int64)
+    return keep_first_codes(
+        DedupInput(
+            is_parent=np.asarray(tab.column("is_parent").to_numpy(zero_copy_only=False), bool),
+            url_g=group_ids(tab.column("url"), tab.column("h_url")),
+            key_g=group_ids(tab.column("key"), tab.column("h_key")),
+            sha_g=group_ids(tab.column("sha256"), tab.column("h_sha256")),
+            capimg_g=alone if opts.same_image else exact_group_ids(tab.column("caption"), tab.column("sha256")),
+            ph_g=ph_ids[:n],
+            ph_pairs=ph_ids[n:].reshape(-1, 2),
+            captions=tab.column("caption").to_pylist() if opts.near_caption else None,
+        ),
+        opts,
+    )
+
+
+def _phash_neighbours(
+    ph: np.ndarray, pairs: np.ndarray, n: int, near_image: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dense pHash id per row, -1 for none; CSR ``indptr`` and ``nbr`` of each id's neighbours)."""
+    bound = 4 * (n + len(pairs)) + 16
+    if not near_image:
+        ph_dense, pairs, k = np.full(n, -1, np.int64), pairs[:0], 0
+    elif ph.max() < bound and pairs.min(initial=0) >= 0 and pairs.max(initial=-1) < bound:
+        # small non-negative ids (the stage passes positions): used as they are; an id of a pair
+        # that no row has is simply never kept
+        ph_dense = np.where(ph >= 0, ph, -1)
+        k = int(max(ph.max(), pairs.max(initial=-1))) + 1
+    else:  # any other ids: renumbered 0..k-1
+        valid = ph >= 0
+        ph_ids = arrays.unique_sorted(ph[valid])
+        ph_dense = np.full(n, -1, np.int64)
+        ph_dense[valid] = np.searchsorted(ph_ids, ph[valid])
+        k = len(ph_ids)
+        if len(pairs) and k:
+            a = np.searchsorted(ph_ids, pairs[:, 0]).clip(0, k - 1)
+            b = np.searchsorted(ph_ids, pairs[:, 1]).clip(0, k - 1)
+            ok = (ph_ids[a] == pairs[:, 0]) & (ph_ids[b] == pairs[:, 1])  # pairs of phashes no row has: irrelevant
+            pairs = np.stack([a[ok], b[ok]], axis=1)
+        else:
+            pairs = pairs[:0]
+    both = np.concatenate([pairs, pairs[:, ::-1]])
+    nbr = both[np.argsort(both[:, 0], kind="stable"), 1]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(both[:, 0], minlength=k))])
+    return ph_dense, indptr.astype(np.int64), nbr
+
+
+def _dense(g: np.ndarray) -> np.ndarray:
+    """Group ids renumbered 0..k-1 (same partition); ids already within [0, 4n) are kept as
+    they are (the visit only needs small non-negative ids)."""
+    g = np.asarray(g, np.int64).reshape(-1)
+    if len(g) == 0 or (g.min() >= 0 and g.max() < 4 * len(g) + 16):
+        return g
+    return np.unique(g, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _involved(g: np.ndarray) -> np.ndarray:
+    _, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
+    return counts[inv] > 1
+
+
+def _shingles(text: str, k: int) -> list[bytes]:
+    s = text.lower()
+    if len(s) <= k:
+        return [s.encode("utf-8")]
+    return list({s[i : i + k].encode("utf-8") for i in range(len(s) - k + 1)})
+
+
+# ---------------------------------------------------------------- which rows can be duplicates
+
+
+def candidates(
+    tab: pa.Table, columns: list[str], also: dict[str, np.ndarray] | None = None, threads: int = 2
+) -> np.ndarray:
+    """True where a row's 64-bit value in any of ``columns`` (int64 or uint64; nulls never
+    match) occurs in another row too, or is one of ``also[column]``: a superset of the rows the
+    keep-first rule can drop or that can make another row a duplicate (equal values have equal
+    hashes). The columns run on ``threads`` threads (the compiled pass releases the GIL)."""
+    also = also or {}
+
+    def one(col: str) -> np.ndarray:
+        v = tab.column(col)
+        if v.null_count == len(v):
+            return np.zeros(len(v), np.bool_)
+        values, valid = arrays.int64_values(v)
+        return repeated(values, valid, also=also.get(col))
+
+    with ThreadPoolExecutor(max(1, min(2, int(threads)))) as pool:
+        return reduce(np.logical_or, pool.map(one, columns))
+
+
+def repeated(values: np.ndarray, valid: np.ndarray | None = None, also: np.ndarray | None = None) -> np.ndarray:
+    """True where a 64-bit value (e.g. a hash of a URL) occurs at more than one position among
+    the ``valid`` positions (all by default; the others are False), or is one of ``also``: exactly
+    :func:`repeated_reference`. NumPy's sort (it releases the GIL) finds the values that repeat,
+    then one compiled pass marks the rows holding them."""
+    values = arrays.as_uint64(values)
+    all_valid = valid is None
+    valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
+    s = np.sort(values if all_valid else values[valid])
+    members = s[1:][s[1:] == s[:-1]]
+    if also is not None:
+        members = np.concatenate([members, np.asarray(also).reshape(-1).astype(np.int64).view(np.uint64)])
+    out = np.zeros(len(values), np.bool_)
+    if len(members):
+        kernels.mark_members(members, values, valid, out)
+    return out
+
+
+def repeated_reference(
+    values: np.ndarray, valid: np.ndarray | None = None, also: np.ndarray | None = None
+) -> np.ndarray:
+    """The reference of :func:`repeated`, with ``np.unique`` and ``np.isin``."""
+    values = arrays.as_uint64(values)
+    valid = np.ones(len(values), np.bool_) if valid is None else np.asarray(valid, np.bool_)
+    out = np.zeros(len(values), np.bool_)
+    idx = np.flatnonzero(valid)
+    if len(idx):
+        _, inv, counts = np.unique(values[idx], return_inverse=True, return_counts=True)
+        out[idx] = counts[inv.reshape(-1)] > 1
+    if also is not None:
+        out |= valid & np.isin(values, np.asarray(also).reshape(-1).astype(np.int64).view(np.uint64))
+    return out
+
+
+# ---------------------------------------------------------------- exact group ids
+
+
+def first_ids(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """For each 64-bit value, the first position (among the ``valid`` ones) holding the same
+    value; -1 at invalid positions. Equal values get equal ids, and ids are within [0, n):
+    exactly :func:`first_ids_reference`, by one compiled pass over a hash map."""
+    values = arrays.as_uint64(values)
+    valid = np.ones(len(values), np.bool_) if valid is None else np.ascontiguousarray(valid, np.bool_)
+    if len(values) >= 2**31:  # the map packs positions in 32 bits
+        return first_ids_reference(values, valid)
+    ids = np.empty(len(values), np.int64)
+    kernels.first_positions(values, valid, ids)
+    return ids
+
+
+def first_ids_reference(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """The reference of :func:`first_ids`, with ``np.unique``."""
+    values = arrays.as_uint64(values)
+    valid = np.ones(len(values), np.bool_) if valid is None else np.asarray(valid, np.bool_)
+    ids = np.full(len(values), -1, np.int64)
+    idx = np.flatnonzero(valid)
+    _, first, inv = np.unique(values[idx], return_index=True, return_inverse=True)
+    ids[idx] = idx[first][inv.reshape(-1)]
+    return ids
+
+
+def group_ids(values: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A group id per string, given each string's 64-bit hash: equal strings get equal ids,
+    different strings different ones, and a null an id of its own; ids are within [0, 2n). The
+    same partition as :func:`exact_group_ids`. One compiled pass groups the rows by hash
+    (:func:`first_ids`) and another compares every row's bytes with its group's first; only if a
+    hash collision put two different strings together (never seen, but possible) is the answer
+    :func:`exact_group_ids`'s."""
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    vals = arrays.combined(values)
+    h = arrays.combined(hashes)
+    hv = np.asarray(pc.fill_null(h, 0).to_numpy() if h.null_count else h.to_numpy(), np.uint64)
+    valid = arrays.valid_mask(vals)
+    ids = first_ids(hv, valid)
+    data, starts, ends = arrays.string_buffers(vals)
+    if not kernels.same_strings(ids, data, starts, ends):
+        return exact_group_ids(values)
+    return np.where(valid, ids, n + np.arange(n, dtype=np.int64)) if vals.null_count else ids
+
+
+def exact_group_ids(*cols: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The reference of :func:`group_ids`, for one or more columns: a group id per row, equal
+    where all ``cols`` are equal and non-null; a row with a null gets an id of its own. Exact
+    (Arrow's dictionary encoding compares the values)."""
+    n = len(cols[0])
+    ids = np.zeros(n, np.int64)
+    null = np.zeros(n, np.bool_)
+    for col in cols:
+        enc = pc.dictionary_encode(arrays.combined(col))
+        idx = enc.indices
+        if idx.null_count:
+            null |= np.asarray(idx.is_null().to_numpy(zero_copy_only=False), np.bool_)
+            idx = pc.fill_null(idx, 0)
+        k = idx.to_numpy().astype(np.int64)
+        ids = (
+            k if len(cols) == 1 else np.unique(ids * (len(enc.dictionary) + 1) + k, return_inverse=True)[1].reshape(-1)
+        )
+    base = int(ids.max()) + 1 if n else 0
+    return np.where(null, base + np.arange(n, dtype=np.int64), ids)
+
+
+def warm_up() -> None:
+    """Load the compiled loops (from numba's cache) by running each once on a tiny input, with the
+    argument types the stage passes: numba compiles (and caches) one machine-code version per
+    signature, and an array read in place from an Arrow buffer (read-only) is another signature
+    than one NumPy allocated."""
+    keep_first_codes(DedupInput(*(np.zeros(3, bool), *[np.arange(3)] * 5, np.zeros((0, 2), np.int64))), DedupOptions())
+    # a value that repeats (the compiled pass runs only then), read in place from Arrow
+    candidates(pa.table({"h": pa.array([1, 1, 2], pa.int64())}), ["h"], threads=1)
+    group_ids(pa.array(["a", "a"]), pa.array(np.zeros(2, np.uint64)))  # Arrow's hashes, and the byte comparison
+    first_ids(np.zeros(2, np.int64))  # the pHash ids

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipline.components.curate.dedup import unique_sorted
+from clipline.components.curate.arrays import unique_sorted
 from clipline.components.curate.phash import phash64
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -26,8 +26,9 @@ def eval_hashes(path: Path) -> np.ndarray:
     """The int64 pHashes of every image of the eval set at ``path``, sorted and unique."""
     path = Path(path)
     if not path.exists():
-        raise EvalSetError(f"eval set {path} does not exist: give a Parquet file with an 'image' column "
-                           "or a directory of images")
+        raise EvalSetError(
+            f"eval set {path} does not exist: give a Parquet file with an 'image' column or a directory of images"
+        )
     hashes: list[int] = []
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -57,8 +58,9 @@ def eval_hashes(path: Path) -> np.ndarray:
                     try:
                         hashes.append(phash64(b))
                     except Exception as e:  # noqa: BLE001
-                        raise EvalSetError(f"eval set {path}: row {row - 1} has an image that cannot be "
-                                           f"decoded ({e})") from e
+                        raise EvalSetError(
+                            f"eval set {path}: row {row - 1} has an image that cannot be decoded ({e})"
+                        ) from e
         else:
             raise EvalSetError(f"eval set {path} has no 'image' (or 'phash') column; its columns: {names}")
     if not hashes:
