@@ -128,11 +128,27 @@ def run_ingest(n: int, host: str, work: Path, shard_size: int) -> dict:
     import pyarrow.parquet as pq
 
     lst = work / f"urls-{n}.parquet"
-    pq.write_table(pa.table({"url": [f"http://{host}/img/{i}.jpg" for i in range(n)],
-                             "caption": [f"a synthetic photo, number {i}" for i in range(n)]}), lst)
+    pq.write_table(
+        pa.table(
+            {
+                "url": [f"http://{host}/img/{i}.jpg" for i in range(n)],
+                "caption": [f"a synthetic photo, number {i}" for i in range(n)],
+            }
+        ),
+        lst,
+    )
     data_dir = work / f"data-{n}"
-    cmd = [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir), "ingest", str(lst),
-           "--allow-host", host]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipline.flows.cli",
+        "--data-dir",
+        str(data_dir),
+        "ingest",
+        str(lst),
+        "--allow-host",
+        host,
+    ]
     env = dict(os.environ, CLIPLINE_INGEST__SHARD_SIZE=str(shard_size), CLIPLINE_INGEST__RETRIES="0")
     env.pop("RAY_ADDRESS", None)  # the local path: this process's own memory is the point
     t0 = time.perf_counter()
@@ -178,9 +194,12 @@ def main() -> None:
             for n in (small, large):
                 r = run_ingest(n, host, Path(tmp), args.shard_size)
                 res.append(r)
-                print(f"{n:>9,} URLs: ingest process peak RSS {r['peak_kb'] / 1024:7.1f} MB, "
-                      f"process tree peak {r['tree_kb'] / 1024:7.1f} MB, {r['stored_mb']:6.1f} MB of shards, "
-                      f"{n / r['wall_s']:5.0f} URLs/s", flush=True)
+                print(
+                    f"{n:>9,} URLs: ingest process peak RSS {r['peak_kb'] / 1024:7.1f} MB, "
+                    f"process tree peak {r['tree_kb'] / 1024:7.1f} MB, {r['stored_mb']:6.1f} MB of shards, "
+                    f"{n / r['wall_s']:5.0f} URLs/s",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.join(5)

@@ -28,8 +28,14 @@ def _running(p: psutil.Process) -> bool:
 
 def start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "clipline.flows.cli", *args], env=env, cwd=cwd,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "clipline.flows.cli", *args],
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def sigterm_and_wait(proc: subprocess.Popen, log: Path) -> tuple[float, list[psutil.Process], list[psutil.Process]]:
@@ -103,8 +109,9 @@ class HangingServer:
 
 
 def hanging_url_list(path: Path, port: int, n: int = 4) -> Path:
-    path.write_text("url,caption\n" + "".join(f"http://127.0.0.1:{port}/img{i}.jpg,a red circle number {i}\n"
-                                              for i in range(n)))
+    path.write_text(
+        "url,caption\n" + "".join(f"http://127.0.0.1:{port}/img{i}.jpg,a red circle number {i}\n" for i in range(n))
+    )
     return path
 
 

@@ -60,7 +60,11 @@ def test_a_failing_task_prints_one_line_and_prefect_records_the_failure(prefect_
     assert any("Traceback" in m and "CurateError" in m for m in logs), logs
 
     # CLIPLINE_DEBUG=1: the tracebacks are shown
-    res = clipline(["--data-dir", str(tmp_path / "empty-again"), "curate"], {**env, "CLIPLINE_DEBUG": "1"},
-                   cwd=tmp_path, timeout=300)
+    res = clipline(
+        ["--data-dir", str(tmp_path / "empty-again"), "curate"],
+        {**env, "CLIPLINE_DEBUG": "1"},
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert res.returncode == 1
     assert "Traceback" in res.stderr and "CurateError" in res.stderr, res.stderr[-3000:]

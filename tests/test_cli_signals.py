@@ -15,7 +15,14 @@ import pytest
 
 from tests.pipelinekit import SMALL, base_env, deep_merge, free_port, write_toml
 from tests.sigkit import (
-    GRACE_S, HangingServer, hanging_url_list, kill_all, port_is_free, run_lock_holders, sigterm_and_wait, start,
+    GRACE_S,
+    HangingServer,
+    hanging_url_list,
+    kill_all,
+    port_is_free,
+    run_lock_holders,
+    sigterm_and_wait,
+    start,
 )
 
 
@@ -53,14 +60,29 @@ def test_run_stopped_mid_flow_by_sigterm_releases_the_data_dir_and_stops_its_tre
     temporary server as a child process): SIGTERM ends everything within 10 s, the run lock is
     released on the way out, and the last line says why."""
     hang = HangingServer()
-    config = write_toml(tmp_path / "clipline.toml", deep_merge(SMALL, {
-        "ingest": {"allow_hosts": [f"127.0.0.1:{hang.port}"], "read_timeout": 300.0, "total_timeout": 600.0,
-                   "retries": 0}}))
+    config = write_toml(
+        tmp_path / "clipline.toml",
+        deep_merge(
+            SMALL,
+            {
+                "ingest": {
+                    "allow_hosts": [f"127.0.0.1:{hang.port}"],
+                    "read_timeout": 300.0,
+                    "total_timeout": 600.0,
+                    "retries": 0,
+                }
+            },
+        ),
+    )
     data = tmp_path / "data"
     urls = hanging_url_list(tmp_path / "hang.csv", hang.port)
     log = tmp_path / "run.log"
-    proc = start(["--config", str(config), "--data-dir", str(data), "run", str(urls)],
-                 base_env(PREFECT_HOME=str(tmp_path / "prefect-home")), tmp_path, log)
+    proc = start(
+        ["--config", str(config), "--data-dir", str(data), "run", str(urls)],
+        base_env(PREFECT_HOME=str(tmp_path / "prefect-home")),
+        tmp_path,
+        log,
+    )
     tree: list[psutil.Process] = []
     try:
         while not hang.connected.wait(1):

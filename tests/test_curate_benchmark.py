@@ -35,9 +35,17 @@ def test_web_mix_has_a_crawls_captions_on_the_ascii_mixs_rows(tmp_path):
     assert not pc.any(pc.match_substring_regex(caps_a, MAYBE_DIRTY)).as_py()  # nothing for the normaliser
 
     text = "\n".join(caps_w.to_pylist())
-    for what, pattern in {"Cyrillic": r"[\u0400-\u04ff]", "CJK": r"[\u4e00-\u9fff]", "Hangul": r"[\uac00-\ud7af]",
-                          "Arabic": r"[\u0600-\u06ff]", "Devanagari": r"[\u0900-\u097f]", "emoji": r"[\U0001F300-\U0001FAFF]",
-                          "HTML entity": r"&amp;|&#39;|&quot;", "mojibake": r"Ã©|â€™", "accents": r"[éèüöñç]"}.items():
+    for what, pattern in {
+        "Cyrillic": r"[\u0400-\u04ff]",
+        "CJK": r"[\u4e00-\u9fff]",
+        "Hangul": r"[\uac00-\ud7af]",
+        "Arabic": r"[\u0600-\u06ff]",
+        "Devanagari": r"[\u0900-\u097f]",
+        "emoji": r"[\U0001F300-\U0001FAFF]",
+        "HTML entity": r"&amp;|&#39;|&quot;",
+        "mojibake": r"Ã©|â€™",
+        "accents": r"[éèüöñç]",
+    }.items():
         assert re.search(pattern, text), what
     non_ascii = 1 - pc.sum(pc.string_is_ascii(caps_w)).as_py() / len(caps_w)
     dirty = pc.sum(pc.match_substring_regex(caps_w, MAYBE_DIRTY)).as_py() / len(caps_w)
@@ -65,9 +73,24 @@ HEADLINE = re.compile(r"curate_rows_per_s_2000: ([0-9]+)")
 def test_curate_scaling_runs_tiny_and_ends_with_the_whole_stage(tmp_path):
     """One to two minutes on 2 cores: every run starts Python and MLflow, and the stage's fixed costs
     (setup, report, MLflow run) dominate at 2,000 rows."""
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curate_scaling.py"), "--sizes", "2000",
-                          "--repeat", "1", "--captions", "web", "--shard-rows", "1000"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "curate_scaling.py"),
+            "--sizes",
+            "2000",
+            "--repeat",
+            "1",
+            "--captions",
+            "web",
+            "--shard-rows",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     m = HEADLINE.fullmatch(lines[-1])

@@ -17,8 +17,12 @@ def test_curate_flow_builds_snapshot_and_publishes_artifacts(data_dir, mlflow_ur
 
     from clipline.flows.curate import curate_flow, progress_to
 
-    write_shard(data_dir, "s0", [row(f"k{i}", f"a photo of object number {i} here", seed=i) for i in range(6)]
-                + [row("short", "tiny", seed=99)])
+    write_shard(
+        data_dir,
+        "s0",
+        [row(f"k{i}", f"a photo of object number {i} here", seed=i) for i in range(6)]
+        + [row("short", "tiny", seed=99)],
+    )
     cfg = config(data_dir)
     seen = []
     with progress_to(lambda step, done, total: seen.append((step, done, total))):
@@ -38,8 +42,12 @@ def test_cli_curate_with_eval_set(data_dir, mlflow_uri, tmp_path, monkeypatch, p
     leaked = pattern_image(777, size=160)
     eval_file = tmp_path / "eval.parquet"
     pq.write_table(pa.table({"image": [jpeg(leaked)], "label": [0]}), eval_file)
-    write_shard(data_dir, "s0", [row(f"k{i}", f"a photo of object number {i} here", seed=i) for i in range(4)]
-                + [row("leak", "a photo copied from the test set", image=jpeg(leaked, quality=50))])
+    write_shard(
+        data_dir,
+        "s0",
+        [row(f"k{i}", f"a photo of object number {i} here", seed=i) for i in range(4)]
+        + [row("leak", "a photo copied from the test set", image=jpeg(leaked, quality=50))],
+    )
     runner = CliRunner()
     out = runner.invoke(app, ["--data-dir", str(data_dir), "curate", "--eval-set", str(eval_file)])
     assert out.exit_code == 0, out.output

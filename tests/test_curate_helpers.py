@@ -36,23 +36,37 @@ def hamming(a: int, b: int) -> int:
     return bin((a ^ b) & ((1 << 64) - 1)).count("1")
 
 
-def row(key: str, caption: str | None = "a photo of a red square on a table", *, seed: int | None = None,
-        image: bytes | None = None, url: str | None = None, status: str = "success",
-        ow: int = 400, oh: int = 300) -> dict:
+def row(
+    key: str,
+    caption: str | None = "a photo of a red square on a table",
+    *,
+    seed: int | None = None,
+    image: bytes | None = None,
+    url: str | None = None,
+    status: str = "success",
+    ow: int = 400,
+    oh: int = 300,
+) -> dict:
     """One raw-shard row; ``seed`` makes a distinct image, ``image`` gives the bytes directly."""
     if image is None and seed is not None and status == "success":
         image = jpeg(pattern_image(seed))
     ok = status == "success" and image is not None
     return {
-        "key": key, "url": url or f"http://example.test/{key}.jpg", "caption": caption,
+        "key": key,
+        "url": url or f"http://example.test/{key}.jpg",
+        "caption": caption,
         "image": image if ok else None,
-        "width": 96 if ok else None, "height": 96 if ok else None,
-        "original_width": ow if ok else None, "original_height": oh if ok else None,
+        "width": 96 if ok else None,
+        "height": 96 if ok else None,
+        "original_width": ow if ok else None,
+        "original_height": oh if ok else None,
         "sha256": hashlib.sha256(image).hexdigest() if ok else None,
         "phash": phash64(image) if ok else None,
-        "status": status, "error_kind": None if status == "success" else "http_404",
+        "status": status,
+        "error_kind": None if status == "success" else "http_404",
         "error_message": None if status == "success" else "404 Not Found",
-        "source": "test", "ingested_at": datetime(2026, 1, 1, tzinfo=timezone.utc),
+        "source": "test",
+        "ingested_at": datetime(2026, 1, 1, tzinfo=timezone.utc),
     }
 
 

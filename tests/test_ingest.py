@@ -97,8 +97,11 @@ def _photo_like_jpeg(i: int) -> bytes:
     from PIL import ImageDraw
 
     rnd = random.Random(i)
-    img = Image.blend(Image.effect_noise((400, 300), 40).convert("RGB"),
-                      Image.new("RGB", (400, 300), tuple(rnd.randrange(256) for _ in range(3))), 0.6)
+    img = Image.blend(
+        Image.effect_noise((400, 300), 40).convert("RGB"),
+        Image.new("RGB", (400, 300), tuple(rnd.randrange(256) for _ in range(3))),
+        0.6,
+    )
     d = ImageDraw.Draw(img)
     for _ in range(8):
         x, y, r = rnd.randrange(400), rnd.randrange(300), rnd.randrange(15, 90)
@@ -183,8 +186,14 @@ def test_planning_a_long_list_makes_no_python_object_per_url(data_dir, tmp_path)
     lst = _write_list(tmp_path / "l.parquet", urls)
     cfg = load_config(None, {"data_dir": data_dir})
     with Catalog(cfg.catalog_path) as cat:
-        seen = pa.table({"url": urls[:1000:2], "key": [str(i) for i in range(500)], "status": ["success"] * 500,
-                         "error_message": pa.nulls(500, pa.string())})
+        seen = pa.table(
+            {
+                "url": urls[:1000:2],
+                "key": [str(i) for i in range(500)],
+                "status": ["success"] * 500,
+                "error_message": pa.nulls(500, pa.string()),
+            }
+        )
         cat.record_raw_shard("s0", data_dir / "s0.parquet", seen, {})
         plan(cfg, cat, [str(_write_list(tmp_path / "warm.parquet", [None, urls[0], "x"]))])  # imports done
         tracemalloc.start()
@@ -265,8 +274,17 @@ def _alive(pid: int) -> bool:
 
 
 def _ingest_cmd(data_dir: Path, lst: Path, host: str) -> list[str]:
-    return [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir), "ingest", str(lst),
-            "--allow-host", host]
+    return [
+        sys.executable,
+        "-m",
+        "clipline.flows.cli",
+        "--data-dir",
+        str(data_dir),
+        "ingest",
+        str(lst),
+        "--allow-host",
+        host,
+    ]
 
 
 def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_path):
@@ -274,14 +292,20 @@ def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_pat
     try:
         n = 300
         lst = _write_list(tmp_path / "l.parquet", [srv.url(i) for i in range(n)])
-        env = dict(os.environ, CLIPLINE_INGEST__SHARD_SIZE="25", CLIPLINE_INGEST__CONCURRENCY="8",
-                   CLIPLINE_INGEST__PROCESSES="1", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            CLIPLINE_INGEST__SHARD_SIZE="25",
+            CLIPLINE_INGEST__CONCURRENCY="8",
+            CLIPLINE_INGEST__PROCESSES="1",
+            PYTHONUNBUFFERED="1",
+        )
         raw = data_dir / "raw"
         kills = 0
         orphans: list[int] = []
         for wait_shards in (1, 4, 7):
-            p = subprocess.Popen(_ingest_cmd(data_dir, lst, srv.host), env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p = subprocess.Popen(
+                _ingest_cmd(data_dir, lst, srv.host), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             deadline = time.time() + 60
             while time.time() < deadline and p.poll() is None:
                 if len(list(raw.glob("*.parquet"))) >= wait_shards:

@@ -53,11 +53,20 @@ def ingested(tmp_path_factory):
     demo_cfg = load_config(None, {"demo": {"n_images": 200, "seed": 3}}).demo
     with serve_toy_web(demo_cfg, tmp / "web") as web:
         web.store.warm()  # draw every picture first: the timeouts below then measure only the faults
-        cfg = load_config(None, {
-            "data_dir": tmp / "data",
-            "ingest": {"allow_hosts": [web.allow_host], "read_timeout": 3.0, "total_timeout": 6.0,
-                       "retries": 2, "processes": 1, "shard_size": 64},
-        })
+        cfg = load_config(
+            None,
+            {
+                "data_dir": tmp / "data",
+                "ingest": {
+                    "allow_hosts": [web.allow_host],
+                    "read_timeout": 3.0,
+                    "total_timeout": 6.0,
+                    "retries": 2,
+                    "processes": 1,
+                    "shard_size": 64,
+                },
+            },
+        )
         result = ingest(cfg, [str(web.url_list)])
         rows = pa.concat_tables([pq.read_table(f) for f in sorted(cfg.raw_dir.glob("*.parquet"))])
         yield web, result, rows

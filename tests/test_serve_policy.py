@@ -7,7 +7,14 @@ import pytest
 
 from clipline.components.config import Config, load_config
 from clipline.components.refresh.params import (
-    POLICY_ENV, WORKER_PATHS, RunRefused, ServePolicy, inside, input_path_fields, run_config, served_run,
+    POLICY_ENV,
+    WORKER_PATHS,
+    RunRefused,
+    ServePolicy,
+    inside,
+    input_path_fields,
+    run_config,
+    served_run,
 )
 
 
@@ -18,8 +25,14 @@ def served(tmp_path, monkeypatch):
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "a.csv").write_text("url,caption\n")
     (tmp_path / "lists" / "escape").symlink_to("/etc")
-    cfg = load_config(None, {"data_dir": "data", "ingest": {"allow_hosts": ["127.0.0.1:9001", "127.0.0.1:9002"]},
-                             "refresh": {"input_roots": ["lists", "s3://bucket/lists/"]}})
+    cfg = load_config(
+        None,
+        {
+            "data_dir": "data",
+            "ingest": {"allow_hosts": ["127.0.0.1:9001", "127.0.0.1:9002"]},
+            "refresh": {"input_roots": ["lists", "s3://bucket/lists/"]},
+        },
+    )
     policy = ServePolicy.capture(None, cfg)
     monkeypatch.setenv(POLICY_ENV, policy.to_env()[POLICY_ENV])
     return tmp_path
@@ -59,30 +72,51 @@ def test_inside_resolves_links_and_dots(tmp_path):
 
 
 def test_a_served_run_keeps_the_workers_security_and_may_change_the_rest(served):
-    cfg, inputs = served_run(None, None, {"data_dir": str(served / "data"), "train": {"steps": 3},
-                                          "ingest": {"allow_hosts": ["127.0.0.1:9001"]}},
-                             url_lists=["lists/a.csv", "s3://bucket/lists/b.csv"], from_model="champion")
+    cfg, inputs = served_run(
+        None,
+        None,
+        {"data_dir": str(served / "data"), "train": {"steps": 3}, "ingest": {"allow_hosts": ["127.0.0.1:9001"]}},
+        url_lists=["lists/a.csv", "s3://bucket/lists/b.csv"],
+        from_model="champion",
+    )
     assert cfg.data_dir == served / "data" and cfg.train.steps == 3
     assert cfg.ingest.ssrf_guard and cfg.ingest.allow_hosts == ["127.0.0.1:9001"]  # narrowed, not widened
     assert cfg.refresh.lock_wait_s > 0  # served runs queue for the run lock
-    assert inputs == {"url_lists": [str(served / "lists" / "a.csv"), "s3://bucket/lists/b.csv"],
-                      "from_model": "champion"}
+    assert inputs == {
+        "url_lists": [str(served / "lists" / "a.csv"), "s3://bucket/lists/b.csv"],
+        "from_model": "champion",
+    }
     # the deployment's own default parameters restate the worker's values: accepted
     assert served_run(None, None, None)[0].data_dir == served / "data"
 
 
 def test_a_served_run_that_would_loosen_the_worker_is_refused_naming_each_parameter(served):
-    msg = _refusal(config_file="/tmp/other.toml", url_lists=["/etc/hostname", "lists/escape/passwd"],
-                   overrides={"ingest": {"ssrf_guard": False, "allow_hosts": ["169.254.169.254:80"]},
-                              "data_dir": "/", "tracking": {"tracking_uri": "http://elsewhere:5000"},
-                              "curate": {"rules_file": "/tmp/evil.sql"},
-                              "refresh": {"input_roots": ["/"]}, "evaluate": {"datasets": ["/etc"]}})
+    msg = _refusal(
+        config_file="/tmp/other.toml",
+        url_lists=["/etc/hostname", "lists/escape/passwd"],
+        overrides={
+            "ingest": {"ssrf_guard": False, "allow_hosts": ["169.254.169.254:80"]},
+            "data_dir": "/",
+            "tracking": {"tracking_uri": "http://elsewhere:5000"},
+            "curate": {"rules_file": "/tmp/evil.sql"},
+            "refresh": {"input_roots": ["/"]},
+            "evaluate": {"datasets": ["/etc"]},
+        },
+    )
     assert msg.startswith("this served run was refused: only the worker sets ")
-    for named in ('config_file = "/tmp/other.toml"', "overrides.ingest.ssrf_guard = false (the worker's: true)",
-                  'overrides.ingest.allow_hosts = ["169.254.169.254:80"]', 'overrides.data_dir = "/"',
-                  "overrides.tracking.tracking_uri", "overrides.curate.rules_file", "overrides.refresh.input_roots",
-                  'overrides.evaluate.datasets = ["/etc"]', 'url_lists[0] = "/etc/hostname"',
-                  'url_lists[1] = "lists/escape/passwd"', "clipline serve --input-root"):
+    for named in (
+        'config_file = "/tmp/other.toml"',
+        "overrides.ingest.ssrf_guard = false (the worker's: true)",
+        'overrides.ingest.allow_hosts = ["169.254.169.254:80"]',
+        'overrides.data_dir = "/"',
+        "overrides.tracking.tracking_uri",
+        "overrides.curate.rules_file",
+        "overrides.refresh.input_roots",
+        'overrides.evaluate.datasets = ["/etc"]',
+        'url_lists[0] = "/etc/hostname"',
+        'url_lists[1] = "lists/escape/passwd"',
+        "clipline serve --input-root",
+    ):
         assert named in msg, (named, msg)
     # a whole config, or a checkpoint outside the roots, is refused too
     assert "cfg: a served run takes its configuration from the worker" in _refusal(cfg=Config())

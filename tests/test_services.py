@@ -14,7 +14,16 @@ import psutil
 import pytest
 
 from tests.pipelinekit import (
-    SMALL, base_env, clipline, deep_merge, mlflow_get, mlflow_post, prefect_call, servers, stop, write_toml,
+    SMALL,
+    base_env,
+    clipline,
+    deep_merge,
+    mlflow_get,
+    mlflow_post,
+    prefect_call,
+    servers,
+    stop,
+    write_toml,
 )
 from tests.sigkit import GRACE_S, HangingServer, hanging_url_list, kill_all, run_lock_holders, sigterm_and_wait
 
@@ -36,22 +45,36 @@ def first_run(services):
     heldout = write_heldout_set(work / "eval", n_per_class=3)
     demo = DemoConfig(n_images=120, seed=3, fault_rate=0.03)
     with serve_toy_web(demo, work / "web") as web:
-        config = write_toml(work / "clipline.toml", deep_merge(SMALL, {
-            "ingest": {"allow_hosts": [web.allow_host]},
-            "evaluate": {"datasets": [str(heldout.data)]},
-            "refresh": {"lock_wait_s": 300.0},
-        }))
-        env = base_env(MLFLOW_TRACKING_URI=mlflow_url, PREFECT_API_URL=prefect_api,
-                       PREFECT_RUNNER_POLL_FREQUENCY="2")
+        config = write_toml(
+            work / "clipline.toml",
+            deep_merge(
+                SMALL,
+                {
+                    "ingest": {"allow_hosts": [web.allow_host]},
+                    "evaluate": {"datasets": [str(heldout.data)]},
+                    "refresh": {"lock_wait_s": 300.0},
+                },
+            ),
+        )
+        env = base_env(MLFLOW_TRACKING_URI=mlflow_url, PREFECT_API_URL=prefect_api, PREFECT_RUNNER_POLL_FREQUENCY="2")
         data = work / "data"
         proc = clipline(["--config", str(config), "--data-dir", str(data), "run", str(web.url_list)], env, cwd=work)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        yield {"work": work, "config": config, "data": data, "env": env, "proc": proc, "web": web,
-               "mlflow": mlflow_url, "prefect": prefect_api}
+        yield {
+            "work": work,
+            "config": config,
+            "data": data,
+            "env": env,
+            "proc": proc,
+            "web": web,
+            "mlflow": mlflow_url,
+            "prefect": prefect_api,
+        }
 
 
 def _flow_runs(api: str) -> list[tuple[str, object]]:
     """(flow name, flow run) for every flow run on the server, newest first."""
+
     async def read(c):
         flows = {f.id: f.name for f in await c.read_flows()}
         return [(flows[r.flow_id], r) for r in await c.read_flow_runs(limit=200)]
@@ -62,6 +85,7 @@ def _flow_runs(api: str) -> list[tuple[str, object]]:
 def _start_run(api: str, deployment: str, parameters: dict):
     """A flow run of ``deployment`` (FLOW/NAME) with ``parameters``, created through the Prefect API
     as any user of the server may."""
+
     async def create(c):
         dep = await c.read_deployment_by_name(deployment)
         return await c.create_flow_run_from_deployment(dep.id, parameters=parameters)
@@ -86,8 +110,11 @@ def _artifact(api: str, flow_run_id, key: str):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     async def read(c):
-        return await c.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return await c.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
+        )
 
     arts = prefect_call(api, read)
     return arts[0].data if arts else None
@@ -100,15 +127,18 @@ def test_clipline_run_appears_in_the_mlflow_server_and_the_prefect_server(first_
 
     # MLflow server: the train run, finished, with eval metrics and its checkpoint stored on the server
     exp = mlflow_get(url, "experiments/get-by-name", experiment_name="clipline")["experiment"]
-    runs = mlflow_post(url, "runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                            "filter": "tags.stage = 'train'"})["runs"]
+    runs = mlflow_post(
+        url, "runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": "tags.stage = 'train'"}
+    )["runs"]
     assert len(runs) == 1
     run = runs[0]
     assert run["info"]["status"] == "FINISHED"
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert "zeroshot/heldout/acc1" in metrics and "retrieval/val/image_to_text_R5" in metrics
-    files = {f["path"] for f in mlflow_get(url, "artifacts/list", run_id=run["info"]["run_id"],
-                                           path="checkpoint").get("files", [])}
+    files = {
+        f["path"]
+        for f in mlflow_get(url, "artifacts/list", run_id=run["info"]["run_id"], path="checkpoint").get("files", [])
+    }
     assert "checkpoint/open_clip_config.json" in files
     champion = mlflow_get(url, "registered-models/alias", name="clipline", alias="champion")["model_version"]
     assert champion["run_id"] == run["info"]["run_id"]
@@ -131,10 +161,26 @@ def test_served_deployments_run_on_schedule_and_on_demand(first_run):
     log = work / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "clipline.flows.cli", "--config", str(first_run["config"]), "--data-dir",
-             str(first_run["data"]), "serve", "--interval", "15",
-             "--input-root", str(first_run["web"].url_list.parent)],
-            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "clipline.flows.cli",
+                "--config",
+                str(first_run["config"]),
+                "--data-dir",
+                str(first_run["data"]),
+                "serve",
+                "--interval",
+                "15",
+                "--input-root",
+                str(first_run["web"].url_list.parent),
+            ],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         # Prefect schedules and runs the refresh by itself
         deadline, done = time.monotonic() + 240, None
@@ -159,8 +205,21 @@ def test_served_deployments_run_on_schedule_and_on_demand(first_run):
         assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 15
 
         # the pipeline deployment, on demand, through `clipline run --deployment`
-        proc = clipline(["--config", str(first_run["config"]), "--data-dir", str(first_run["data"]), "run",
-                         "--deployment", "--timeout", "300", str(first_run["web"].url_list)], env, cwd=work)
+        proc = clipline(
+            [
+                "--config",
+                str(first_run["config"]),
+                "--data-dir",
+                str(first_run["data"]),
+                "run",
+                "--deployment",
+                "--timeout",
+                "300",
+                str(first_run["web"].url_list),
+            ],
+            env,
+            cwd=work,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert "Completed" in proc.stdout and "nothing new" in proc.stdout
         pipes = [fr for name, fr in _flow_runs(api) if name == "pipeline" and fr.deployment_id is not None]
@@ -170,22 +229,46 @@ def test_served_deployments_run_on_schedule_and_on_demand(first_run):
         # security: switch the SSRF guard off, exempt the cloud metadata service, move the data dir and
         # the config file, read a file outside the worker's input root. Refused, each one named.
         elsewhere = work / "elsewhere"
-        bad = {"config_file": str(work / "attacker.toml"), "url_lists": ["/etc/hostname"],
-               "overrides": {"data_dir": str(elsewhere),
-                             "ingest": {"ssrf_guard": False, "allow_hosts": ["169.254.169.254:80"]}}}
+        bad = {
+            "config_file": str(work / "attacker.toml"),
+            "url_lists": ["/etc/hostname"],
+            "overrides": {
+                "data_dir": str(elsewhere),
+                "ingest": {"ssrf_guard": False, "allow_hosts": ["169.254.169.254:80"]},
+            },
+        }
         fr = _wait_final(api, _start_run(api, "pipeline/pipeline", bad).id, 300, log)
         assert fr.state.is_failed(), fr.state
         msg = fr.state.message or ""
         assert "RunRefused: this served run was refused" in msg, msg
-        for named in ("overrides.ingest.ssrf_guard = false", 'overrides.ingest.allow_hosts = ["169.254.169.254:80"]',
-                      f'overrides.data_dir = "{elsewhere}"', f'config_file = "{work / "attacker.toml"}"',
-                      'url_lists[0] = "/etc/hostname"', "only the worker sets", "clipline serve --input-root"):
+        for named in (
+            "overrides.ingest.ssrf_guard = false",
+            'overrides.ingest.allow_hosts = ["169.254.169.254:80"]',
+            f'overrides.data_dir = "{elsewhere}"',
+            f'config_file = "{work / "attacker.toml"}"',
+            'url_lists[0] = "/etc/hostname"',
+            "only the worker sets",
+            "clipline serve --input-root",
+        ):
             assert named in msg, (named, msg)
         assert not elsewhere.exists()  # refused before anything was written
 
         # through the command line: the refusal is the command's one-line reason
-        proc = clipline(["--config", str(first_run["config"]), "run", "--deployment", "--timeout", "300",
-                         "--allow-host", "10.0.0.1:80", str(first_run["web"].url_list)], env, cwd=work)
+        proc = clipline(
+            [
+                "--config",
+                str(first_run["config"]),
+                "run",
+                "--deployment",
+                "--timeout",
+                "300",
+                "--allow-host",
+                "10.0.0.1:80",
+                str(first_run["web"].url_list),
+            ],
+            env,
+            cwd=work,
+        )
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: flow run ") and "ended Failed" in last, proc.stderr[-3000:]
@@ -202,10 +285,21 @@ def test_sigterm_stops_serve_within_10_s_and_its_run_is_cancelled_at_a_safe_poin
     _, mlflow_url, api = services
     hang = HangingServer()
     # deployment names of its own, so that it and the other test's `serve` never take each other's runs
-    config = write_toml(tmp_path / "clipline.toml", deep_merge(SMALL, {
-        "ingest": {"allow_hosts": [f"127.0.0.1:{hang.port}"], "read_timeout": 300.0, "total_timeout": 600.0,
-                   "retries": 0},
-        "refresh": {"pipeline_deployment": "pipeline-sigterm", "refresh_deployment": "refresh-sigterm"}}))
+    config = write_toml(
+        tmp_path / "clipline.toml",
+        deep_merge(
+            SMALL,
+            {
+                "ingest": {
+                    "allow_hosts": [f"127.0.0.1:{hang.port}"],
+                    "read_timeout": 300.0,
+                    "total_timeout": 600.0,
+                    "retries": 0,
+                },
+                "refresh": {"pipeline_deployment": "pipeline-sigterm", "refresh_deployment": "refresh-sigterm"},
+            },
+        ),
+    )
     data = tmp_path / "data"
     lists = tmp_path / "lists"
     lists.mkdir()
@@ -214,9 +308,26 @@ def test_sigterm_stops_serve_within_10_s_and_its_run_is_cancelled_at_a_safe_poin
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "clipline.flows.cli", "--config", str(config), "--data-dir", str(data), "serve",
-             "--cron", "0 0 1 1 *", "--input-root", str(lists)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "clipline.flows.cli",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(data),
+                "serve",
+                "--cron",
+                "0 0 1 1 *",
+                "--input-root",
+                str(lists),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 240

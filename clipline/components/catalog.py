@@ -173,18 +173,24 @@ class Catalog:
         )
 
     # ---------------------------------------------------------------- shards
-    def record_raw_shard(self, shard_id: str, path: str | os.PathLike, table: pa.Table, stats: dict,
-                         kind: str = "raw") -> None:
+    def record_raw_shard(
+        self, shard_id: str, path: str | os.PathLike, table: pa.Table, stats: dict, kind: str = "raw"
+    ) -> None:
         """Record a complete shard file and every URL in it, in one transaction.
 
         ``table`` must have columns url, key, status, error_message; ``error_kind`` is read from
         the column of that name when present. A URL already recorded (a retry of a failure) is
         updated to its newest outcome.
         """
-        cols = {"url": table.column("url"), "key": table.column("key"),
-                "status": table.column("status"), "error_message": table.column("error_message")}
-        cols["error_kind"] = (table.column("error_kind") if "error_kind" in table.column_names
-                              else pa.nulls(table.num_rows, pa.string()))
+        cols = {
+            "url": table.column("url"),
+            "key": table.column("key"),
+            "status": table.column("status"),
+            "error_message": table.column("error_message"),
+        }
+        cols["error_kind"] = (
+            table.column("error_kind") if "error_kind" in table.column_names else pa.nulls(table.num_rows, pa.string())
+        )
         rows = pa.table(cols)
         n_success = int(pa.compute.sum(pa.compute.equal(rows["status"], "success")).as_py() or 0)
         now = _now()
@@ -269,8 +275,15 @@ class Catalog:
         return out
 
     # ------------------------------------------------------------- snapshots
-    def record_snapshot(self, snapshot_id: str, parent_id: str | None, path: str | os.PathLike,
-                        n_rows: int, manifest: dict, source_shards: Iterable[str]) -> None:
+    def record_snapshot(
+        self,
+        snapshot_id: str,
+        parent_id: str | None,
+        path: str | os.PathLike,
+        n_rows: int,
+        manifest: dict,
+        source_shards: Iterable[str],
+    ) -> None:
         with self.transaction() as con:
             con.execute(
                 "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
@@ -284,8 +297,11 @@ class Catalog:
         r = self.con.execute(
             "SELECT snapshot_id, parent_id, path, n_rows, manifest FROM snapshots ORDER BY created_at DESC LIMIT 1"
         ).fetchone()
-        return None if r is None else {"snapshot_id": r[0], "parent_id": r[1], "path": r[2], "n_rows": r[3],
-                                       "manifest": json.loads(r[4])}
+        return (
+            None
+            if r is None
+            else {"snapshot_id": r[0], "parent_id": r[1], "path": r[2], "n_rows": r[3], "manifest": json.loads(r[4])}
+        )
 
     def get_snapshot(self, snapshot_id: str) -> dict:
         r = self.con.execute(
@@ -294,12 +310,18 @@ class Catalog:
         ).fetchone()
         if r is None:
             known = [x[0] for x in self.con.execute("SELECT snapshot_id FROM snapshots").fetchall()]
-            raise KeyError(f"no snapshot {snapshot_id!r} in the catalog; known: {known or 'none (run clipline curate)'}")
+            raise KeyError(
+                f"no snapshot {snapshot_id!r} in the catalog; known: {known or 'none (run clipline curate)'}"
+            )
         return {"snapshot_id": r[0], "parent_id": r[1], "path": r[2], "n_rows": r[3], "manifest": json.loads(r[4])}
 
     def snapshot_source_shards(self, snapshot_id: str) -> list[str]:
-        return [r[0] for r in self.con.execute(
-            "SELECT shard_id FROM snapshot_sources WHERE snapshot_id = ? ORDER BY shard_id", [snapshot_id]).fetchall()]
+        return [
+            r[0]
+            for r in self.con.execute(
+                "SELECT shard_id FROM snapshot_sources WHERE snapshot_id = ? ORDER BY shard_id", [snapshot_id]
+            ).fetchall()
+        ]
 
     # ----------------------------------------------------------------- locks
     def acquire_lock(self, name: str, holder: str) -> None:
@@ -310,11 +332,13 @@ class Catalog:
             if r is not None:
                 holder0, pid, host, at = r
                 if not (host == socket.gethostname() and not _pid_alive(pid)):
-                    raise LockHeld(f"lock {name!r} is held by {holder0} (pid {pid} on {host}, since {at}); "
-                                   "wait for it to finish")
+                    raise LockHeld(
+                        f"lock {name!r} is held by {holder0} (pid {pid} on {host}, since {at}); wait for it to finish"
+                    )
                 con.execute("DELETE FROM locks WHERE name = ?", [name])
-            con.execute("INSERT INTO locks VALUES (?, ?, ?, ?, ?)",
-                        [name, holder, os.getpid(), socket.gethostname(), _now()])
+            con.execute(
+                "INSERT INTO locks VALUES (?, ?, ?, ?, ?)", [name, holder, os.getpid(), socket.gethostname(), _now()]
+            )
 
     def release_lock(self, name: str) -> None:
         self.con.execute("DELETE FROM locks WHERE name = ? AND pid = ?", [name, os.getpid()])

@@ -38,7 +38,8 @@ class IngestConfig(_Section):
     caption_col: str = "caption"
     input_format: Literal["auto", "csv", "tsv", "parquet", "jsonl", "txt"] = "auto"
     save_additional_columns: bool | list[str] = Field(
-        True, description="carry the URL list's other columns: all (true), none (false) or these names")
+        True, description="carry the URL list's other columns: all (true), none (false) or these names"
+    )
     # image processing
     image_size: int = Field(256, ge=8, le=8192)
     resize_mode: Literal["no", "center_crop", "keep_ratio", "border"] = "border"
@@ -73,6 +74,7 @@ class IngestConfig(_Section):
             ):
                 raise ValueError(f"{item!r} is not HOST:PORT (for example 127.0.0.1:8123 or [::1]:8123)")
         return v
+
     # output
     shard_size: int = Field(1000, ge=1, description="URLs per raw shard")
     processes: int = Field(0, ge=0, description="image-processing worker processes (0 = one per core)")
@@ -80,22 +82,36 @@ class IngestConfig(_Section):
 
 
 class CurateConfig(_Section):
-    rules_file: Path | None = Field(None, description="an edited copy of the packaged rules.sql (default: the packaged one)")
+    rules_file: Path | None = Field(
+        None, description="an edited copy of the packaged rules.sql (default: the packaged one)"
+    )
     # caption rules (DataComp's basic filter: more than 2 words, more than 5 characters)
     min_caption_words: int = Field(3, ge=0, description="keep captions with at least this many words (DataComp: >2)")
-    min_caption_chars: int = Field(6, ge=0, description="keep captions with at least this many characters (DataComp: >5)")
+    min_caption_chars: int = Field(
+        6, ge=0, description="keep captions with at least this many characters (DataComp: >5)"
+    )
     max_caption_chars: int = Field(1000, ge=1)
-    blocklist_file: Path | None = Field(None, description="one term per line ('#' comments); default: the packaged list")
+    blocklist_file: Path | None = Field(
+        None, description="one term per line ('#' comments); default: the packaged list"
+    )
     language: str | None = Field("en", description="ISO 639-1 code to keep; empty/None switches the rule off")
     language_min_confidence: float = Field(
-        0.9, ge=0, le=1, description="drop a caption only when langid names another language with at least this probability")
+        0.9,
+        ge=0,
+        le=1,
+        description="drop a caption only when langid names another language with at least this probability",
+    )
     # image rules (DataComp: 200 px shorter side of the original)
     min_image_side: int = Field(200, ge=0, description="shorter side of the original image, px")
     max_aspect_ratio: float = Field(3.0, ge=1.0)
     # deduplication
     exact_image_dedup: Literal["image", "image_and_caption"] = Field(
-        "image", description="image: one row per stored-image sha256; image_and_caption: only when the caption is the same too")
-    phash_max_distance: int = Field(6, ge=-1, le=32, description="near-duplicate image distance in bits of 64; -1 switches it off")
+        "image",
+        description="image: one row per stored-image sha256; image_and_caption: only when the caption is the same too",
+    )
+    phash_max_distance: int = Field(
+        6, ge=-1, le=32, description="near-duplicate image distance in bits of 64; -1 switches it off"
+    )
     caption_near_dedup: bool = False
     caption_minhash_threshold: float = Field(0.8, gt=0, le=1)
     caption_minhash_perm: int = Field(64, ge=16, le=512)
@@ -103,7 +119,9 @@ class CurateConfig(_Section):
     eval_set: Path | None = None
     # snapshot
     val_fraction: float = Field(0.05, ge=0, lt=1)
-    row_group_rows: int = Field(4096, ge=2048, description="rows per Parquet row group (DuckDB writes multiples of 2048)")
+    row_group_rows: int = Field(
+        4096, ge=2048, description="rows per Parquet row group (DuckDB writes multiples of 2048)"
+    )
     file_size_mb: int = Field(512, ge=1, description="largest snapshot Parquet file before a new one starts")
     duckdb_memory_limit: str = "2GB"
     duckdb_temp_dir: Path | None = Field(None, description="spill directory (default <data-dir>/tmp/duckdb)")
@@ -123,17 +141,24 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(50, ge=0, description="linear warmup, capped at 10% of the run's steps")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 switches clipping off")
     crop_scale_min: float = Field(
-        0.5, gt=0, le=1, description="RandomResizedCrop's smallest area share; for a letterboxing model, the "
-                                     "random zoom's range (1/sqrt .. sqrt of it)")
+        0.5,
+        gt=0,
+        le=1,
+        description="RandomResizedCrop's smallest area share; for a letterboxing model, the "
+        "random zoom's range (1/sqrt .. sqrt of it)",
+    )
     workers: int = Field(1, ge=1, description="Ray Train workers")
     backend: Literal["auto", "local", "ray"] = Field(
-        "auto", description="auto: Ray Train when workers > 1 or RAY_ADDRESS is set, else in-process")
+        "auto", description="auto: Ray Train when workers > 1 or RAY_ADDRESS is set, else in-process"
+    )
     data_feed: Literal["auto", "torch", "ray"] = Field(
-        "auto", description="auto: Ray Data on a Ray cluster (RAY_ADDRESS), else a torch IterableDataset")
+        "auto", description="auto: Ray Data on a Ray cluster (RAY_ADDRESS), else a torch IterableDataset"
+    )
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per trainer")
     threads: int = Field(0, ge=0, description="torch threads per trainer (0 = cores / trainers)")
     use_gpu: Literal["auto", "yes", "no"] = Field(
-        "auto", description="auto: on Ray, GPUs when the cluster has one per worker; else when this machine has one")
+        "auto", description="auto: on Ray, GPUs when the cluster has one per worker; else when this machine has one"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False
     channels_last: bool = Field(True, description="channels-last image tower (faster convolutions)")
@@ -149,12 +174,16 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     primary_metric: str = Field(
-        "auto", min_length=1,
+        "auto",
+        min_length=1,
         description="metric the promotion rule compares, e.g. zeroshot/<set>/acc1; auto: top-1 on the first zero-shot "
-                    "set evaluated, else text-to-image R@5 on the snapshot's val split")
+        "set evaluated, else text-to-image R@5 on the snapshot's val split",
+    )
     promotion_margin: float = Field(0.0, ge=0, description="a new version must beat the champion by more than this")
     batch_size: int = Field(256, ge=1)
-    datasets: list[Path] = Field(default_factory=list, description="zero-shot sets (Parquet or ImageFolder) evaluated by default")
+    datasets: list[Path] = Field(
+        default_factory=list, description="zero-shot sets (Parquet or ImageFolder) evaluated by default"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0, description="DataLoader workers decoding images")
     recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
@@ -162,7 +191,9 @@ class EvaluateConfig(_Section):
     grid_queries: int = Field(4, ge=0, description="text queries shown in the retrieval grid PNG")
     grid_top: int = Field(4, ge=1, description="images per query in the retrieval grid PNG")
     worst_classes: int = Field(5, ge=1)
-    compare_metrics: list[str] = Field(default_factory=list, description="metrics charted by `compare` (default: primary + acc1/R5)")
+    compare_metrics: list[str] = Field(
+        default_factory=list, description="metrics charted by `compare` (default: primary + acc1/R5)"
+    )
 
     @field_validator("recall_k")
     @classmethod
@@ -179,25 +210,40 @@ class TrackingConfig(_Section):
 
 
 class RefreshConfig(_Section):
-    inbox: str = Field("inbox", description="folder of new URL lists: a path (relative = under the data dir) or an fsspec URL")
+    inbox: str = Field(
+        "inbox", description="folder of new URL lists: a path (relative = under the data dir) or an fsspec URL"
+    )
     archive: Literal["move", "keep"] = Field(
-        "move", description="move: ingested lists go to <inbox>/done/; keep: leave them (read-only sources)")
+        "move", description="move: ingested lists go to <inbox>/done/; keep: leave them (read-only sources)"
+    )
     cron: str = Field("0 3 * * *", description="schedule of the served `refresh` deployment")
-    interval_s: float | None = Field(None, gt=0, description="run the served refresh every N seconds instead of on cron")
+    interval_s: float | None = Field(
+        None, gt=0, description="run the served refresh every N seconds instead of on cron"
+    )
     timezone: str = Field("UTC", description="time zone the cron schedule is read in")
     from_scratch: bool = Field(False, description="train each refresh from scratch instead of fine-tuning the champion")
     train_steps: int = Field(0, ge=0, description="optimiser steps of a fine-tune (0 = train.steps / train.epochs)")
-    eval_sets: list[Path] = Field(default_factory=list, description="zero-shot sets a refresh evaluates on (default: evaluate.datasets)")
-    decontaminate: Path | None = Field(None, description="eval set whose near-duplicates curate drops (default: curate.eval_set)")
+    eval_sets: list[Path] = Field(
+        default_factory=list, description="zero-shot sets a refresh evaluates on (default: evaluate.datasets)"
+    )
+    decontaminate: Path | None = Field(
+        None, description="eval set whose near-duplicates curate drops (default: curate.eval_set)"
+    )
     lock_wait_s: float = Field(
-        0.0, ge=0, description="how long a pipeline/refresh run waits for another one on the same data dir (0: fail at once)")
-    pipeline_deployment: str = Field("pipeline", description="deployment name of the pipeline flow under `clipline serve`")
+        0.0,
+        ge=0,
+        description="how long a pipeline/refresh run waits for another one on the same data dir (0: fail at once)",
+    )
+    pipeline_deployment: str = Field(
+        "pipeline", description="deployment name of the pipeline flow under `clipline serve`"
+    )
     refresh_deployment: str = Field("refresh", description="deployment name of the refresh flow under `clipline serve`")
     input_roots: list[str] = Field(
         default_factory=list,
         description="folders (or fsspec URL prefixes) inside which a run of a `clipline serve` deployment may name "
-                    "files to read (URL lists, eval sets, checkpoints); outside them, and when none is set, it may "
-                    "name none (clipline.components.refresh.params)")
+        "files to read (URL lists, eval sets, checkpoints); outside them, and when none is set, it may "
+        "name none (clipline.components.refresh.params)",
+    )
 
     @field_validator("cron")
     @classmethod
@@ -210,10 +256,29 @@ class RefreshConfig(_Section):
 
 #: the toy web's faults (see clipline.components.demo.faults for what each one does)
 DEMO_FAULTS: tuple[str, ...] = (
-    "http_404", "http_500", "http_429", "http_503_retry_after", "slow", "timeout", "redirect",
-    "redirect_internal", "truncated", "not_image", "oversized", "bomb", "cmyk", "palette", "alpha",
-    "animated", "optout", "exact_duplicate", "near_duplicate", "caption_empty", "caption_junk",
-    "caption_mojibake", "caption_foreign",
+    "http_404",
+    "http_500",
+    "http_429",
+    "http_503_retry_after",
+    "slow",
+    "timeout",
+    "redirect",
+    "redirect_internal",
+    "truncated",
+    "not_image",
+    "oversized",
+    "bomb",
+    "cmyk",
+    "palette",
+    "alpha",
+    "animated",
+    "optout",
+    "exact_duplicate",
+    "near_duplicate",
+    "caption_empty",
+    "caption_junk",
+    "caption_mojibake",
+    "caption_foreign",
 )
 
 
@@ -224,8 +289,15 @@ DEMO_FAULTS: tuple[str, ...] = (
 #: one torch thread, so that the DataLoader worker has the other core and a busy machine does not
 #: make two OpenMP threads spin against each other. Measured by benchmarks/demo_time.py.
 DEMO_TRAIN: dict[str, Any] = {
-    "model": "clipline-demo", "batch_size": 64, "steps": 700, "lr": 2e-3, "warmup_steps": 20,
-    "crop_scale_min": 0.8, "threads": 1, "loader_workers": 1, "checkpoint_every": 1000,
+    "model": "clipline-demo",
+    "batch_size": 64,
+    "steps": 700,
+    "lr": 2e-3,
+    "warmup_steps": 20,
+    "crop_scale_min": 0.8,
+    "threads": 1,
+    "loader_workers": 1,
+    "checkpoint_every": 1000,
 }
 
 
@@ -248,19 +320,24 @@ class DemoConfig(_Section):
     bomb_side: int = Field(20_000, ge=1, description="declared width and height of the decompression bomb")
     warm_cache: bool = Field(True, description="render every image in a background thread at start")
     reuse_port: bool = Field(
-        True, description="with port 0, serve on the port the last demo in this data dir used (same URLs, so a rerun "
-                          "fetches nothing new); a free port when that one is taken")
+        True,
+        description="with port 0, serve on the port the last demo in this data dir used (same URLs, so a rerun "
+        "fetches nothing new); a free port when that one is taken",
+    )
     train: dict[str, Any] = Field(
         default_factory=lambda: dict(DEMO_TRAIN),
         description="the demo's training recipe: [train] settings used by `clipline demo` unless the [train] section "
-                    "or CLIPLINE_TRAIN__* sets them; a [demo.train] table changes the values it names")
+        "or CLIPLINE_TRAIN__* sets them; a [demo.train] table changes the values it names",
+    )
 
     @field_validator("train")
     @classmethod
     def _train_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(v) - set(TrainConfig.model_fields))
         if unknown:
-            raise ValueError(f"unknown train setting(s) {', '.join(unknown)}; known: {', '.join(TrainConfig.model_fields)}")
+            raise ValueError(
+                f"unknown train setting(s) {', '.join(unknown)}; known: {', '.join(TrainConfig.model_fields)}"
+            )
         TrainConfig(**v)  # each value must be valid for its field
         return {**DEMO_TRAIN, **v}  # a [demo.train] table changes the recipe's values it names
 

@@ -89,7 +89,9 @@ def _global(
         None, "--config", help="TOML config file (default: ./clipline.toml if present).", metavar="FILE"
     ),
     data_dir: Optional[Path] = typer.Option(
-        None, "--data-dir", help="Where shards, snapshots, checkpoints and the catalog live (default ./clipline-data).",
+        None,
+        "--data-dir",
+        help="Where shards, snapshots, checkpoints and the catalog live (default ./clipline-data).",
         metavar="DIR",
     ),
 ) -> None:
@@ -138,12 +140,20 @@ def demo(
         if ports is not None:
             try:
                 # a rerun fetches few or no URLs: draw pictures on request instead of all ahead of time
-                web = stack.enter_context(serve_toy_web(cfg.demo.model_copy(
-                    update={"port": ports[0], "internal_port": ports[1], "warm_cache": False}), web_dir))
+                web = stack.enter_context(
+                    serve_toy_web(
+                        cfg.demo.model_copy(update={"port": ports[0], "internal_port": ports[1], "warm_cache": False}),
+                        web_dir,
+                    )
+                )
             except OSError as e:
-                console.print(f"[yellow]note:[/] the port this data dir's toy web used before ({ports[0]}) is not "
-                              f"free ({e.__cause__ or e}); serving on a new port, so its URLs are new to the "
-                              "catalog and are fetched again", highlight=False, soft_wrap=True)
+                console.print(
+                    f"[yellow]note:[/] the port this data dir's toy web used before ({ports[0]}) is not "
+                    f"free ({e.__cause__ or e}); serving on a new port, so its URLs are new to the "
+                    "catalog and are fetched again",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         if web is None:
             try:
                 web = stack.enter_context(serve_toy_web(cfg.demo, web_dir))
@@ -152,24 +162,43 @@ def demo(
                 return
         cfg.ingest.allow_hosts = [*cfg.ingest.allow_hosts, web.allow_host]
         console.print(f"toy web: {len(web.items):,} URLs at {web.base_url} (list: {web.url_list})", highlight=False)
-        result = pipeline_flow([str(web.url_list)], cfg, eval_sets=[str(heldout.data), str(seen.data)],
-                               decontaminate=str(heldout.data))
+        result = pipeline_flow(
+            [str(web.url_list)], cfg, eval_sets=[str(heldout.data), str(seen.data)], decontaminate=str(heldout.data)
+        )
     seconds = time.perf_counter() - t0
     rows = summary_rows(result)
-    extra = [("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
-             ("demo time", f"{seconds:.0f} s")]
+    extra = [
+        ("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
+        ("demo time", f"{seconds:.0f} s"),
+    ]
     metrics = result.evaluation.eval.metrics if result.evaluation is not None else {}
     summary = {
-        "seconds": round(seconds, 1), "skipped": result.skipped, "chance_acc1": heldout.chance_acc1,
-        "heldout_acc1": metrics.get(f"zeroshot/{heldout.name}/acc1"), "seen_acc1": metrics.get(f"zeroshot/{seen.name}/acc1"),
-        "metrics": metrics, "rows": rows, "train_recipe": recipe, "toy_web": web.base_url,
-        "n_urls": len(web.items), "n_fetched": result.ingest.n_fetched,
-        "train": None if result.train is None else {
-            "model": result.train.model_name, "steps": result.train.steps,
-            "seconds": result.train.train_seconds, "samples_per_s": result.train.samples_per_s},
-        "model_version": None if result.evaluation is None or result.evaluation.registry is None else {
-            "name": result.evaluation.registry.name, "version": result.evaluation.registry.version,
-            "alias": result.evaluation.registry.alias},
+        "seconds": round(seconds, 1),
+        "skipped": result.skipped,
+        "chance_acc1": heldout.chance_acc1,
+        "heldout_acc1": metrics.get(f"zeroshot/{heldout.name}/acc1"),
+        "seen_acc1": metrics.get(f"zeroshot/{seen.name}/acc1"),
+        "metrics": metrics,
+        "rows": rows,
+        "train_recipe": recipe,
+        "toy_web": web.base_url,
+        "n_urls": len(web.items),
+        "n_fetched": result.ingest.n_fetched,
+        "train": None
+        if result.train is None
+        else {
+            "model": result.train.model_name,
+            "steps": result.train.steps,
+            "seconds": result.train.train_seconds,
+            "samples_per_s": result.train.samples_per_s,
+        },
+        "model_version": None
+        if result.evaluation is None or result.evaluation.registry is None
+        else {
+            "name": result.evaluation.registry.name,
+            "version": result.evaluation.registry.version,
+            "alias": result.evaluation.registry.alias,
+        },
     }
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)
     (cfg.reports_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -185,21 +214,29 @@ def _print_summary(cfg: Config, rows: list[tuple[str, str]], extra: list[tuple[s
     for k, v in [*rows, *extra]:
         t.add_row(k, v)
     console.print(t)
-    console.print(f"MLflow UI:  clipline --data-dir {cfg.data_dir} ui    (tracking URI {cfg.mlflow_uri})", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"MLflow UI:  clipline --data-dir {cfg.data_dir} ui    (tracking URI {cfg.mlflow_uri})",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print("Prefect UI: prefect server start   (then open http://127.0.0.1:4200)", highlight=False)
 
 
 # ---- demo-web ----
 @app.command("demo-web")
 def demo_web(
-    port: Optional[int] = typer.Option(None, "--port", help="Port to serve on (default: config demo.port, 0 = any free)."),
+    port: Optional[int] = typer.Option(
+        None, "--port", help="Port to serve on (default: config demo.port, 0 = any free)."
+    ),
     n: Optional[int] = typer.Option(None, "--n", help="Number of URLs (default: config demo.n_images)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the URL list and eval sets (default: DATA_DIR/toyweb).",
-                                       metavar="DIR"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Where to write the URL list and eval sets (default: DATA_DIR/toyweb).", metavar="DIR"
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Corpus seed (default: config demo.seed)."),
     fault_rate: Optional[float] = typer.Option(None, "--fault-rate", help="Share of URLs with a web fault (0..1)."),
-    eval_sets: bool = typer.Option(True, "--eval-sets/--no-eval-sets", help="Also write the held-out and seen evaluation sets."),
+    eval_sets: bool = typer.Option(
+        True, "--eval-sets/--no-eval-sets", help="Also write the held-out and seen evaluation sets."
+    ),
 ) -> None:
     """Serve the toy web on 127.0.0.1 and write its URL list, for pointing the pipeline at it by hand.
     Serves until Ctrl-C."""
@@ -232,14 +269,20 @@ def demo_web(
         table.add_column("a correct ingest")
         for fault, k in sorted(counts.items(), key=lambda kv: (kv[0] != "none", kv[0])):
             stores, what = INGEST_OUTCOME[fault]
-            table.add_row(fault, str(k), ("stores it" if stores else "records a failure") + (f": {what}" if what else ""))
+            table.add_row(
+                fault, str(k), ("stores it" if stores else "records a failure") + (f": {what}" if what else "")
+            )
         console.print(table)
-        console.print(f"URL list: {toy.url_list}  (columns url, caption, fault, color, shape)", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"URL list: {toy.url_list}  (columns url, caption, fault, color, shape)", highlight=False, soft_wrap=True
+        )
         data_flag = f" --data-dir {state.data_dir}" if state.data_dir is not None else ""
         console.print("ingest it with:", highlight=False)
-        console.print(f"  clipline{data_flag} ingest {toy.url_list} --allow-host {toy.allow_host}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"  clipline{data_flag} ingest {toy.url_list} --allow-host {toy.allow_host}",
+            highlight=False,
+            soft_wrap=True,
+        )
         if eval_sets:
             held = write_heldout_set(out_dir / "eval", seed=cfg.demo.seed)
             seen = write_seen_set(out_dir / "eval", seed=cfg.demo.seed)
@@ -248,9 +291,14 @@ def demo_web(
                     f"eval set '{es.name}': {es.n_images} images of {len(es.labels)} combinations, classified among "
                     f"{len(es.classnames)} names (chance {es.chance_acc1:.1%}):\n"
                     f"  --dataset {es.data} --classnames {es.classnames_file} --templates {es.templates_file}",
-                    highlight=False, soft_wrap=True)
-        console.print(f"the internal stand-in at {toy.internal_base_url} must stay unreachable; Ctrl-C to stop",
-                      highlight=False, soft_wrap=True)
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        console.print(
+            f"the internal stand-in at {toy.internal_base_url} must stay unreachable; Ctrl-C to stop",
+            highlight=False,
+            soft_wrap=True,
+        )
         try:
             while True:
                 time.sleep(3600)
@@ -261,13 +309,20 @@ def demo_web(
 # ---- ingest ----
 @app.command()
 def ingest(
-    url_lists: list[str] = typer.Argument(..., help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs.",
-                                          metavar="URL_LIST..."),
-    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
-                                         help="Exempt HOST:PORT from the SSRF guard (loopback/private addresses are refused otherwise)."),
+    url_lists: list[str] = typer.Argument(
+        ..., help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs.", metavar="URL_LIST..."
+    ),
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        metavar="HOST:PORT",
+        help="Exempt HOST:PORT from the SSRF guard (loopback/private addresses are refused otherwise).",
+    ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Fetch again the URLs whose last attempt failed."),
     url_col: Optional[str] = typer.Option(None, "--url-col", help="Column holding the URL (default: url)."),
-    caption_col: Optional[str] = typer.Option(None, "--caption-col", help="Column holding the caption (default: caption)."),
+    caption_col: Optional[str] = typer.Option(
+        None, "--caption-col", help="Column holding the caption (default: caption)."
+    ),
 ) -> None:
     """Download the images of URL lists into raw Parquet shards (only URLs never seen before)."""
     overrides: dict[str, Any] = {}
@@ -295,12 +350,20 @@ def ingest(
 @app.command("curate")
 def curate_cmd(
     eval_set: Optional[Path] = typer.Option(
-        None, "--eval-set", metavar="PATH",
-        help="Evaluation images to decontaminate against: Parquet with an 'image' column or a directory of images."),
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="Rebuild from all shards instead of adding to the latest snapshot."),
-    language: Optional[str] = typer.Option(None, "--language", help="ISO 639-1 code to keep ('none' switches the rule off)."),
-    phash_max_distance: Optional[int] = typer.Option(None, "--phash-max-distance", min=-1, max=32,
-                                                     help="Near-duplicate distance in bits (-1: off)."),
+        None,
+        "--eval-set",
+        metavar="PATH",
+        help="Evaluation images to decontaminate against: Parquet with an 'image' column or a directory of images.",
+    ),
+    from_scratch: bool = typer.Option(
+        False, "--from-scratch", help="Rebuild from all shards instead of adding to the latest snapshot."
+    ),
+    language: Optional[str] = typer.Option(
+        None, "--language", help="ISO 639-1 code to keep ('none' switches the rule off)."
+    ),
+    phash_max_distance: Optional[int] = typer.Option(
+        None, "--phash-max-distance", min=-1, max=32, help="Near-duplicate distance in bits (-1: off)."
+    ),
 ) -> None:
     """Build the next snapshot from the raw shards: rules, dedup, decontamination, split."""
     overrides: dict = {}
@@ -310,7 +373,9 @@ def curate_cmd(
         overrides["phash_max_distance"] = phash_max_distance
     cfg = get_config(curate=overrides)
     if eval_set is not None and not eval_set.exists():
-        fail(f"--eval-set {eval_set} does not exist: give a Parquet file with an 'image' column or a directory of images")
+        fail(
+            f"--eval-set {eval_set} does not exist: give a Parquet file with an 'image' column or a directory of images"
+        )
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -318,8 +383,14 @@ def curate_cmd(
     from clipline.components.curate.evalset import EvalSetError
     from clipline.flows.curate import curate_flow, progress_to
 
-    with Progress(SpinnerColumn(), TextColumn("[bold]curate[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]curate[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         tid = bar.add_task("starting", total=7)
 
         def progress(step: str, done: int, total: int) -> None:
@@ -342,26 +413,42 @@ def curate_cmd(
     table.add_row("[bold]kept[/]", f"[bold]{res.counts['kept']}[/] of {res.counts['input']}")
     console.print(table)
     console.print(f"snapshot {res.path}: {res.n_rows} rows (train {res.n_train}, val {res.n_val})")
-    console.print(f"report: {res.report_path}" + (f"  contact sheet: {res.contact_sheet_path}" if res.contact_sheet_path else ""))
+    console.print(
+        f"report: {res.report_path}" + (f"  contact sheet: {res.contact_sheet_path}" if res.contact_sheet_path else "")
+    )
 
 
 # ---- train ----
 @app.command()
 def train(
-    snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="ID", help="Snapshot to train on (default: the latest)."),
+    snapshot: Optional[str] = typer.Option(
+        None, "--snapshot", metavar="ID", help="Snapshot to train on (default: the latest)."
+    ),
     from_model: Optional[str] = typer.Option(
-        None, "--from-model", metavar="VERSION|PATH",
-        help="Fine-tune from a checkpoint directory/file, or a registered version or alias (e.g. 3, champion)."),
+        None,
+        "--from-model",
+        metavar="VERSION|PATH",
+        help="Fine-tune from a checkpoint directory/file, or a registered version or alias (e.g. 3, champion).",
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="Model config (default: train.model, clipline-tiny)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: from train.epochs)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (more than 1 uses Ray)."),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="Name of the run; an unfinished run of that name is resumed."),
+    run_name: Optional[str] = typer.Option(
+        None, "--run-name", help="Name of the run; an unfinished run of that name is resumed."
+    ),
 ) -> None:
     """Train a CLIP model on a snapshot; shows samples/s and loss, ends with the checkpoint and MLflow run."""
     flags = {"model": model, "steps": steps, "batch_size": batch_size, "workers": workers, "run_name": run_name}
     cfg = get_config(train={k: v for k, v in flags.items() if v is not None})
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     from clipline.components.model.factory import ModelError
@@ -373,25 +460,42 @@ def train(
         start = resolve_from_model(cfg, from_model) if from_model else None
     except FileNotFoundError as e:
         fail(str(e))
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     try:
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("train", total=None, info="starting" + (" Ray Train" if use_ray(cfg) else ""))
 
             def progress(step: int, total: int, m: dict[str, float]) -> None:
-                bar.update(task, completed=step, total=total,
-                           info=f"{m['train/samples_per_s']:.0f} samples/s  loss {m['train/loss']:.3f}")
+                bar.update(
+                    task,
+                    completed=step,
+                    total=total,
+                    info=f"{m['train/samples_per_s']:.0f} samples/s  loss {m['train/loss']:.3f}",
+                )
 
             result = run_train(cfg, snapshot_id=snapshot, from_model=start, progress=progress)
     except (SnapshotError, ModelError, TrainingDiverged, ValueError) as e:
         fail(str(e))
         return
     t = Table(title="train", show_header=False)
-    for k, v in [("model", result.model_name), ("snapshot", result.snapshot_id), ("steps", f"{result.steps:,}"),
-                 ("final loss", f"{result.final_loss:.4f}"), ("throughput", f"{result.samples_per_s:,.1f} samples/s"),
-                 ("training time", f"{result.train_seconds:.1f} s"), ("checkpoint", str(result.checkpoint_dir)),
-                 ("MLflow run", str(result.run_id)), ("logged model", str(result.model_uri))]:
+    for k, v in [
+        ("model", result.model_name),
+        ("snapshot", result.snapshot_id),
+        ("steps", f"{result.steps:,}"),
+        ("final loss", f"{result.final_loss:.4f}"),
+        ("throughput", f"{result.samples_per_s:,.1f} samples/s"),
+        ("training time", f"{result.train_seconds:.1f} s"),
+        ("checkpoint", str(result.checkpoint_dir)),
+        ("MLflow run", str(result.run_id)),
+        ("logged model", str(result.model_uri)),
+    ]:
         t.add_row(k, v)
     console.print(t)
 
@@ -402,23 +506,35 @@ def train(
 @app.command("evaluate")
 def evaluate_cmd(
     model: Optional[str] = typer.Option(
-        None, "--model", metavar="VERSION|ALIAS|PATH",
+        None,
+        "--model",
+        metavar="VERSION|ALIAS|PATH",
         help="Model version, alias (champion, challenger), models:/ URI or checkpoint directory "
-             "(default: the champion, else the newest local checkpoint)."),
+        "(default: the champion, else the newest local checkpoint).",
+    ),
     dataset: Optional[list[Path]] = typer.Option(
-        None, "--dataset", metavar="PATH",
-        help="Zero-shot set: Parquet (image,label), a directory of them, or an ImageFolder. Repeatable."),
-    classnames: Optional[Path] = typer.Option(None, "--classnames", metavar="FILE",
-                                              help="Class names JSON (CLIP_benchmark format)."),
-    templates: Optional[Path] = typer.Option(None, "--templates", metavar="FILE",
-                                             help="Templates JSON (CLIP_benchmark format, '{c}' placeholders)."),
-    snapshot: Optional[str] = typer.Option(None, "--snapshot", metavar="ID",
-                                           help="Snapshot whose val split is used for retrieval (default: the model's)."),
-    register: bool = typer.Option(False, "--register/--no-register",
-                                  help="Register as a new model version and apply the promotion rule, which compares "
-                                       "evaluate.primary_metric (default auto: top-1 on the first zero-shot set, "
-                                       "else text-to-image R@5 on the snapshot's val split). A checkpoint trained "
-                                       "with another tracking store is logged into a new run of this one first."),
+        None,
+        "--dataset",
+        metavar="PATH",
+        help="Zero-shot set: Parquet (image,label), a directory of them, or an ImageFolder. Repeatable.",
+    ),
+    classnames: Optional[Path] = typer.Option(
+        None, "--classnames", metavar="FILE", help="Class names JSON (CLIP_benchmark format)."
+    ),
+    templates: Optional[Path] = typer.Option(
+        None, "--templates", metavar="FILE", help="Templates JSON (CLIP_benchmark format, '{c}' placeholders)."
+    ),
+    snapshot: Optional[str] = typer.Option(
+        None, "--snapshot", metavar="ID", help="Snapshot whose val split is used for retrieval (default: the model's)."
+    ),
+    register: bool = typer.Option(
+        False,
+        "--register/--no-register",
+        help="Register as a new model version and apply the promotion rule, which compares "
+        "evaluate.primary_metric (default auto: top-1 on the first zero-shot set, "
+        "else text-to-image R@5 on the snapshot's val split). A checkpoint trained "
+        "with another tracking store is logged into a new run of this one first.",
+    ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
 ) -> None:
@@ -431,10 +547,15 @@ def evaluate_cmd(
     from clipline.flows.evaluate import evaluate_flow
 
     try:
-        out = evaluate_flow(model=model, datasets=[str(d) for d in dataset or []],
-                            classnames=str(classnames) if classnames else None,
-                            templates=str(templates) if templates else None,
-                            snapshot_id=snapshot, register_model=register, cfg=cfg)
+        out = evaluate_flow(
+            model=model,
+            datasets=[str(d) for d in dataset or []],
+            classnames=str(classnames) if classnames else None,
+            templates=str(templates) if templates else None,
+            snapshot_id=snapshot,
+            register_model=register,
+            cfg=cfg,
+        )
     except (CheckpointError, DatasetError, RegistryError) as e:
         fail(str(e))
         return
@@ -482,13 +603,17 @@ def export_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    versions: Optional[list[str]] = typer.Argument(None, metavar="[VERSION...]",
-                                                   help="Versions or aliases (default: all versions)."),
+    versions: Optional[list[str]] = typer.Argument(
+        None, metavar="[VERSION...]", help="Versions or aliases (default: all versions)."
+    ),
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric to chart (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Where to write the PNG and JSON."),
-    log_run: bool = typer.Option(False, "--log-run",
-                                 help="Also log the chart and table to MLflow, as artifacts of a new run tagged "
-                                      "clipline.kind=compare (default: nothing is written to MLflow)."),
+    log_run: bool = typer.Option(
+        False,
+        "--log-run",
+        help="Also log the chart and table to MLflow, as artifacts of a new run tagged "
+        "clipline.kind=compare (default: nothing is written to MLflow).",
+    ),
 ) -> None:
     """Registered model versions side by side: a table here, a PNG chart and a JSON table on disk
     (default <data-dir>/reports/compare). Read-only for MLflow unless --log-run."""
@@ -531,8 +656,11 @@ def _deployment_summary(flow_run_id: Any, key: str) -> str | None:
 
     async def read() -> list:
         async with get_client() as c:
-            return await c.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return await c.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
+            )
 
     arts = asyncio.run(read())
     return arts[0].data if arts else None
@@ -547,8 +675,10 @@ def _need_prefect_server(what: str) -> str:
 
     url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if not url:
-        fail(f"{what} needs a Prefect server: start one (`prefect server start`, or infra/) and set "
-             "PREFECT_API_URL=http://127.0.0.1:4200/api")
+        fail(
+            f"{what} needs a Prefect server: start one (`prefect server start`, or infra/) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     return url
 
 
@@ -561,16 +691,20 @@ def _trigger(deployment_name: str, parameters: dict[str, Any], timeout: Optional
     try:
         fr = run_deployment(deployment_name, parameters=parameters, timeout=timeout, poll_interval=2, as_subflow=False)
     except ObjectNotFound:
-        fail(f"no deployment {deployment_name!r} on the Prefect API: start `clipline serve` first "
-             "(with the same PREFECT_API_URL)")
+        fail(
+            f"no deployment {deployment_name!r} on the Prefect API: start `clipline serve` first "
+            "(with the same PREFECT_API_URL)"
+        )
         return
     state = fr.state
     console.print(f"flow run {fr.name} ({fr.id}) of {deployment_name}: {state.name if state else 'unknown'}")
     if state is None or not state.is_completed():
         if state is not None and not state.is_final():
             fail(f"flow run {fr.name} is still {state.name} after {timeout} s; follow it in the Prefect UI")
-        fail(f"flow run {fr.name} ended {state.name if state else 'in an unknown state'}: "
-             f"{(state.message if state else '') or 'see its logs in the Prefect UI'}")
+        fail(
+            f"flow run {fr.name} ended {state.name if state else 'in an unknown state'}: "
+            f"{(state.message if state else '') or 'see its logs in the Prefect UI'}"
+        )
     md = _deployment_summary(fr.id, summary_key)
     if md:
         console.print(md, highlight=False, soft_wrap=True)
@@ -578,23 +712,38 @@ def _trigger(deployment_name: str, parameters: dict[str, Any], timeout: Optional
 
 @app.command("run")
 def run_cmd(
-    url_lists: list[str] = typer.Argument(..., metavar="URL_LIST...",
-                                          help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs."),
-    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
-                                         help="Exempt HOST:PORT from the SSRF guard."),
-    eval_set: list[Path] = typer.Option([], "--eval-set", metavar="PATH",
-                                        help="Zero-shot set to evaluate on (repeatable; default: evaluate.datasets)."),
-    decontaminate: Optional[Path] = typer.Option(None, "--decontaminate", metavar="PATH",
-                                                 help="Eval set whose near-duplicates are dropped from the training data."),
-    from_model: Optional[str] = typer.Option(None, "--from-model", metavar="VERSION|PATH",
-                                             help="Fine-tune from a checkpoint, or a registered version or alias."),
+    url_lists: list[str] = typer.Argument(
+        ..., metavar="URL_LIST...", help="URL lists: csv, tsv, parquet, jsonl or txt; local paths or fsspec URIs."
+    ),
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host", metavar="HOST:PORT", help="Exempt HOST:PORT from the SSRF guard."
+    ),
+    eval_set: list[Path] = typer.Option(
+        [], "--eval-set", metavar="PATH", help="Zero-shot set to evaluate on (repeatable; default: evaluate.datasets)."
+    ),
+    decontaminate: Optional[Path] = typer.Option(
+        None,
+        "--decontaminate",
+        metavar="PATH",
+        help="Eval set whose near-duplicates are dropped from the training data.",
+    ),
+    from_model: Optional[str] = typer.Option(
+        None,
+        "--from-model",
+        metavar="VERSION|PATH",
+        help="Fine-tune from a checkpoint, or a registered version or alias.",
+    ),
     force: bool = typer.Option(False, "--force", help="Train even when the snapshot did not change."),
-    deployment: bool = typer.Option(False, "--deployment",
-                                    help="Run it as the served `pipeline` deployment (PREFECT_API_URL, `clipline serve`) "
-                                         "instead of in this process, and wait for it. The worker's configuration "
-                                         "applies; files must lie inside its input roots (see `clipline serve --help`)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", min=0,
-                                            help="With --deployment: seconds to wait (default: until it ends)."),
+    deployment: bool = typer.Option(
+        False,
+        "--deployment",
+        help="Run it as the served `pipeline` deployment (PREFECT_API_URL, `clipline serve`) "
+        "instead of in this process, and wait for it. The worker's configuration "
+        "applies; files must lie inside its input roots (see `clipline serve --help`).",
+    ),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", min=0, help="With --deployment: seconds to wait (default: until it ends)."
+    ),
 ) -> None:
     """Run the whole pipeline once: ingest -> curate -> train -> evaluate -> register."""
     cfg = get_config(ingest={"allow_hosts": list(allow_host)} if allow_host else {})
@@ -612,11 +761,17 @@ def run_cmd(
         overrides: dict[str, Any] = {"ingest": {"allow_hosts": list(allow_host)}} if allow_host else {}
         if state.data_dir is not None:
             overrides["data_dir"] = str(state.data_dir.expanduser().resolve())
-        params = {"config_file": str(state.config_file.resolve()) if state.config_file else None,
-                  "overrides": overrides, "url_lists": [_abs_location(u) for u in url_lists], "eval_sets": evals,
-                  "decontaminate": decon, "force": force,
-                  "from_model": (_abs_location(from_model) if from_model and Path(from_model).expanduser().exists()
-                                 else from_model)}
+        params = {
+            "config_file": str(state.config_file.resolve()) if state.config_file else None,
+            "overrides": overrides,
+            "url_lists": [_abs_location(u) for u in url_lists],
+            "eval_sets": evals,
+            "decontaminate": decon,
+            "force": force,
+            "from_model": (
+                _abs_location(from_model) if from_model and Path(from_model).expanduser().exists() else from_model
+            ),
+        }
         _trigger(f"pipeline/{cfg.refresh.pipeline_deployment}", params, timeout, "pipeline-summary")
         return
     start = None
@@ -630,7 +785,9 @@ def run_cmd(
     from clipline.flows.pipeline import pipeline_flow, summary_rows
 
     try:
-        result = pipeline_flow(list(url_lists), cfg, eval_sets=evals, decontaminate=decon, from_model=start, force=force)
+        result = pipeline_flow(
+            list(url_lists), cfg, eval_sets=evals, decontaminate=decon, from_model=start, force=force
+        )
     except RunBusy as e:
         fail(str(e))
         return
@@ -639,22 +796,35 @@ def run_cmd(
 
 @app.command("refresh")
 def refresh_cmd(
-    inbox: Optional[str] = typer.Option(None, "--inbox", metavar="DIR|URL",
-                                        help="Folder or fsspec URL of new URL lists (default: refresh.inbox, DATA_DIR/inbox)."),
-    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
-                                         help="Exempt HOST:PORT from the SSRF guard."),
-    eval_set: list[Path] = typer.Option([], "--eval-set", metavar="PATH",
-                                        help="Zero-shot set to evaluate on (repeatable; default: refresh.eval_sets)."),
-    decontaminate: Optional[Path] = typer.Option(None, "--decontaminate", metavar="PATH",
-                                                 help="Eval set whose near-duplicates are dropped (default: refresh.decontaminate)."),
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="Train from scratch instead of fine-tuning the champion."),
+    inbox: Optional[str] = typer.Option(
+        None,
+        "--inbox",
+        metavar="DIR|URL",
+        help="Folder or fsspec URL of new URL lists (default: refresh.inbox, DATA_DIR/inbox).",
+    ),
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host", metavar="HOST:PORT", help="Exempt HOST:PORT from the SSRF guard."
+    ),
+    eval_set: list[Path] = typer.Option(
+        [], "--eval-set", metavar="PATH", help="Zero-shot set to evaluate on (repeatable; default: refresh.eval_sets)."
+    ),
+    decontaminate: Optional[Path] = typer.Option(
+        None,
+        "--decontaminate",
+        metavar="PATH",
+        help="Eval set whose near-duplicates are dropped (default: refresh.decontaminate).",
+    ),
+    from_scratch: bool = typer.Option(
+        False, "--from-scratch", help="Train from scratch instead of fine-tuning the champion."
+    ),
 ) -> None:
     """Incremental refresh once: inbox -> new URLs -> child snapshot -> fine-tuned champion.
 
     The new version is evaluated, registered with the champion as its parent, and promoted by the
     registry's rule. Nothing new in the inbox: no training, and it says so."""
-    cfg = get_config(refresh={"inbox": inbox} if inbox else {},
-                     ingest={"allow_hosts": list(allow_host)} if allow_host else {})
+    cfg = get_config(
+        refresh={"inbox": inbox} if inbox else {}, ingest={"allow_hosts": list(allow_host)} if allow_host else {}
+    )
     for p in [*eval_set, *([decontaminate] if decontaminate else [])]:
         if not p.exists():
             fail(f"evaluation set {p} does not exist: give a Parquet file (image,label) or an ImageFolder directory")
@@ -662,9 +832,12 @@ def refresh_cmd(
     from clipline.flows.refresh import refresh_flow, summary_rows
 
     try:
-        result = refresh_flow(cfg=cfg, eval_sets=[str(p) for p in eval_set] or None,
-                              decontaminate=str(decontaminate) if decontaminate else None,
-                              from_scratch=True if from_scratch else None)
+        result = refresh_flow(
+            cfg=cfg,
+            eval_sets=[str(p) for p in eval_set] or None,
+            decontaminate=str(decontaminate) if decontaminate else None,
+            from_scratch=True if from_scratch else None,
+        )
     except (RunBusy, InboxError) as e:
         fail(str(e))
         return
@@ -689,14 +862,24 @@ _SERVE_EPILOG = (
 @app.command(epilog=_SERVE_EPILOG)
 def serve(
     cron: Optional[str] = typer.Option(None, "--cron", help="Refresh schedule (default: refresh.cron)."),
-    interval: Optional[float] = typer.Option(None, "--interval", min=1, metavar="SECONDS",
-                                             help="Refresh every N seconds instead of on cron (refresh.interval_s)."),
-    allow_host: list[str] = typer.Option([], "--allow-host", metavar="HOST:PORT",
-                                         help="Exempt HOST:PORT from the SSRF guard in served runs."),
-    input_root: list[str] = typer.Option([], "--input-root", metavar="DIR|URL",
-                                         help="A folder (or fsspec URL prefix) inside which runs may name files to "
-                                              "read: URL lists, eval sets, checkpoints (repeatable; adds to "
-                                              "refresh.input_roots)."),
+    interval: Optional[float] = typer.Option(
+        None,
+        "--interval",
+        min=1,
+        metavar="SECONDS",
+        help="Refresh every N seconds instead of on cron (refresh.interval_s).",
+    ),
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host", metavar="HOST:PORT", help="Exempt HOST:PORT from the SSRF guard in served runs."
+    ),
+    input_root: list[str] = typer.Option(
+        [],
+        "--input-root",
+        metavar="DIR|URL",
+        help="A folder (or fsspec URL prefix) inside which runs may name files to "
+        "read: URL lists, eval sets, checkpoints (repeatable; adds to "
+        "refresh.input_roots).",
+    ),
 ) -> None:
     """Deployments: `pipeline` on demand, `refresh` on schedule (until Ctrl-C or SIGTERM).
 
@@ -733,8 +916,10 @@ def serve(
             when = f"cron '{rc.cron}' ({rc.timezone})"
     except ValueError as e:  # pydantic's ValidationError: keep its messages, one line
         why = "; ".join(err["msg"] for err in e.errors()) if hasattr(e, "errors") else str(e)
-        fail(f"refresh schedule: {why} (cron {rc.cron!r}, timezone {rc.timezone!r}); set refresh.cron to a "
-             "5-field cron expression and refresh.timezone to an IANA name, or use refresh.interval_s")
+        fail(
+            f"refresh schedule: {why} (cron {rc.cron!r}, timezone {rc.timezone!r}); set refresh.cron to a "
+            "5-field cron expression and refresh.timezone to an IANA name, or use refresh.interval_s"
+        )
         return
     # the bounds of every served run: this process's configuration, handed to the runs through the
     # environment (which a run's parameters cannot reach; served runs ignore job variables)
@@ -742,17 +927,29 @@ def serve(
     os.environ.update(policy.to_env())
     params = deployment_parameters(state.config_file, cfg)
     pipe = pipeline_flow.to_deployment(
-        name=rc.pipeline_deployment, parameters=params, concurrency_limit=1,
-        entrypoint_type=EntrypointType.MODULE_PATH, tags=["clipline"],
-        description="clipline pipeline, run on demand: `clipline run URL_LIST... --deployment`")
+        name=rc.pipeline_deployment,
+        parameters=params,
+        concurrency_limit=1,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["clipline"],
+        description="clipline pipeline, run on demand: `clipline run URL_LIST... --deployment`",
+    )
     ref = refresh_flow.to_deployment(
-        name=rc.refresh_deployment, parameters=params, schedule=schedule, concurrency_limit=1,
-        entrypoint_type=EntrypointType.MODULE_PATH, tags=["clipline"],
-        description=f"clipline refresh of the inbox {rc.inbox}, {when}")
+        name=rc.refresh_deployment,
+        parameters=params,
+        schedule=schedule,
+        concurrency_limit=1,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["clipline"],
+        description=f"clipline refresh of the inbox {rc.inbox}, {when}",
+    )
     roots = ", ".join(policy.input_roots) or "none (runs name no files)"
-    console.print(f"serving pipeline/{rc.pipeline_deployment} (on demand) and refresh/{rc.refresh_deployment} "
-                  f"({when}) on {api}; data dir {cfg.data_dir.resolve()}; input roots: {roots}",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"serving pipeline/{rc.pipeline_deployment} (on demand) and refresh/{rc.refresh_deployment} "
+        f"({when}) on {api}; data dir {cfg.data_dir.resolve()}; input roots: {roots}",
+        highlight=False,
+        soft_wrap=True,
+    )
     _serve_until_stopped(pipe, ref)
 
 
@@ -812,6 +1009,7 @@ def _serve_until_stopped(*deployments: Any) -> None:
         if failure:
             raise failure[0]
         return
+
     def api_client() -> Any:
         try:
             client = get_client(sync_client=True)
@@ -823,9 +1021,13 @@ def _serve_until_stopped(*deployments: Any) -> None:
 
     # pausing the schedules (as Prefect's `serve` does on shutdown) can take seconds on a busy
     # server: in the background, waited for only while there is time
-    pauser = threading.Thread(target=lambda: _api_quietly(
-        api_client(), lambda c: [c.pause_deployment(d) for d in deployment_ids], "pause the schedules"),
-        name="clipline-serve-pause", daemon=True)
+    pauser = threading.Thread(
+        target=lambda: _api_quietly(
+            api_client(), lambda c: [c.pause_deployment(d) for d in deployment_ids], "pause the schedules"
+        ),
+        name="clipline-serve-pause",
+        daemon=True,
+    )
     pauser.start()
     client = api_client()
     procs = [p for ps in in_progress.values() for p in ps]
@@ -880,8 +1082,9 @@ def _cancel_unfinished(client: Any, flow_run_ids: list[str]) -> None:
     for fid in flow_run_ids:
         fr = client.read_flow_run(fid)
         if fr.state is None or not fr.state.is_final():
-            client.set_flow_run_state(fid, Cancelled(message="clipline serve was stopped before the run ended"),
-                                      force=True)
+            client.set_flow_run_state(
+                fid, Cancelled(message="clipline serve was stopped before the run ended"), force=True
+            )
 
 
 # ---- ui ----
@@ -903,8 +1106,22 @@ def ui(
     uri = cfg.mlflow_uri
     console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)", highlight=False, soft_wrap=True)
     shutdown.on_signal(lambda signum: None)  # the loop below watches shutdown.stop_requested
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port), "--workers", str(workers)])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ]
+    )
     while server.poll() is None and not shutdown.stop_requested.is_set():
         shutdown.stop_requested.wait(0.5)
     # MLflow's own launcher leaves its job consumers running when it is stopped, and takes seconds

@@ -20,8 +20,7 @@ import re
 from prefect.logging.handlers import PrefectConsoleHandler
 
 #: loggers whose failure reports duplicate the command's one-line reason
-RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.engine", "prefect.flow_engine",
-               "prefect.task_engine")
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.engine", "prefect.flow_engine", "prefect.task_engine")
 #: "Finished in state X" for an X that is not a success (logged at INFO for flow runs)
 _UNSUCCESSFUL_END = re.compile(r"Finished in state (?!Completed|Cached|RolledBack)")
 

@@ -51,13 +51,15 @@ def result_markdown(res: CurateResult) -> str:
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(eval_set: str | None = None, from_scratch: bool = False, cfg: Config | None = None,
-                config_file: str | None = None) -> CurateResult:
+def curate_flow(
+    eval_set: str | None = None, from_scratch: bool = False, cfg: Config | None = None, config_file: str | None = None
+) -> CurateResult:
     """Curate the raw shards into the next snapshot (see clipline.components.curate.stage)."""
     cfg = cfg or load_config(Path(config_file) if config_file else None)
     res = build_snapshot(cfg, eval_set, from_scratch)
-    create_markdown_artifact(key="curate-report", markdown=result_markdown(res),
-                             description=f"curate report for snapshot {res.snapshot_id}")
+    create_markdown_artifact(
+        key="curate-report", markdown=result_markdown(res), description=f"curate report for snapshot {res.snapshot_id}"
+    )
     rows = [{"rule": r, "dropped": n} for r, n in res.counts.get("dropped", {}).items()]
     rows.append({"rule": "kept", "dropped": res.counts.get("kept", 0)})
     create_table_artifact(key="curate-counts", table=rows, description=f"rows per rule, snapshot {res.snapshot_id}")

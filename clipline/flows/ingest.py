@@ -36,8 +36,15 @@ def ingest_flow(url_lists: list[str], cfg: Config) -> IngestResult:
     """Ingest the URL lists into raw shards (only URLs the catalog has not seen)."""
     logger = get_run_logger()
     result = ingest(cfg, url_lists)
-    logger.info("ingest: %d fetched (%d ok, %d failed), %d skipped as seen, %d shards",
-                result.n_fetched, result.n_success, result.n_failed, result.n_already_seen, len(result.shards))
-    create_markdown_artifact(markdown=ingest_report_markdown(result), key="ingest-report",
-                             description="clipline ingest run")
+    logger.info(
+        "ingest: %d fetched (%d ok, %d failed), %d skipped as seen, %d shards",
+        result.n_fetched,
+        result.n_success,
+        result.n_failed,
+        result.n_already_seen,
+        len(result.shards),
+    )
+    create_markdown_artifact(
+        markdown=ingest_report_markdown(result), key="ingest-report", description="clipline ingest run"
+    )
     return result

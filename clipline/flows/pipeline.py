@@ -49,10 +49,16 @@ def _has_champion(cfg: Config) -> bool:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(url_lists: list[str], cfg: Config | None = None, eval_sets: list[str] | None = None,
-                  decontaminate: str | None = None, from_model: str | None = None,
-                  force: bool = False, config_file: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> PipelineResult:
+def pipeline_flow(
+    url_lists: list[str],
+    cfg: Config | None = None,
+    eval_sets: list[str] | None = None,
+    decontaminate: str | None = None,
+    from_model: str | None = None,
+    force: bool = False,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PipelineResult:
     """Run every stage once over ``url_lists``.
 
     ``eval_sets``: zero-shot sets for evaluation (default ``evaluate.datasets``); ``decontaminate``:
@@ -62,27 +68,47 @@ def pipeline_flow(url_lists: list[str], cfg: Config | None = None, eval_sets: li
     given (served deployments, bounded by the serving process: see the module docstring).
     """
     logger = get_run_logger()
-    cfg, inputs = served_run(cfg, config_file, overrides, url_lists=list(url_lists), eval_sets=eval_sets,
-                             decontaminate=decontaminate, from_model=from_model)
+    cfg, inputs = served_run(
+        cfg,
+        config_file,
+        overrides,
+        url_lists=list(url_lists),
+        eval_sets=eval_sets,
+        decontaminate=decontaminate,
+        from_model=from_model,
+    )
     url_lists, eval_sets, decontaminate, from_model = (
-        inputs["url_lists"], inputs["eval_sets"], inputs["decontaminate"], inputs["from_model"])
+        inputs["url_lists"],
+        inputs["eval_sets"],
+        inputs["decontaminate"],
+        inputs["from_model"],
+    )
     with exclusive_run(cfg, holder_name("pipeline")):
         ing = ingest_flow(url_lists, cfg)
         cur = curate_flow(eval_set=decontaminate, cfg=cfg)
         if not cur.new and not force and _has_champion(cfg):
-            why = (f"nothing new: {ing.n_already_seen} URLs already ingested, snapshot {cur.snapshot_id} unchanged, "
-                   f"and a champion is registered; no training (use force to train anyway)")
+            why = (
+                f"nothing new: {ing.n_already_seen} URLs already ingested, snapshot {cur.snapshot_id} unchanged, "
+                f"and a champion is registered; no training (use force to train anyway)"
+            )
             logger.info(why)
             result = PipelineResult(ingest=ing, curate=cur, skipped=why)
         else:
             start = resolve_from_model(cfg, from_model) if from_model else None
             tr = train_flow(cfg, snapshot_id=cur.snapshot_id, from_model=start)
-            ev = evaluate_flow(model=str(tr.checkpoint_dir), datasets=list(eval_sets or []) or None,
-                               snapshot_id=tr.snapshot_id, run_id=tr.run_id, register_model=True,
-                               model_uri=tr.model_uri, cfg=cfg)
+            ev = evaluate_flow(
+                model=str(tr.checkpoint_dir),
+                datasets=list(eval_sets or []) or None,
+                snapshot_id=tr.snapshot_id,
+                run_id=tr.run_id,
+                register_model=True,
+                model_uri=tr.model_uri,
+                cfg=cfg,
+            )
             result = PipelineResult(ingest=ing, curate=cur, train=tr, evaluation=ev)
-    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(result),
-                             description="clipline pipeline run")
+    create_markdown_artifact(
+        key="pipeline-summary", markdown=summary_markdown(result), description="clipline pipeline run"
+    )
     return result
 
 
@@ -94,9 +120,14 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
     if r.ingest.failures:
         rows.append(("failed by reason", ", ".join(f"{k} {v}" for k, v in r.ingest.failures.items())))
     counts = r.curate.counts or {}
-    rows.append(("rows kept", f"{counts.get('kept', 0):,} of {counts.get('input', 0):,} this run; "
-                              f"snapshot {r.curate.snapshot_id[:12]} has {r.curate.n_rows:,} "
-                              f"(train {r.curate.n_train:,}, val {r.curate.n_val:,})"))
+    rows.append(
+        (
+            "rows kept",
+            f"{counts.get('kept', 0):,} of {counts.get('input', 0):,} this run; "
+            f"snapshot {r.curate.snapshot_id[:12]} has {r.curate.n_rows:,} "
+            f"(train {r.curate.n_train:,}, val {r.curate.n_val:,})",
+        )
+    )
     dropped = {k: v for k, v in (counts.get("dropped") or {}).items() if v}
     if dropped:
         rows.append(("dropped by rule", ", ".join(f"{k} {v}" for k, v in dropped.items())))
@@ -104,8 +135,13 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
         rows.append(("training", r.skipped))
         return rows
     t = r.train
-    rows.append(("training", f"{t.model_name}: {t.steps} steps in {t.train_seconds:.0f} s, "
-                             f"{t.samples_per_s:.0f} samples/s, final loss {t.final_loss:.3f}"))
+    rows.append(
+        (
+            "training",
+            f"{t.model_name}: {t.steps} steps in {t.train_seconds:.0f} s, "
+            f"{t.samples_per_s:.0f} samples/s, final loss {t.final_loss:.3f}",
+        )
+    )
     rows += evaluation_rows(r.evaluation)
     return rows
 

@@ -27,8 +27,15 @@ class RateColumn(ProgressColumn):
 @contextmanager
 def ingest_progress(console: Console) -> Iterator[Callable[[int, int], None]]:
     """A progress bar for URLs; yields a ``progress(done, total)`` callback."""
-    with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), RateColumn("images/s"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
+    with Progress(
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn("images/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
         task = bar.add_task("ingest", total=None)
 
         def update(done: int, total: int) -> None:
@@ -58,5 +65,6 @@ def print_ingest_result(console: Console, r) -> None:
             f.add_row(str(k), f"{v:,}")
         console.print(f)
     if not r.new_work:
-        console.print("nothing new: every listed URL is already in the catalog "
-                      "(use --retry-failed to fetch past failures again)")
+        console.print(
+            "nothing new: every listed URL is already in the catalog (use --retry-failed to fetch past failures again)"
+        )

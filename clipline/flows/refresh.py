@@ -45,12 +45,12 @@ class RefreshResult:
     """What one refresh did. ``skipped`` says why no model was trained (None when one was)."""
 
     inbox: str
-    lists: list[str] = field(default_factory=list)          # URL lists read this run
-    archived: list[str] = field(default_factory=list)       # where they were moved
+    lists: list[str] = field(default_factory=list)  # URL lists read this run
+    archived: list[str] = field(default_factory=list)  # where they were moved
     failed_lists: dict[str, str] = field(default_factory=dict)  # unreadable list -> why (moved to failed/)
     ingest: IngestResult | None = None
     curate: CurateResult | None = None
-    parent_version: str | None = None                       # the champion fine-tuned from (None: from scratch)
+    parent_version: str | None = None  # the champion fine-tuned from (None: from scratch)
     train: TrainResult | None = None
     evaluation: EvaluateFlowResult | None = None
     skipped: str | None = None
@@ -105,9 +105,14 @@ def _mark_lineage(cfg: Config, run_id: str | None, champ: Any | None, how: str) 
 
 
 @flow(name="refresh", log_prints=True)
-def refresh_flow(config_file: str | None = None, overrides: dict[str, Any] | None = None,
-                 eval_sets: list[str] | None = None, decontaminate: str | None = None,
-                 from_scratch: bool | None = None, cfg: Config | None = None) -> RefreshResult:
+def refresh_flow(
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    eval_sets: list[str] | None = None,
+    decontaminate: str | None = None,
+    from_scratch: bool | None = None,
+    cfg: Config | None = None,
+) -> RefreshResult:
     """One incremental refresh (see the module docstring).
 
     ``config_file``/``overrides``: the configuration, as a served deployment passes it (JSON);
@@ -133,22 +138,27 @@ def refresh_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
             if rc.archive == "move":
                 result.archived = inbox.archive([x for x in result.lists if x not in result.failed_lists])
         if result.ingest is None and not _has_raw_shards(cfg):
-            result.skipped = (f"nothing to do: the inbox {inbox.location} has no readable URL list and nothing "
-                              "was ingested before; drop URL lists there")
+            result.skipped = (
+                f"nothing to do: the inbox {inbox.location} has no readable URL list and nothing "
+                "was ingested before; drop URL lists there"
+            )
         else:
             result.curate = cur = curate_flow(eval_set=decontaminate, cfg=cfg)
             trained = _versions_trained_on(cfg, cur.snapshot_id)
             if not cur.new and trained:
                 fetched = result.ingest.n_fetched if result.ingest is not None else 0
-                result.skipped = (f"nothing new: {len(result.lists)} list(s) in the inbox, {fetched} URLs fetched, "
-                                  f"snapshot {cur.snapshot_id[:12]} unchanged and already trained on (version "
-                                  f"{', '.join(trained)}); no training")
+                result.skipped = (
+                    f"nothing new: {len(result.lists)} list(s) in the inbox, {fetched} URLs fetched, "
+                    f"snapshot {cur.snapshot_id[:12]} unchanged and already trained on (version "
+                    f"{', '.join(trained)}); no training"
+                )
         if result.skipped:
             logger.info(result.skipped)
         else:
             _train_and_register(cfg, result, from_scratch, eval_sets, logger)
-        create_markdown_artifact(key="refresh-summary", markdown=summary_markdown(result),
-                                 description="clipline refresh run")
+        create_markdown_artifact(
+            key="refresh-summary", markdown=summary_markdown(result), description="clipline refresh run"
+        )
     return result
 
 
@@ -170,8 +180,9 @@ def _ingest_readable(cfg: Config, inbox: Inbox, result: RefreshResult, logger) -
     return ingest_flow(good, cfg) if good else None
 
 
-def _train_and_register(cfg: Config, result: RefreshResult, from_scratch: bool, eval_sets: list[str] | None,
-                        logger) -> None:
+def _train_and_register(
+    cfg: Config, result: RefreshResult, from_scratch: bool, eval_sets: list[str] | None, logger
+) -> None:
     cur = result.curate
     start, champ, how = _starting_point(cfg, from_scratch)
     result.parent_version = str(champ.version) if champ is not None else None
@@ -183,9 +194,16 @@ def _train_and_register(cfg: Config, result: RefreshResult, from_scratch: bool, 
     tr = train_flow(tcfg, snapshot_id=cur.snapshot_id, from_model=start)
     _mark_lineage(cfg, tr.run_id, champ, how)
     result.train = tr
-    result.evaluation = evaluate_flow(model=str(tr.checkpoint_dir), datasets=eval_sets, snapshot_id=tr.snapshot_id,
-                                      run_id=tr.run_id, register_model=True, model_uri=tr.model_uri,
-                                      parent_version=result.parent_version, cfg=cfg)
+    result.evaluation = evaluate_flow(
+        model=str(tr.checkpoint_dir),
+        datasets=eval_sets,
+        snapshot_id=tr.snapshot_id,
+        run_id=tr.run_id,
+        register_model=True,
+        model_uri=tr.model_uri,
+        parent_version=result.parent_version,
+        cfg=cfg,
+    )
 
 
 def summary_rows(r: RefreshResult) -> list[tuple[str, str]]:
@@ -195,12 +213,22 @@ def summary_rows(r: RefreshResult) -> list[tuple[str, str]]:
         rows.append(("unreadable list", f"{loc} -> failed/: {why}"))
     if r.ingest is not None:
         i = r.ingest
-        rows.append(("URLs", f"{i.n_listed:,} listed, {i.n_already_seen:,} already ingested, {i.n_fetched:,} fetched "
-                             f"({i.n_success:,} ok, {i.n_failed:,} failed)"))
+        rows.append(
+            (
+                "URLs",
+                f"{i.n_listed:,} listed, {i.n_already_seen:,} already ingested, {i.n_fetched:,} fetched "
+                f"({i.n_success:,} ok, {i.n_failed:,} failed)",
+            )
+        )
     if r.curate is not None:
         c = r.curate
-        rows.append(("snapshot", f"{c.snapshot_id[:12]} ({'new, parent ' + (c.parent_id or 'none')[:12] if c.new else 'unchanged'}): "
-                                 f"{c.n_rows:,} rows (train {c.n_train:,}, val {c.n_val:,})"))
+        rows.append(
+            (
+                "snapshot",
+                f"{c.snapshot_id[:12]} ({'new, parent ' + (c.parent_id or 'none')[:12] if c.new else 'unchanged'}): "
+                f"{c.n_rows:,} rows (train {c.n_train:,}, val {c.n_val:,})",
+            )
+        )
     if r.skipped:
         rows.append(("training", r.skipped))
         return rows

@@ -147,8 +147,12 @@ def _arm(signum: int) -> None:
             return
         _first_signal.update(signum=signum, at=time.monotonic())
     stop_requested.set()
-    threading.Thread(target=_watchdog, args=(exit_code(signum), time.monotonic() + HARD_STOP_S),
-                     name="clipline-stop-watchdog", daemon=True).start()
+    threading.Thread(
+        target=_watchdog,
+        args=(exit_code(signum), time.monotonic() + HARD_STOP_S),
+        name="clipline-stop-watchdog",
+        daemon=True,
+    ).start()
 
 
 def _watch_wakeups(fd: int) -> None:

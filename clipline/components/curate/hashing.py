@@ -35,7 +35,7 @@ def stable_hash64(values: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
     n = len(arr)
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
     starts, lens = offsets[:-1], offsets[1:] - offsets[:-1]
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
@@ -66,10 +66,10 @@ def digest_strings(values: pa.Array | pa.ChunkedArray) -> str:
     n = len(arr)
     d = hashlib.sha256()
     if n:
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
         d.update((offsets - offsets[0]).astype("<i8").tobytes())
         if arr.buffers()[2] is not None:
-            d.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+            d.update(memoryview(arr.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
     return d.hexdigest()
 
 
@@ -92,8 +92,8 @@ def digest_table_column(con, table: str, column: str, batch_rows: int = 65_536) 
         arr = batch.column(0).cast(pa.large_string())
         n = len(arr)
         if n and arr.buffers()[2] is not None:
-            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
-            d.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+            d.update(memoryview(arr.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
     return count, d.hexdigest()
 
 
@@ -104,8 +104,7 @@ def key_hash_udf(keys: pa.Array) -> pa.Array:
 
 def split_sql(hash_col: str, val_fraction: float) -> str:
     """SQL giving :func:`split_of`'s answer from the key's :func:`stable_hash64` column."""
-    return (f"CASE WHEN {hash_col} % 1000000 < {int(round(val_fraction * 1_000_000))} "
-            "THEN 'val' ELSE 'train' END")
+    return f"CASE WHEN {hash_col} % 1000000 < {int(round(val_fraction * 1_000_000))} THEN 'val' ELSE 'train' END"
 
 
 def shuffle_udf(seed: str):
@@ -114,5 +113,8 @@ def shuffle_udf(seed: str):
 
     def f(h: pa.Array) -> pa.Array:
         with np.errstate(over="ignore"):
-            return pa.array(_mix(np.asarray(h.to_numpy(zero_copy_only=False), np.uint64) ^ s).view(np.int64), pa.int64())
+            return pa.array(
+                _mix(np.asarray(h.to_numpy(zero_copy_only=False), np.uint64) ^ s).view(np.int64), pa.int64()
+            )
+
     return f

@@ -24,8 +24,8 @@ def markdown_table(manifest: dict) -> str:
     lines = [
         f"# Curate report: snapshot `{manifest['snapshot_id']}`",
         "",
-        f"- parent: `{manifest['parent_id']}`" + (f" (rebuilt: {manifest['rebuild_reason']})"
-                                                    if manifest.get("rebuild_reason") else ""),
+        f"- parent: `{manifest['parent_id']}`"
+        + (f" (rebuilt: {manifest['rebuild_reason']})" if manifest.get("rebuild_reason") else ""),
         f"- new shards: {len(manifest['new_shards'])}, rows read: {counts['input']}, "
         f"kept: {counts['kept']} ({100.0 * counts['kept'] / n_in:.1f}%)",
         f"- snapshot rows: {manifest['n_rows']} (train {manifest['n_train']}, val {manifest['n_val']})",
@@ -115,8 +115,9 @@ def contact_sheet(examples: dict[str, list[tuple[bytes | None, str | None]]], ou
     return out
 
 
-def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Path], order: list[str],
-                   per_rule: int) -> dict[str, list[tuple[bytes | None, str | None]]]:
+def sample_dropped(
+    con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Path], order: list[str], per_rule: int
+) -> dict[str, list[tuple[bytes | None, str | None]]]:
     """Up to ``per_rule`` dropped rows per rule (deterministic: smallest md5 of the key), with
     their image bytes read from the shards for just those rows."""
     if per_rule <= 0:
@@ -143,8 +144,9 @@ def sample_dropped(con: duckdb.DuckDBPyConnection, schema: dict, paths: list[Pat
     return out
 
 
-def write_report(con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dict, schema: dict,
-                 paths: list[Path], per_rule: int) -> dict[str, Path]:
+def write_report(
+    con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dict, schema: dict, paths: list[Path], per_rule: int
+) -> dict[str, Path]:
     """Write ``report.md``, ``dropped.parquet`` (every dropped row with its rule) and
     ``contact_sheet.png`` (when any row was dropped) into report_dir."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ def write_report(con: duckdb.DuckDBPyConnection, report_dir: Path, manifest: dic
         COPY (SELECT r.key, r.url, r.caption, f.shard_id, {sources.RID_ROW} AS shard_row, r.reason
               FROM rows r JOIN files f ON f.fid = {sources.RID_FILE} WHERE r.reason IS NOT NULL ORDER BY r.rid)
         TO '{str(decisions).replace("'", "''")}' (FORMAT parquet)""")
-    text += (f"\nEvery dropped row (key, url, normalised caption, shard, row, rule): `{decisions.name}`\n")
+    text += f"\nEvery dropped row (key, url, normalised caption, shard, row, rule): `{decisions.name}`\n"
     md.write_text(text)
     out = {"markdown": md, "dropped_rows": decisions}
     if sheet is not None:
@@ -179,16 +181,22 @@ def log_to_mlflow(cfg, result) -> str:
     # the experiment's artifact location under the data dir, not ./mlruns of the working directory
     mlflow.set_experiment(experiment_id=ensure_experiment(cfg))
     m = result.manifest
-    with mlflow.start_run(run_name=f"curate-{result.snapshot_id}",
-                          tags={"stage": "curate", "snapshot_id": result.snapshot_id,
-                                "parent_id": str(result.parent_id)}) as run:
+    with mlflow.start_run(
+        run_name=f"curate-{result.snapshot_id}",
+        tags={"stage": "curate", "snapshot_id": result.snapshot_id, "parent_id": str(result.parent_id)},
+    ) as run:
         params = {f"curate.{k}": v for k, v in m["config"].items()}
         params.update({"new_shards": len(m["new_shards"]), "parent_id": str(result.parent_id)})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        metrics = {"rows_read": result.counts["input"], "rows_kept": result.counts["kept"],
-                   "snapshot_rows": result.n_rows, "n_train": result.n_train, "n_val": result.n_val}
+        metrics = {
+            "rows_read": result.counts["input"],
+            "rows_kept": result.counts["kept"],
+            "snapshot_rows": result.n_rows,
+            "n_train": result.n_train,
+            "n_val": result.n_val,
+        }
         metrics.update({f"dropped/{r}": n for r, n in result.counts["dropped"].items()})
-        metrics.update({"seconds/" + k.replace(':', '').replace(' ', '_'): v for k, v in result.timings.items()})
+        metrics.update({"seconds/" + k.replace(":", "").replace(" ", "_"): v for k, v in result.timings.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         if result.report_path:
             mlflow.log_artifact(str(result.report_path), artifact_path="curate")

@@ -18,8 +18,16 @@ RULES_FILE = Path(str(resources.files("clipline.components.curate") / "rules.sql
 DEFAULT_BLOCKLIST = Path(str(resources.files("clipline.components.curate") / "blocklist.txt"))
 
 #: Rules applied after the SQL rules, in this order (see rules.sql's header).
-STAGE_RULES = ["language", "eval_contamination", "dup_url", "dup_key", "dup_image", "dup_caption_image",
-               "near_dup_image", "near_dup_caption"]
+STAGE_RULES = [
+    "language",
+    "eval_contamination",
+    "dup_url",
+    "dup_key",
+    "dup_image",
+    "dup_caption_image",
+    "near_dup_image",
+    "near_dup_caption",
+]
 
 _RULE_HEADER = re.compile(r"^--\s*rule:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")
 
@@ -108,8 +116,9 @@ def sql_rules(cfg: CurateConfig, rules_file: Path | None = None) -> list[Rule]:
         try:
             out.append(Rule(r.name, re.sub(r"\{([a-z_][a-z0-9_]*)\}", lambda m: values[m.group(1)], r.sql)))
         except KeyError as e:
-            raise ValueError(f"{path}: rule {r.name!r} uses unknown placeholder {{{e.args[0]}}}; "
-                             f"known: {sorted(values)}") from None
+            raise ValueError(
+                f"{path}: rule {r.name!r} uses unknown placeholder {{{e.args[0]}}}; known: {sorted(values)}"
+            ) from None
     return out
 
 

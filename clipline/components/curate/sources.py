@@ -15,9 +15,16 @@ import pyarrow.parquet as pq
 
 #: metadata columns the rules and dedup read, with their type when no shard has them
 META_COLUMNS: dict[str, str] = {
-    "key": "VARCHAR", "url": "VARCHAR", "caption": "VARCHAR", "status": "VARCHAR",
-    "width": "INTEGER", "height": "INTEGER", "original_width": "INTEGER", "original_height": "INTEGER",
-    "sha256": "VARCHAR", "phash": "BIGINT",
+    "key": "VARCHAR",
+    "url": "VARCHAR",
+    "caption": "VARCHAR",
+    "status": "VARCHAR",
+    "width": "INTEGER",
+    "height": "INTEGER",
+    "original_width": "INTEGER",
+    "original_height": "INTEGER",
+    "sha256": "VARCHAR",
+    "phash": "BIGINT",
 }
 SIZE_COLUMNS = ["width", "height", "original_width", "original_height"]
 IMAGE_COLUMNS = ["image", "jpg", "webp", "png"]
@@ -27,8 +34,19 @@ RID_FILE = "(rid >> 32)"
 RID_ROW = "((rid & 4294967295) - 1)"
 #: raw columns not carried into a snapshot
 NOT_CARRIED = set(IMAGE_COLUMNS) | {"status", "error_kind", "error_message", "split", "__index_level_0__"}
-SNAPSHOT_COLUMNS = ["key", "url", "caption", "image", "width", "height", "original_width", "original_height",
-                    "sha256", "phash", "split"]
+SNAPSHOT_COLUMNS = [
+    "key",
+    "url",
+    "caption",
+    "image",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "sha256",
+    "phash",
+    "split",
+]
 
 
 @dataclass(frozen=True)
@@ -52,13 +70,15 @@ def union_schema(files: list[Path]) -> dict[str, pa.DataType]:
     cols: dict[str, pa.DataType] = {}
     for f in files:
         if not Path(f).exists():
-            raise ValueError(f"shard file {f} is registered in the catalog but missing on disk; "
-                             "restore it or re-ingest")
+            raise ValueError(
+                f"shard file {f} is registered in the catalog but missing on disk; restore it or re-ingest"
+            )
         try:
             schema = pq.read_schema(f)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"shard file {f} is not readable Parquet ({e}); remove it from the catalog "
-                             "or re-ingest") from e
+            raise ValueError(
+                f"shard file {f} is not readable Parquet ({e}); remove it from the catalog or re-ingest"
+            ) from e
         missing = {"key", "url"} - set(schema.names)
         if missing:
             raise ValueError(f"shard file {f} lacks column(s) {sorted(missing)}; it is not a raw shard")

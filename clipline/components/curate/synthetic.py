@@ -60,8 +60,9 @@ from clipline.components.ingest.schema import RAW_SCHEMA
 CAPTION_MIXES = ("ascii", "web")
 
 
-def register(catalog_path: Path, raw_dir: Path, n: int, shard_rows: int, seed: int = 0,
-             captions: str = "ascii") -> list[str]:
+def register(
+    catalog_path: Path, raw_dir: Path, n: int, shard_rows: int, seed: int = 0, captions: str = "ascii"
+) -> list[str]:
     """:func:`generate` the shards and record them in the catalog; returns their ids."""
     from clipline.components.catalog import Catalog
 
@@ -73,31 +74,86 @@ def register(catalog_path: Path, raw_dir: Path, n: int, shard_rows: int, seed: i
 
 
 ADJ = "red blue green yellow black white small large old new quiet busy bright dark happy wooden".split()
-NOUN = ("house car dog cat tree river mountain city street beach table chair window garden flower family "
-        "child woman man road bridge lake forest field boat train station park kitchen church market").split()
+NOUN = (
+    "house car dog cat tree river mountain city street beach table chair window garden flower family "
+    "child woman man road bridge lake forest field boat train station park kitchen church market"
+).split()
 PLACE = "near the | in front of the | next to a | behind the | on top of the | inside the".split(" | ")
-TEMPLATE = ["a photo of a {a} {n} {p} {n2}", "the {a} {n} {p} {n2} at sunset", "{a} {n} and a {a2} {n2} in the morning",
-            "a picture of the {n} {p} {n2}", "close up of a {a} {n} with a {n2} in the background"]
-FOREIGN = ["un chat noir dort sur la table de la cuisine", "ein roter Kreis auf einem blauen Hintergrund",
-           "una casa blanca junto al mar en verano", "uma menina brincando no parque com o cachorro"]
+TEMPLATE = [
+    "a photo of a {a} {n} {p} {n2}",
+    "the {a} {n} {p} {n2} at sunset",
+    "{a} {n} and a {a2} {n2} in the morning",
+    "a picture of the {n} {p} {n2}",
+    "close up of a {a} {n} with a {n2} in the background",
+]
+FOREIGN = [
+    "un chat noir dort sur la table de la cuisine",
+    "ein roter Kreis auf einem blauen Hintergrund",
+    "una casa blanca junto al mar en verano",
+    "uma menina brincando no parque com o cachorro",
+]
 
 # ---------------------------------------------------------------- the web mix (see the module doc)
 #: kind -> share of captions in the web mix (sums to 1)
 WEB_SHARES = {
-    "en_ascii": 0.56, "en_ascii_messy": 0.04, "file_name": 0.02, "en_unicode": 0.08, "en_entities": 0.03,
-    "en_mojibake": 0.02, "en_emoji": 0.02, "latin_other": 0.12, "cyrillic": 0.04, "cjk": 0.05, "other_script": 0.02,
+    "en_ascii": 0.56,
+    "en_ascii_messy": 0.04,
+    "file_name": 0.02,
+    "en_unicode": 0.08,
+    "en_entities": 0.03,
+    "en_mojibake": 0.02,
+    "en_emoji": 0.02,
+    "latin_other": 0.12,
+    "cyrillic": 0.04,
+    "cjk": 0.05,
+    "other_script": 0.02,
 }
 
 #: ASCII additions that the normaliser has to look at (``&``, whitespace) but mostly leaves alone
 MESSY = ["Salt & Pepper", "R&B", "Black & White", "Tom & Jerry", "A&W"]
-FILE_NAMES = ["IMG_{i:04d}.JPG", "DSC{i:05d}", "photo-{i}.jpg", "product_{i}_front.png", "PXL_2023{i:07d}",
-              "Screenshot {i}.png"]
+FILE_NAMES = [
+    "IMG_{i:04d}.JPG",
+    "DSC{i:05d}",
+    "photo-{i}.jpg",
+    "product_{i}_front.png",
+    "PXL_2023{i:07d}",
+    "Screenshot {i}.png",
+]
 #: English web text's non-ASCII: typography, accented names and loanwords, units, no-break space
-UNICODE_EN = ["café", "São Paulo", "Zürich", "naïve", "crème brûlée", "“vintage”", "— 2019 edition", "don’t miss",
-              "…", "10 × 20 cm", "25 °C", "© studio", "Škoda", "piñata", "Beyoncé", "½ price", "Pokémon",
-              "Málaga\u00a0beach", "façade", "jalapeño"]
-ENTITIES = ["Tom &amp; Jerry", "&quot;summer sale&quot;", "it&#39;s", "caf&eacute;", "rock&nbsp;and&nbsp;roll",
-            "R&amp;B", "&lt;3", "50&#37; off", "&#8220;vintage&#8221;", "Q&amp;A"]
+UNICODE_EN = [
+    "café",
+    "São Paulo",
+    "Zürich",
+    "naïve",
+    "crème brûlée",
+    "“vintage”",
+    "— 2019 edition",
+    "don’t miss",
+    "…",
+    "10 × 20 cm",
+    "25 °C",
+    "© studio",
+    "Škoda",
+    "piñata",
+    "Beyoncé",
+    "½ price",
+    "Pokémon",
+    "Málaga\u00a0beach",
+    "façade",
+    "jalapeño",
+]
+ENTITIES = [
+    "Tom &amp; Jerry",
+    "&quot;summer sale&quot;",
+    "it&#39;s",
+    "caf&eacute;",
+    "rock&nbsp;and&nbsp;roll",
+    "R&amp;B",
+    "&lt;3",
+    "50&#37; off",
+    "&#8220;vintage&#8221;",
+    "Q&amp;A",
+]
 
 
 def _mojibake(s: str) -> str | None:
@@ -111,43 +167,128 @@ def _mojibake(s: str) -> str | None:
 MOJIBAKE = [m for s in UNICODE_EN if (m := _mojibake(s)) is not None and m != s]
 EMOJI = ["😍", "❤️", "🔥", "🐶", "🌅", "👍🏽", "🇫🇷", "👨\u200d👩\u200d👧", "✨", "🎄", "😂😂", "🏖️"]
 LATIN_OTHER = {
-    "fr": ["une maison blanche au bord de la mer", "un chat noir dort sur le canapé", "vue aérienne de la ville la nuit",
-           "robe d'été à fleurs pour femme", "les enfants jouent dans le jardin", "gâteau au chocolat fait maison",
-           "église médiévale en pierre", "coucher de soleil sur le lac"],
-    "de": ["ein roter Apfel auf dem Holztisch", "Blick über die Berge im Winter", "Kinder spielen im Garten hinter dem Haus",
-           "gemütliches Wohnzimmer mit großem Fenster", "Straße in der Altstadt bei Nacht", "frisches Brot aus der Bäckerei",
-           "Hund läuft über die grüne Wiese", "schöne Brücke über den Fluss"],
-    "es": ["una casa blanca junto al mar", "niños jugando en el parque", "vista de la ciudad desde la montaña",
-           "vestido de fiesta para mujer", "comida típica de la región", "atardecer en la playa con palmeras",
-           "perro pequeño durmiendo en el sofá", "calle antigua del centro histórico"],
-    "it": ["una piazza antica nel centro della città", "pasta fresca fatta in casa", "vista del lago al tramonto",
-           "bambini che giocano sulla spiaggia", "chiesa di campagna in primavera", "cucina moderna con isola centrale"],
-    "pt": ["uma menina brincando no parque", "praia com água cristalina no verão", "casa de campo com jardim florido",
-           "pão de queijo caseiro na mesa", "vista aérea da cidade à noite", "cachorro correndo na areia"],
-    "nl": ["een oude molen aan de rivier", "kinderen spelen in de tuin", "fietsen langs de gracht in Amsterdam",
-           "verse groenten op de markt", "een huis met een rode deur"],
-    "pl": ["stary zamek na wzgórzu o zachodzie słońca", "dzieci bawią się w ogrodzie", "widok na góry zimą",
-           "świeży chleb na drewnianym stole", "kościół w małej wsi"],
-    "tr": ["deniz kenarında beyaz bir ev", "çocuklar parkta oynuyor", "İstanbul'da gün batımı manzarası",
-           "ahşap masada taze ekmek", "karlı dağların görünümü"],
-    "sv": ["ett rött hus vid sjön", "barn som leker i trädgården", "utsikt över fjällen på vintern",
-           "nybakat bröd på köksbordet"],
-    "vi": ["ngôi nhà nhỏ bên bờ sông", "trẻ em chơi trong công viên", "cảnh hoàng hôn trên biển",
-           "bánh mì nóng trên bàn gỗ"],
+    "fr": [
+        "une maison blanche au bord de la mer",
+        "un chat noir dort sur le canapé",
+        "vue aérienne de la ville la nuit",
+        "robe d'été à fleurs pour femme",
+        "les enfants jouent dans le jardin",
+        "gâteau au chocolat fait maison",
+        "église médiévale en pierre",
+        "coucher de soleil sur le lac",
+    ],
+    "de": [
+        "ein roter Apfel auf dem Holztisch",
+        "Blick über die Berge im Winter",
+        "Kinder spielen im Garten hinter dem Haus",
+        "gemütliches Wohnzimmer mit großem Fenster",
+        "Straße in der Altstadt bei Nacht",
+        "frisches Brot aus der Bäckerei",
+        "Hund läuft über die grüne Wiese",
+        "schöne Brücke über den Fluss",
+    ],
+    "es": [
+        "una casa blanca junto al mar",
+        "niños jugando en el parque",
+        "vista de la ciudad desde la montaña",
+        "vestido de fiesta para mujer",
+        "comida típica de la región",
+        "atardecer en la playa con palmeras",
+        "perro pequeño durmiendo en el sofá",
+        "calle antigua del centro histórico",
+    ],
+    "it": [
+        "una piazza antica nel centro della città",
+        "pasta fresca fatta in casa",
+        "vista del lago al tramonto",
+        "bambini che giocano sulla spiaggia",
+        "chiesa di campagna in primavera",
+        "cucina moderna con isola centrale",
+    ],
+    "pt": [
+        "uma menina brincando no parque",
+        "praia com água cristalina no verão",
+        "casa de campo com jardim florido",
+        "pão de queijo caseiro na mesa",
+        "vista aérea da cidade à noite",
+        "cachorro correndo na areia",
+    ],
+    "nl": [
+        "een oude molen aan de rivier",
+        "kinderen spelen in de tuin",
+        "fietsen langs de gracht in Amsterdam",
+        "verse groenten op de markt",
+        "een huis met een rode deur",
+    ],
+    "pl": [
+        "stary zamek na wzgórzu o zachodzie słońca",
+        "dzieci bawią się w ogrodzie",
+        "widok na góry zimą",
+        "świeży chleb na drewnianym stole",
+        "kościół w małej wsi",
+    ],
+    "tr": [
+        "deniz kenarında beyaz bir ev",
+        "çocuklar parkta oynuyor",
+        "İstanbul'da gün batımı manzarası",
+        "ahşap masada taze ekmek",
+        "karlı dağların görünümü",
+    ],
+    "sv": [
+        "ett rött hus vid sjön",
+        "barn som leker i trädgården",
+        "utsikt över fjällen på vintern",
+        "nybakat bröd på köksbordet",
+    ],
+    "vi": [
+        "ngôi nhà nhỏ bên bờ sông",
+        "trẻ em chơi trong công viên",
+        "cảnh hoàng hôn trên biển",
+        "bánh mì nóng trên bàn gỗ",
+    ],
 }
 CYRILLIC = {
-    "ru": ["красный дом у реки", "дети играют в парке летом", "вид на горы зимой", "свежий хлеб на деревянном столе",
-           "старая церковь в маленькой деревне", "кошка спит на диване", "закат над морем"],
-    "uk": ["будинок біля річки влітку", "діти граються в саду", "вид на гори взимку",
-           "свіжий хліб на дерев'яному столі"],
+    "ru": [
+        "красный дом у реки",
+        "дети играют в парке летом",
+        "вид на горы зимой",
+        "свежий хлеб на деревянном столе",
+        "старая церковь в маленькой деревне",
+        "кошка спит на диване",
+        "закат над морем",
+    ],
+    "uk": [
+        "будинок біля річки влітку",
+        "діти граються в саду",
+        "вид на гори взимку",
+        "свіжий хліб на дерев'яному столі",
+    ],
 }
 CJK = {
-    "zh": ["一只小猫在沙发上睡觉", "城市夜景 高楼 灯光", "海边的日落风景", "新鲜的水果和蔬菜", "古老的寺庙 在山上",
-           "女士夏季连衣裙 新款", "北京故宫的雪景"],
-    "ja": ["公園で遊ぶ子供たち", "東京の夜景と高層ビル", "海辺の夕日がきれいです", "手作りのケーキとコーヒー",
-           "桜 の 花 と 青い 空", "猫が窓辺で寝ている"],
-    "ko": ["바닷가의 아름다운 일몰", "공원에서 노는 아이들", "서울의 밤 풍경", "나무 테이블 위의 신선한 빵",
-           "창가에서 자는 고양이"],
+    "zh": [
+        "一只小猫在沙发上睡觉",
+        "城市夜景 高楼 灯光",
+        "海边的日落风景",
+        "新鲜的水果和蔬菜",
+        "古老的寺庙 在山上",
+        "女士夏季连衣裙 新款",
+        "北京故宫的雪景",
+    ],
+    "ja": [
+        "公園で遊ぶ子供たち",
+        "東京の夜景と高層ビル",
+        "海辺の夕日がきれいです",
+        "手作りのケーキとコーヒー",
+        "桜 の 花 と 青い 空",
+        "猫が窓辺で寝ている",
+    ],
+    "ko": [
+        "바닷가의 아름다운 일몰",
+        "공원에서 노는 아이들",
+        "서울의 밤 풍경",
+        "나무 테이블 위의 신선한 빵",
+        "창가에서 자는 고양이",
+    ],
 }
 OTHER_SCRIPT = {
     "ar": ["منزل أبيض بجانب البحر", "أطفال يلعبون في الحديقة", "غروب الشمس فوق الصحراء", "خبز طازج على طاولة خشبية"],
@@ -163,8 +304,12 @@ def _phrases(langs: dict[str, list[str]]) -> list[list[str]]:
     return list(langs.values())
 
 
-_GROUPS = {"latin_other": _phrases(LATIN_OTHER), "cyrillic": _phrases(CYRILLIC), "cjk": _phrases(CJK),
-           "other_script": _phrases(OTHER_SCRIPT)}
+_GROUPS = {
+    "latin_other": _phrases(LATIN_OTHER),
+    "cyrillic": _phrases(CYRILLIC),
+    "cjk": _phrases(CJK),
+    "other_script": _phrases(OTHER_SCRIPT),
+}
 
 
 def _web_captions(bases: list[str], idx: np.ndarray, rng: np.random.Generator) -> list[str]:
@@ -193,7 +338,9 @@ def _web_captions(bases: list[str], idx: np.ndarray, rng: np.random.Generator) -
     return out
 
 
-def generate(raw_dir: Path, n: int, shard_rows: int, seed: int = 0, captions: str = "ascii") -> list[tuple[str, Path, pa.Table]]:
+def generate(
+    raw_dir: Path, n: int, shard_rows: int, seed: int = 0, captions: str = "ascii"
+) -> list[tuple[str, Path, pa.Table]]:
     """Write ``n`` metadata-only raw shards rows (RAW_SCHEMA, no image bytes) of ``shard_rows``
     rows each into raw_dir; returns (shard_id, path, table) per shard. ``captions``: the caption
     mix, ``"ascii"`` or ``"web"`` (module doc). Planted problems (disjoint bands of a uniform draw,
@@ -214,16 +361,23 @@ def generate(raw_dir: Path, n: int, shard_rows: int, seed: int = 0, captions: st
         urls = [f"http://img.example/{i}.jpg" for i in idx]
         # captions: English templates filled with random words, plus the row number
         r = rng.integers(0, 1 << 30, size=(m, 6))
-        bases = [TEMPLATE[r[j, 0] % len(TEMPLATE)].format(
-                     a=ADJ[r[j, 1] % len(ADJ)], a2=ADJ[r[j, 2] % len(ADJ)], n=NOUN[r[j, 3] % len(NOUN)],
-                     n2=NOUN[r[j, 4] % len(NOUN)], p=PLACE[r[j, 5] % len(PLACE)]) for j in range(m)]
+        bases = [
+            TEMPLATE[r[j, 0] % len(TEMPLATE)].format(
+                a=ADJ[r[j, 1] % len(ADJ)],
+                a2=ADJ[r[j, 2] % len(ADJ)],
+                n=NOUN[r[j, 3] % len(NOUN)],
+                n2=NOUN[r[j, 4] % len(NOUN)],
+                p=PLACE[r[j, 5] % len(PLACE)],
+            )
+            for j in range(m)
+        ]
         if captions == "web":
             caps = _web_captions(bases, idx, web_rng)
         else:
             caps = [f"{b} {i}" for b, i in zip(bases, idx.tolist())]
         del bases
         sha = [f"{i:064x}" for i in idx]
-        phash = base_hashes[start:start + m].copy()
+        phash = base_hashes[start : start + m].copy()
         ow = np.full(m, 640, dtype=np.int32)
         oh = np.full(m, 480, dtype=np.int32)
         status = np.full(m, "success", dtype=object)
@@ -249,16 +403,26 @@ def generate(raw_dir: Path, n: int, shard_rows: int, seed: int = 0, captions: st
                 h ^= 1 << int(bit)
             phash[j] = h - (1 << 64) if h >= (1 << 63) else h
         ok = status == "success"
-        table = pa.table({
-            "key": keys, "url": urls, "caption": caps, "image": pa.nulls(m, pa.binary()),
-            "width": pa.array(np.where(ok, 256, 0), pa.int32()), "height": pa.array(np.where(ok, 256, 0), pa.int32()),
-            "original_width": pa.array(ow, pa.int32()), "original_height": pa.array(oh, pa.int32()),
-            "sha256": sha, "phash": pa.array(phash, pa.int64()), "status": pa.array(status.tolist(), pa.string()),
-            "error_kind": pa.array([None if s == "success" else "http_404" for s in status], pa.string()),
-            "error_message": pa.array([None if s == "success" else "404" for s in status], pa.string()),
-            "source": pa.array(["bench"] * m, pa.string()),
-            "ingested_at": pa.array([datetime(2026, 1, 1, tzinfo=timezone.utc)] * m, pa.timestamp("us", tz="UTC")),
-        }, schema=RAW_SCHEMA)
+        table = pa.table(
+            {
+                "key": keys,
+                "url": urls,
+                "caption": caps,
+                "image": pa.nulls(m, pa.binary()),
+                "width": pa.array(np.where(ok, 256, 0), pa.int32()),
+                "height": pa.array(np.where(ok, 256, 0), pa.int32()),
+                "original_width": pa.array(ow, pa.int32()),
+                "original_height": pa.array(oh, pa.int32()),
+                "sha256": sha,
+                "phash": pa.array(phash, pa.int64()),
+                "status": pa.array(status.tolist(), pa.string()),
+                "error_kind": pa.array([None if s == "success" else "http_404" for s in status], pa.string()),
+                "error_message": pa.array([None if s == "success" else "404" for s in status], pa.string()),
+                "source": pa.array(["bench"] * m, pa.string()),
+                "ingested_at": pa.array([datetime(2026, 1, 1, tzinfo=timezone.utc)] * m, pa.timestamp("us", tz="UTC")),
+            },
+            schema=RAW_SCHEMA,
+        )
         shard_id = f"bench-{start // shard_rows:05d}"
         path = raw_dir / f"{shard_id}.parquet"
         pq.write_table(table, path)

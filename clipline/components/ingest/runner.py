@@ -83,13 +83,13 @@ class IngestResult:
     """What one ingest run did. ``shards`` are the raw shard files written by this run."""
 
     shards: list[Path] = field(default_factory=list)
-    n_listed: int = 0            # unique URLs in the given lists
-    n_duplicate_rows: int = 0    # rows repeating a URL listed earlier (the first one is used)
-    n_already_seen: int = 0      # skipped: the catalog had them (and retry_failed was off or they succeeded)
-    n_fetched: int = 0           # attempted in this run
+    n_listed: int = 0  # unique URLs in the given lists
+    n_duplicate_rows: int = 0  # rows repeating a URL listed earlier (the first one is used)
+    n_already_seen: int = 0  # skipped: the catalog had them (and retry_failed was off or they succeeded)
+    n_fetched: int = 0  # attempted in this run
     n_success: int = 0
     n_failed: int = 0
-    failures: dict[str, int] = field(default_factory=dict)   # error_kind -> count, this run
+    failures: dict[str, int] = field(default_factory=dict)  # error_kind -> count, this run
     bytes_downloaded: int = 0
     duration_s: float = 0.0
     recovered: dict[str, int] = field(default_factory=dict)  # from reconcile after a crash
@@ -151,18 +151,29 @@ class _PoolProcessor:
                 if fut.done():
                     continue
                 if exc is not None:
-                    fut.set_result(ProcessedImage(ok=False, image=None, width=None, height=None,
-                                                  original_width=None, original_height=None, sha256=None,
-                                                  phash=None, error_kind="processing_crashed",
-                                                  error_message=f"image worker failed: {exc!r}"))
+                    fut.set_result(
+                        ProcessedImage(
+                            ok=False,
+                            image=None,
+                            width=None,
+                            height=None,
+                            original_width=None,
+                            original_height=None,
+                            sha256=None,
+                            phash=None,
+                            error_kind="processing_crashed",
+                            error_message=f"image worker failed: {exc!r}",
+                        )
+                    )
                 else:
                     fut.set_result(f.result()[i])
 
         cf.add_done_callback(done)
 
 
-async def _fetch_and_process(url: str, fetcher: Fetcher,
-                             processor: _PoolProcessor) -> tuple[FetchResult, ProcessedImage | None, int]:
+async def _fetch_and_process(
+    url: str, fetcher: Fetcher, processor: _PoolProcessor
+) -> tuple[FetchResult, ProcessedImage | None, int]:
     res = await fetcher.fetch(url)
     if not res.ok or res.body is None:
         return res, None, 0
@@ -179,19 +190,41 @@ def _rows_from_results(rows: pa.Table, results: Sequence[tuple[FetchResult, Proc
     sources = rows.column("source").to_pylist() if "source" in rows.column_names else [None] * len(urls)
     out = []
     for url, caption, source, (fr, img, _) in zip(urls, captions, sources, results):
-        rec = {"key": url_key(url or ""), "url": url, "caption": caption, "source": source, "ingested_at": now,
-               "image": None, "width": None, "height": None, "original_width": None, "original_height": None,
-               "sha256": None, "phash": None}
+        rec = {
+            "key": url_key(url or ""),
+            "url": url,
+            "caption": caption,
+            "source": source,
+            "ingested_at": now,
+            "image": None,
+            "width": None,
+            "height": None,
+            "original_width": None,
+            "original_height": None,
+            "sha256": None,
+            "phash": None,
+        }
         if not fr.ok:
             rec.update(status=STATUS_FAILED_DOWNLOAD, error_kind=fr.error_kind, error_message=fr.error_message)
         elif img is None or not img.ok:
-            rec.update(status=STATUS_FAILED_RESIZE,
-                       error_kind=img.error_kind if img else "no_body",
-                       error_message=img.error_message if img else "empty response body")
+            rec.update(
+                status=STATUS_FAILED_RESIZE,
+                error_kind=img.error_kind if img else "no_body",
+                error_message=img.error_message if img else "empty response body",
+            )
         else:
-            rec.update(status=STATUS_SUCCESS, error_kind=None, error_message=None, image=img.image,
-                       width=img.width, height=img.height, original_width=img.original_width,
-                       original_height=img.original_height, sha256=img.sha256, phash=img.phash)
+            rec.update(
+                status=STATUS_SUCCESS,
+                error_kind=None,
+                error_message=None,
+                image=img.image,
+                width=img.width,
+                height=img.height,
+                original_width=img.original_width,
+                original_height=img.original_height,
+                sha256=img.sha256,
+                phash=img.phash,
+            )
         out.append(rec)
     return out
 
@@ -201,9 +234,14 @@ def shard_record(table: pa.Table) -> pa.Table:
     return table.select([c for c in RECORD_COLUMNS if c in table.column_names])
 
 
-async def _ingest_shard_async(rows: pa.Table, fetcher: Fetcher, processor: _PoolProcessor,
-                              out_dir: Path, shard_id: str,
-                              on_done: Callable[[], None] | None = None) -> tuple[Path, dict, pa.Table]:
+async def _ingest_shard_async(
+    rows: pa.Table,
+    fetcher: Fetcher,
+    processor: _PoolProcessor,
+    out_dir: Path,
+    shard_id: str,
+    on_done: Callable[[], None] | None = None,
+) -> tuple[Path, dict, pa.Table]:
     """Fetch, process and write one shard. Returns its path, stats and catalog record
     (:func:`shard_record`); the image bytes are released when this returns."""
     t0 = time.perf_counter()
@@ -226,8 +264,13 @@ async def _ingest_shard_async(rows: pa.Table, fetcher: Fetcher, processor: _Pool
     return path, stats, shard_record(table)
 
 
-def ingest_shard(rows: pa.Table, fetch_settings: FetchSettings, image_settings: ImageSettings,
-                 out_dir: str | os.PathLike, shard_id: str) -> tuple[Path, dict, pa.Table]:
+def ingest_shard(
+    rows: pa.Table,
+    fetch_settings: FetchSettings,
+    image_settings: ImageSettings,
+    out_dir: str | os.PathLike,
+    shard_id: str,
+) -> tuple[Path, dict, pa.Table]:
     """Download, process and write one shard; a plain function of its inputs (runs on Ray too).
 
     Returns the shard path, its stats and the shard's catalog record (:func:`shard_record`: url,
@@ -236,7 +279,9 @@ def ingest_shard(rows: pa.Table, fetch_settings: FetchSettings, image_settings: 
 
     async def run():
         async with Fetcher(fetch_settings) as fetcher:
-            return await _ingest_shard_async(rows, fetcher, _PoolProcessor(None, image_settings), Path(out_dir), shard_id)
+            return await _ingest_shard_async(
+                rows, fetcher, _PoolProcessor(None, image_settings), Path(out_dir), shard_id
+            )
 
     return asyncio.run(run())
 
@@ -267,9 +312,9 @@ def _fill_missing_urls(table: pa.Table) -> pa.ChunkedArray:
     fill = [f"missing-url:{src}#row{rank[p]}" for src, p in zip(names, pos)]
     chunks, at, k = [], 0, 0
     for chunk in url.chunks:
-        m = is_missing[at:at + len(chunk)]
+        m = is_missing[at : at + len(chunk)]
         n = int(m.sum())
-        chunks.append(pc.replace_with_mask(chunk, pa.array(m), pa.array(fill[k:k + n], pa.string())) if n else chunk)
+        chunks.append(pc.replace_with_mask(chunk, pa.array(m), pa.array(fill[k : k + n], pa.string())) if n else chunk)
         at, k = at + len(chunk), k + n
     return pa.chunked_array(chunks, pa.string())
 
@@ -281,14 +326,24 @@ def plan(cfg: Config, catalog: Catalog, url_lists: Sequence[str]) -> tuple[pa.Ta
     throughout: no Python object per URL, so a list of millions costs little more than its table.
     """
     ic = cfg.ingest
-    table = read_url_lists(list(url_lists), url_col=ic.url_col, caption_col=ic.caption_col,
-                           input_format=ic.input_format, save_additional_columns=ic.save_additional_columns)
+    table = read_url_lists(
+        list(url_lists),
+        url_col=ic.url_col,
+        caption_col=ic.caption_col,
+        input_format=ic.input_format,
+        save_additional_columns=ic.save_additional_columns,
+    )
     table = table.set_column(table.schema.get_field_index("url"), "url", _fill_missing_urls(table))
     n_rows = table.num_rows
     # the first row of each URL, in list order
     index = pa.array(np.arange(n_rows, dtype=np.int64))
-    firsts = (pa.table({"url": table.column("url"), "i": index}).group_by("url", use_threads=False)
-              .aggregate([("i", "min")]).column("i_min").to_numpy())
+    firsts = (
+        pa.table({"url": table.column("url"), "i": index})
+        .group_by("url", use_threads=False)
+        .aggregate([("i", "min")])
+        .column("i_min")
+        .to_numpy()
+    )
     if len(firsts) < n_rows:
         table = table.take(pa.array(np.sort(firsts)))
     listed = table.num_rows
@@ -298,8 +353,7 @@ def plan(cfg: Config, catalog: Catalog, url_lists: Sequence[str]) -> tuple[pa.Ta
     return table, listed, n_rows - listed
 
 
-def ingest(cfg: Config, url_lists: Sequence[str], progress: ProgressFn | None = None,
-           resolver=None) -> IngestResult:
+def ingest(cfg: Config, url_lists: Sequence[str], progress: ProgressFn | None = None, resolver=None) -> IngestResult:
     """Run the ingest stage over ``url_lists`` into ``cfg.raw_dir``, recording all in the catalog.
 
     Only URLs the catalog has not seen are fetched (with ``cfg.ingest.retry_failed``, past failures
@@ -342,8 +396,9 @@ def _accumulate(result: IngestResult, stats: dict) -> None:
     result.failures = dict(c.most_common())
 
 
-async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None,
-                     resolver, on_shard: ShardFn) -> None:
+async def _run_local(
+    cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None, resolver, on_shard: ShardFn
+) -> None:
     ic = cfg.ingest
     n_proc = ic.processes or (os.cpu_count() or 1)
     total = todo.num_rows
@@ -367,15 +422,15 @@ async def _run_local(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: P
 
             async def shard_loop() -> None:
                 for i, rows in parts:
-                    path, stats, record = await _ingest_shard_async(rows, fetcher, processor, cfg.raw_dir,
-                                                                    new_shard_id(i), tick)
+                    path, stats, record = await _ingest_shard_async(
+                        rows, fetcher, processor, cfg.raw_dir, new_shard_id(i), tick
+                    )
                     on_shard(path, stats, record)
 
             await asyncio.gather(shard_loop(), shard_loop())
 
 
-def _run_on_ray(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None,
-                on_shard: ShardFn) -> None:
+def _run_on_ray(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: ProgressFn | None, on_shard: ShardFn) -> None:
     import ray
 
     connect_ray()
@@ -385,8 +440,10 @@ def _run_on_ray(cfg: Config, todo: pa.Table, fs: FetchSettings, progress: Progre
     # each holds only its rows (Ray serialises a slice compactly). A task returns its path, stats
     # and catalog record, never image bytes; the driver records each as it arrives and keeps no
     # reference to it, so the object store frees it.
-    pending = [remote.remote(p, fs, isets, str(cfg.raw_dir), new_shard_id(i))
-               for i, p in enumerate(_partition(todo, cfg.ingest.shard_size))]
+    pending = [
+        remote.remote(p, fs, isets, str(cfg.raw_dir), new_shard_id(i))
+        for i, p in enumerate(_partition(todo, cfg.ingest.shard_size))
+    ]
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

@@ -57,8 +57,9 @@ class Inbox:
             try:
                 inbox.fs.makedirs(inbox.root, exist_ok=True)
             except OSError as e:
-                raise InboxError(f"cannot create the inbox {inbox.location}: {e}; set refresh.inbox to a "
-                                 "writable folder") from e
+                raise InboxError(
+                    f"cannot create the inbox {inbox.location}: {e}; set refresh.inbox to a writable folder"
+                ) from e
         return inbox
 
     @property
@@ -109,8 +110,10 @@ class Inbox:
             try:
                 fs.mv(src, dst)
             except OSError as e:
-                raise InboxError(f"ingested {loc} but cannot move it to {done}: {e}; make the inbox writable "
-                                 "or set refresh.archive = \"keep\"") from e
+                raise InboxError(
+                    f"ingested {loc} but cannot move it to {done}: {e}; make the inbox writable "
+                    'or set refresh.archive = "keep"'
+                ) from e
             moved.append(self._url(dst))
         return moved
 
@@ -130,8 +133,13 @@ def unreadable_lists(cfg: Config, lists: list[str]) -> dict[str, str]:
     bad = {}
     for loc in lists:
         try:
-            read_url_lists([loc], url_col=ic.url_col, caption_col=ic.caption_col, input_format=ic.input_format,
-                           save_additional_columns=ic.save_additional_columns)
+            read_url_lists(
+                [loc],
+                url_col=ic.url_col,
+                caption_col=ic.caption_col,
+                input_format=ic.input_format,
+                save_additional_columns=ic.save_additional_columns,
+            )
         except (ValueError, OSError) as e:  # UrlListError is a ValueError; pyarrow's errors are too
             bad[loc] = f"{type(e).__name__}: {e}"
     return bad

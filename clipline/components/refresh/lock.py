@@ -34,8 +34,10 @@ def _open(cfg: Config, wait_s: float) -> Catalog:
             return Catalog(cfg.catalog_path)
         except RuntimeError as e:  # another process has the DuckDB file open right now
             if time.monotonic() >= deadline:
-                raise RunBusy(f"{e} (another pipeline or refresh run is probably working in {cfg.data_dir}; "
-                              "wait for it to finish)") from e
+                raise RunBusy(
+                    f"{e} (another pipeline or refresh run is probably working in {cfg.data_dir}; "
+                    "wait for it to finish)"
+                ) from e
             time.sleep(0.5)
 
 

@@ -96,7 +96,7 @@ def _local(loc: str) -> str | None:
     """The real absolute path of a local location (symbolic links and '..' resolved), or None
     for a URL."""
     if loc.startswith("file://"):
-        loc = loc[len("file://"):]
+        loc = loc[len("file://") :]
     if "://" in loc or "::" in loc:
         return None
     return os.path.realpath(os.path.expanduser(loc))
@@ -133,9 +133,9 @@ class ServePolicy:
     """The serving process's own configuration, which bounds what its runs' parameters change
     (see the module docstring)."""
 
-    config: dict[str, Any]          # the worker's configuration (Config, as JSON)
-    config_file: str | None         # the worker's config file, absolute (None: none)
-    input_roots: tuple[str, ...]    # where runs may name files, resolved
+    config: dict[str, Any]  # the worker's configuration (Config, as JSON)
+    config_file: str | None  # the worker's config file, absolute (None: none)
+    input_roots: tuple[str, ...]  # where runs may name files, resolved
 
     @classmethod
     def capture(cls, config_file: Path | None, cfg: Config) -> "ServePolicy":
@@ -151,8 +151,11 @@ class ServePolicy:
         return cls(config=worker.model_dump(mode="json"), config_file=params["config_file"], input_roots=roots)
 
     def to_env(self) -> dict[str, str]:
-        return {POLICY_ENV: json.dumps({"config": self.config, "config_file": self.config_file,
-                                        "input_roots": list(self.input_roots)})}
+        return {
+            POLICY_ENV: json.dumps(
+                {"config": self.config, "config_file": self.config_file, "input_roots": list(self.input_roots)}
+            )
+        }
 
     @classmethod
     def from_env(cls) -> "ServePolicy | None":
@@ -174,21 +177,34 @@ class ServePolicy:
         parts = list(other)
         if worker_only:
             it = "it" if len(worker_only) == 1 else "them"
-            parts.append("only the worker sets " + ", ".join(worker_only) + f": change {it} in the configuration of "
-                         "the `clipline serve` process (its --config file, CLIPLINE_* environment or flags) and "
-                         "restart it")
+            parts.append(
+                "only the worker sets " + ", ".join(worker_only) + f": change {it} in the configuration of "
+                "the `clipline serve` process (its --config file, CLIPLINE_* environment or flags) and "
+                "restart it"
+            )
         if outside:
-            parts.append(", ".join(outside) + (" is" if len(outside) == 1 else " are") + " outside the folders this "
-                         f"worker lets runs read from (refresh.input_roots: {', '.join(self.input_roots) or 'none'}): "
-                         "put the files inside one, or have the worker name theirs (`clipline serve --input-root "
-                         "DIR`, or refresh.input_roots in its configuration)")
+            parts.append(
+                ", ".join(outside) + (" is" if len(outside) == 1 else " are") + " outside the folders this "
+                f"worker lets runs read from (refresh.input_roots: {', '.join(self.input_roots) or 'none'}): "
+                "put the files inside one, or have the worker name theirs (`clipline serve --input-root "
+                "DIR`, or refresh.input_roots in its configuration)"
+            )
         return RunRefused(_REFUSED + "; ".join(parts)) if parts else None
 
-    def _check_config(self, cfg: Config | None, config_file: str | None, overrides: dict[str, Any] | None,
-                      worker_only: list[str], outside: list[str], other: list[str]) -> Config:
+    def _check_config(
+        self,
+        cfg: Config | None,
+        config_file: str | None,
+        overrides: dict[str, Any] | None,
+        worker_only: list[str],
+        outside: list[str],
+        other: list[str],
+    ) -> Config:
         if cfg is not None:
-            other.append("cfg: a served run takes its configuration from the worker; give settings as "
-                         "`overrides` (nested sections, JSON)")
+            other.append(
+                "cfg: a served run takes its configuration from the worker; give settings as "
+                "`overrides` (nested sections, JSON)"
+            )
         if config_file and _canonical(str(config_file)) != (self.config_file and _canonical(self.config_file)):
             worker_only.append(f"config_file = {_shown(config_file)} (the worker's: {_shown(self.config_file)})")
         worker = self.worker_config()
@@ -206,7 +222,8 @@ class ServePolicy:
                 continue
             if setting in ("data_dir", "curate.duckdb_temp_dir", "curate.rules_file"):
                 same = (new is None and mine is None) or (
-                    new is not None and mine is not None and _canonical(str(new)) == _canonical(str(mine)))
+                    new is not None and mine is not None and _canonical(str(new)) == _canonical(str(mine))
+                )
             elif setting == "refresh.input_roots":
                 same = [_canonical(r) for r in new] == list(mine)
             else:
@@ -250,8 +267,9 @@ class ServePolicy:
             out[name] = fixed if many else (fixed[0] if fixed else None)
         return out
 
-    def check(self, cfg: Config | None, config_file: str | None, overrides: dict[str, Any] | None,
-              **inputs: Any) -> tuple[Config, dict[str, Any]]:
+    def check(
+        self, cfg: Config | None, config_file: str | None, overrides: dict[str, Any] | None, **inputs: Any
+    ) -> tuple[Config, dict[str, Any]]:
         """The configuration of a served run (the worker's, with the run's ``overrides`` where the
         policy lets them through) and the files it names as flow parameters (``inputs``: a
         location or a list of them, by parameter name; ``from_model`` may also be a registered
@@ -305,8 +323,9 @@ def run_config(cfg: Config | None, config_file: str | None, overrides: dict[str,
     return load_config(Path(config_file) if config_file else None, overrides or None)
 
 
-def served_run(cfg: Config | None, config_file: str | None, overrides: dict[str, Any] | None,
-               **inputs: Any) -> tuple[Config, dict[str, Any]]:
+def served_run(
+    cfg: Config | None, config_file: str | None, overrides: dict[str, Any] | None, **inputs: Any
+) -> tuple[Config, dict[str, Any]]:
     """A flow run's configuration (:func:`run_config`) and the files it names as parameters
     (``inputs``, by parameter name): as given when not served, else bounded by the serving
     process's policy (:meth:`ServePolicy.check`)."""
