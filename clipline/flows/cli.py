@@ -1092,12 +1092,12 @@ def _cancel_unfinished(client: Any, flow_run_ids: list[str]) -> None:
 def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(5000, "--port", help="Port of the MLflow UI."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Server worker processes (MLflow's own default is 4)."),
 ) -> None:
     """Start the MLflow UI on this data dir's tracking store (until Ctrl-C or SIGTERM).
 
-    SIGTERM or SIGINT stops the MLflow server and every process it started (its workers and job
-    consumers) within 10 s, then exits 0."""
+    One server worker (MLflow's own default is 4: a UI for a team's browsers needs no more). SIGTERM
+    or SIGINT stops the MLflow server and every process it started (its worker and job consumers)
+    within 10 s, then exits 0."""
     import subprocess
 
     from clipline.flows import shutdown
@@ -1119,7 +1119,7 @@ def ui(
             "--port",
             str(port),
             "--workers",
-            str(workers),
+            "1",
         ]
     )
     while server.poll() is None and not shutdown.stop_requested.is_set():
