@@ -107,6 +107,10 @@ class HangingServer:
         for c in self.held:
             c.close()
 
+    def ingest_settings(self) -> dict:
+        """[ingest] settings under which a download from this server hangs until stopped."""
+        return {"allow_hosts": [f"127.0.0.1:{self.port}"], "read_timeout": 300.0, "total_timeout": 600.0, "retries": 0}
+
 
 def hanging_url_list(path: Path, port: int, n: int = 4) -> Path:
     path.write_text(

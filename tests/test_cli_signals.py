@@ -64,14 +64,7 @@ def test_run_stopped_mid_flow_by_sigterm_releases_the_data_dir_and_stops_its_tre
         tmp_path / "clipline.toml",
         deep_merge(
             SMALL,
-            {
-                "ingest": {
-                    "allow_hosts": [f"127.0.0.1:{hang.port}"],
-                    "read_timeout": 300.0,
-                    "total_timeout": 600.0,
-                    "retries": 0,
-                }
-            },
+            {"ingest": hang.ingest_settings()},
         ),
     )
     data = tmp_path / "data"

@@ -290,12 +290,7 @@ def test_sigterm_stops_serve_within_10_s_and_its_run_is_cancelled_at_a_safe_poin
         deep_merge(
             SMALL,
             {
-                "ingest": {
-                    "allow_hosts": [f"127.0.0.1:{hang.port}"],
-                    "read_timeout": 300.0,
-                    "total_timeout": 600.0,
-                    "retries": 0,
-                },
+                "ingest": hang.ingest_settings(),
                 "refresh": {"pipeline_deployment": "pipeline-sigterm", "refresh_deployment": "refresh-sigterm"},
             },
         ),
