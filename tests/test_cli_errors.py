@@ -4,11 +4,14 @@ test server (so the run can be read back from its API)."""
 
 from __future__ import annotations
 
+import pytest
 import re
+from pathlib import Path
 
 from tests.pipelinekit import base_env, clipline
 
-_ERRORISH = re.compile(r"error|exception|traceback|failed|crashed", re.IGNORECASE)
+# failure reports (Prefect's included), not the run's own counts such as "2 failed"
+_ERRORISH = re.compile(r"error|exception|traceback|crashed|state failed", re.IGNORECASE)
 
 
 def _flow_run_of(api_url: str, flow_name: str, data_dir: str):
@@ -36,35 +39,39 @@ def _logs_of(api_url: str, flow_run_id) -> list[str]:
     return [log.message for log in prefect_call(api_url, read)]
 
 
-def test_a_failing_task_prints_one_line_and_prefect_records_the_failure(prefect_harness, tmp_path):
+def _run_nothing_fetchable(data: Path, env: dict[str, str], cwd: Path):
+    """`clipline run` on a list whose every URL is refused: ingest records the failures, curate
+    builds an empty snapshot, and the `train` subflow fails on it."""
+    lst = cwd / "refused.csv"
+    lst.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a red circle\nhttp://127.0.0.1:9/b.jpg,a blue square\n")
+    args = ["--data-dir", str(data), "run", str(lst), "--allow-host", "127.0.0.1:9"]
+    return clipline(args, env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_failing_flow_prints_one_line_and_prefect_records_the_failure(prefect_harness, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
     env = base_env(PREFECT_API_URL=api)
-    data = tmp_path / "empty-data"
+    data = tmp_path / "data"
 
-    # `clipline curate` with no raw shards: its `build-snapshot` task raises inside the `curate` flow
-    res = clipline(["--data-dir", str(data), "curate"], env, cwd=tmp_path, timeout=300)
+    res = _run_nothing_fetchable(data, env, tmp_path)
     assert res.returncode == 1, res.stderr[-3000:]
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     reasons = [line for line in output.splitlines() if _ERRORISH.search(line)]
     assert reasons == [res.stderr.strip().splitlines()[-1]], output[-3000:]
-    assert reasons[0].startswith("error: no complete raw shards are registered"), reasons
+    assert reasons[0].startswith("error: SnapshotError:") and "lists no 'files'" in reasons[0], reasons
 
     # the failure is where Prefect keeps it: a Failed flow run whose logs hold the traceback
-    fr = _flow_run_of(api, "curate", str(data))
+    fr = _flow_run_of(api, "train", str(data))
     assert fr.state.is_failed(), fr.state
-    assert "no complete raw shards" in (fr.state.message or "")
+    assert "lists no 'files'" in (fr.state.message or "")
     logs = _logs_of(api, fr.id)
-    assert any("Traceback" in m and "CurateError" in m for m in logs), logs
+    assert any("Traceback" in m and "SnapshotError" in m for m in logs), logs
 
     # CLIPLINE_DEBUG=1: the tracebacks are shown
-    res = clipline(
-        ["--data-dir", str(tmp_path / "empty-again"), "curate"],
-        {**env, "CLIPLINE_DEBUG": "1"},
-        cwd=tmp_path,
-        timeout=300,
-    )
+    res = _run_nothing_fetchable(tmp_path / "again", {**env, "CLIPLINE_DEBUG": "1"}, tmp_path)
     assert res.returncode == 1
-    assert "Traceback" in res.stderr and "CurateError" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" in res.stderr and "SnapshotError" in res.stderr, res.stderr[-3000:]

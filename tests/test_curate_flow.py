@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from clipline.flows.cli import app
@@ -37,7 +38,8 @@ def test_curate_flow_builds_snapshot_and_publishes_artifacts(data_dir, mlflow_ur
     assert again.new is False and again.snapshot_id == res.snapshot_id
 
 
-def test_cli_curate_with_eval_set(data_dir, mlflow_uri, tmp_path, monkeypatch, prefect_harness):
+@pytest.mark.slow
+def test_cli_curate_with_eval_set(data_dir, mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     leaked = pattern_image(777, size=160)
     eval_file = tmp_path / "eval.parquet"

@@ -152,3 +152,23 @@ def test_only_the_checkpoint_module_names_checkpoint_files():
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_options_shared_by_commands_read_the_same_everywhere():
+    """--allow-host, --eval-set, --decontaminate and --from-model mean one thing in every command
+    that takes them: the same help and metavar (declared once in cli.py)."""
+    import typer.main
+
+    from clipline.flows.cli import app
+
+    group = typer.main.get_command(app)
+    seen: dict[str, set] = {}
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            for opt in ("--allow-host", "--eval-set", "--decontaminate", "--from-model"):
+                if opt in getattr(p, "opts", []) and not (name == "curate" and opt == "--eval-set"):
+                    seen.setdefault(opt, set()).add((p.help, p.metavar, name))
+    assert {o: len({(h, m) for h, m, _ in v}) for o, v in seen.items()} == dict.fromkeys(seen, 1), seen
+    commands = {o: sorted(n for *_, n in v) for o, v in seen.items()}
+    assert commands["--allow-host"] == ["ingest", "refresh", "run", "serve"], commands
+    assert commands["--from-model"] == ["run", "train"], commands

@@ -14,8 +14,8 @@ import pytest
 
 from clipline.components.catalog import Catalog
 from clipline.components.config import load_config
-from clipline.components.refresh import Inbox, RunBusy, exclusive_run
-from clipline.components.refresh.lock import RUN_LOCK
+from clipline.components.orchestration import RUN_LOCK, RunBusy, exclusive_run
+from clipline.components.refresh import Inbox
 from tests.pipelinekit import base_env, clipline, slice_url_list, small_overrides
 
 

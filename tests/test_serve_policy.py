@@ -1,4 +1,4 @@
-"""The bounds `clipline serve` puts on its runs' parameters (clipline.components.refresh.params),
+"""The bounds `clipline serve` puts on its runs' parameters (clipline.components.orchestration.params),
 checked directly; test_services.py checks them on a served deployment."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from clipline.components.config import Config, load_config
-from clipline.components.refresh.params import (
+from clipline.components.orchestration.params import (
     POLICY_ENV,
     WORKER_PATHS,
     RunRefused,

@@ -242,7 +242,7 @@ class RefreshConfig(_Section):
         default_factory=list,
         description="folders (or fsspec URL prefixes) inside which a run of a `clipline serve` deployment may name "
         "files to read (URL lists, eval sets, checkpoints); outside them, and when none is set, it may "
-        "name none (clipline.components.refresh.params)",
+        "name none (clipline.components.orchestration.params)",
     )
 
     @field_validator("cron")

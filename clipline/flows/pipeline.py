@@ -7,9 +7,9 @@ training and says so.
 The flow takes its configuration either as a ready ``cfg`` (in-process calls) or, as a served
 deployment passes it, as ``config_file`` + ``overrides`` (JSON). Under `clipline serve` the
 worker's own configuration bounds both, and the files the run names
-(``clipline.components.refresh.params``): a run that would switch the SSRF guard off, widen the
+(``clipline.components.orchestration.params``): a run that would switch the SSRF guard off, widen the
 allow-list, move the data dir or read outside the worker's input roots is refused. A run holds
-the data dir's run lock (``clipline.components.refresh.lock``): a second pipeline or refresh on
+the data dir's run lock (``clipline.components.orchestration.lock``): a second pipeline or refresh on
 the same data dir fails at once, naming the holder; a lock left by a killed run is taken over.
 """
 
@@ -23,12 +23,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from clipline.components.config import Config
 from clipline.components.curate import CurateResult
+from clipline.components.evaluate.model import Evaluation
 from clipline.components.ingest.runner import IngestResult
-from clipline.components.refresh.lock import exclusive_run, holder_name
-from clipline.components.refresh.params import served_run
+from clipline.components.orchestration.lock import exclusive_run, holder_name
+from clipline.components.orchestration.params import served_run
 from clipline.components.train.run import TrainResult, resolve_from_model
 from clipline.flows.curate import curate_flow
-from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
+from clipline.flows.evaluate import evaluate_flow
 from clipline.flows.ingest import ingest_flow
 from clipline.flows.train import train_flow
 
@@ -38,7 +39,7 @@ class PipelineResult:
     ingest: IngestResult
     curate: CurateResult
     train: TrainResult | None = None
-    evaluation: EvaluateFlowResult | None = None
+    evaluation: Evaluation | None = None
     skipped: str | None = None  # why training and evaluation did not run
 
 
@@ -146,7 +147,7 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
     return rows
 
 
-def evaluation_rows(ev: EvaluateFlowResult) -> list[tuple[str, str]]:
+def evaluation_rows(ev: Evaluation) -> list[tuple[str, str]]:
     """Zero-shot top-1 per set, retrieval R@5, and the registry's decision, as summary rows."""
     rows = []
     m = ev.eval.metrics

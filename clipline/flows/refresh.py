@@ -28,13 +28,14 @@ from prefect.artifacts import create_markdown_artifact
 from clipline.components.catalog import Catalog
 from clipline.components.config import Config
 from clipline.components.curate import CurateResult
+from clipline.components.evaluate.model import Evaluation
 from clipline.components.ingest.runner import IngestResult
-from clipline.components.refresh import Inbox, exclusive_run, unreadable_lists
-from clipline.components.refresh.lock import holder_name
-from clipline.components.refresh.params import served_run
+from clipline.components.orchestration import exclusive_run, holder_name
+from clipline.components.orchestration.params import served_run
+from clipline.components.refresh import Inbox, unreadable_lists
 from clipline.components.train.run import TrainResult
 from clipline.flows.curate import curate_flow
-from clipline.flows.evaluate import EvaluateFlowResult, evaluate_flow
+from clipline.flows.evaluate import evaluate_flow
 from clipline.flows.ingest import ingest_flow
 from clipline.flows.pipeline import evaluation_rows, markdown_table
 from clipline.flows.train import train_flow
@@ -52,7 +53,7 @@ class RefreshResult:
     curate: CurateResult | None = None
     parent_version: str | None = None  # the champion fine-tuned from (None: from scratch)
     train: TrainResult | None = None
-    evaluation: EvaluateFlowResult | None = None
+    evaluation: Evaluation | None = None
     skipped: str | None = None
 
 
@@ -119,7 +120,7 @@ def refresh_flow(
     ``cfg``: a ready config (in-process calls; wins over both). ``eval_sets`` default to
     ``refresh.eval_sets``, then ``evaluate.datasets``; ``decontaminate`` to ``refresh.decontaminate``
     (then ``curate.eval_set``); ``from_scratch`` to ``refresh.from_scratch``. Under `clipline serve`,
-    the worker's own configuration bounds the parameters (``clipline.components.refresh.params``).
+    the worker's own configuration bounds the parameters (``clipline.components.orchestration.params``).
     """
     logger = get_run_logger()
     cfg, inputs = served_run(cfg, config_file, overrides, eval_sets=eval_sets, decontaminate=decontaminate)
