@@ -186,6 +186,7 @@ def test_train_throughput(bench_env, tmp_path):
     headline(out, "ratio")
 
 
+@pytest.mark.slow
 def test_eval_throughput(bench_env, tmp_path):
     out = run_bench(
         "eval_throughput.py",
@@ -238,6 +239,7 @@ def test_ingest_vs_img2dataset_clipline_side(bench_env, tmp_path):
     assert len(list((tmp_path / "bench-cache" / "images40kb-12").glob("*.jpg"))) == 12
 
 
+@pytest.mark.slow
 def test_train_gpu_smoke_runs_without_ray_or_mlflow(tmp_path, fresh_hidden):
     """--smoke on CPU, with the uint8 feed a GPU gets; Ray, MLflow, Prefect, DuckDB and pydantic hidden, as
     on a machine that has only torch, timm and open_clip."""

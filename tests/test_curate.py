@@ -31,6 +31,7 @@ def _kept_keys(cfg, res) -> set[str]:
 
 
 # ------------------------------------------------------------------ rules
+@pytest.mark.slow
 def test_each_rule_drops_exactly_its_rows(data_dir, tmp_path):
     blocklist = tmp_path / "block.txt"
     blocklist.write_text("# my terms\nforbidden\nbad phrase\n")
@@ -689,6 +690,7 @@ def test_contact_sheet_draws_letters_of_several_scripts(tmp_path):
     assert sheet.format == "PNG" and sheet.height >= 2 * 128
 
 
+@pytest.mark.slow
 def test_language_id_of_a_list_of_texts_matches_langid():
     rnd = random.Random(1)
     words = ["red", "the", "photo", "chat", "noir", "Kreis", "über", "casa", "日本", "car", "de", "la", "sunset"]

@@ -13,6 +13,7 @@ from clipline.flows.cli import app
 from test_curate_helpers import config, jpeg, pattern_image, read_snapshot, row, write_shard
 
 
+@pytest.mark.slow
 def test_curate_flow_builds_snapshot_and_publishes_artifacts(data_dir, mlflow_uri, prefect_harness):
     from prefect.artifacts import Artifact
 

@@ -73,6 +73,7 @@ def _cfg(data: Path, limit: str):
     )
 
 
+@pytest.mark.slow
 def test_spills_under_a_small_memory_limit_and_builds_the_same_snapshot(tmp_path, shards):
     free = curate(_cfg(_data_dir(tmp_path / "free", shards), "4GB"), track=False)
     assert free.manifest["duckdb_spilled_bytes_max"] == 0  # it all fit: nothing was spilled

@@ -32,6 +32,7 @@ def setup(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_stage_logs_stable_metric_names_and_reports(setup):
     cfg, sid, heldout, ckpt, run_id, _ = setup
     res = evaluate(cfg, ckpt, datasets=[load_eval_dataset(heldout)])  # run and snapshot from clipline.json
@@ -48,6 +49,7 @@ def test_stage_logs_stable_metric_names_and_reports(setup):
     assert "Worst classes on `heldout`" in res.markdown and "| `zeroshot/heldout/acc1` |" in res.markdown
 
 
+@pytest.mark.slow
 def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
 
     from clipline.flows.evaluate import evaluate_flow
@@ -64,7 +66,7 @@ def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
     assert "zeroshot/heldout/acc1" in md and "**champion**" in md
 
 
-def test_evaluate_command(setup, prefect_harness):
+def test_evaluate_command(setup):
     cfg, sid, heldout, ckpt, run_id, _ = setup
     runner = CliRunner()
     res = runner.invoke(
@@ -106,6 +108,7 @@ def app_():
     return app
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_another_tracking_store_is_evaluated_into_a_new_run_and_registered(
     setup, prefect_harness, tmp_path, monkeypatch
 ):

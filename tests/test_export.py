@@ -185,6 +185,7 @@ def test_export_refuses_bad_input(tmp_path, data_dir):
     assert res.exit_code == 1 and "not a path" in res.output
 
 
+@pytest.mark.slow
 def test_export_of_a_model_with_our_own_tower_says_which_import_loads_it(tmp_path):
     """The demo's two-stream image tower is clipline's own (registered in timm on import): the
     export's printed command includes that import and works in a fresh process; plain open_clip

@@ -287,6 +287,7 @@ def _ingest_cmd(data_dir: Path, lst: Path, host: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_path):
     srv = _Server(300, delay_s=0.01)
     try:
@@ -338,6 +339,7 @@ def test_kill9_mid_run_then_rerun_gives_every_url_exactly_once(data_dir, tmp_pat
         srv.close()
 
 
+@pytest.mark.slow
 def test_cli_ingest_prints_table_and_fails_clearly_on_bad_list(data_dir, server, tmp_path):
     lst = _write_list(tmp_path / "l.parquet", [server.url(i) for i in range(5)])
     ok = subprocess.run(_ingest_cmd(data_dir, lst, server.host), capture_output=True, text=True)
@@ -352,6 +354,7 @@ def test_cli_ingest_prints_table_and_fails_clearly_on_bad_list(data_dir, server,
     assert bad.returncode != 0 and "url" in bad.stderr and "nocol.csv" in bad.stderr
 
 
+@pytest.mark.slow
 def test_ingest_flow_makes_artifact(prefect_harness, data_dir, server, tmp_path):
 
     from clipline.flows.ingest import ingest_flow
@@ -363,6 +366,7 @@ def test_ingest_flow_makes_artifact(prefect_harness, data_dir, server, tmp_path)
     assert "| success | 10 |" in md
 
 
+@pytest.mark.slow
 def test_shards_run_as_ray_tasks_when_ray_address_is_set(ray_local, data_dir, server, tmp_path, monkeypatch):
     """With RAY_ADDRESS set, each shard is downloaded and written by a Ray task; the driver records
     them. (The session's local Ray stands in for the cluster: ingest joins the running one.)"""

@@ -72,6 +72,7 @@ def ingested(tmp_path_factory):
         yield web, result, rows
 
 
+@pytest.mark.slow
 def test_each_fault_is_recorded_with_its_reason(ingested):
     web, result, rows = ingested
     assert rows.num_rows == len(web.items) == result.n_fetched

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from clipline.components.catalog import Catalog
 from clipline.components.config import load_config
 from clipline.components.demo import serve_toy_web, write_heldout_set
 
 
+@pytest.mark.slow
 def test_pipeline_registers_a_champion_and_a_rerun_does_no_new_work(prefect_harness, mlflow_uri, tmp_path):
     from clipline.components.tracking.runs import client
     from clipline.flows.pipeline import pipeline_flow, summary_rows

@@ -17,14 +17,16 @@ import pytest
 import pyarrow.parquet as pq
 
 from clipline.components.config import DEMO_FAULTS, DemoConfig
-from tests.pipelinekit import SMALL, base_env, clipline, deep_merge, servers, write_toml
+from tests.pipelinekit import SMALL, base_env, clipline, deep_merge, write_toml
 
 N_URLS = 160
 SHARD = 20
 
 
 @pytest.mark.slow
-def test_kill_9_during_ingestion_then_a_rerun_completes_with_every_url_once(tmp_path):
+def test_kill_9_during_ingestion_then_a_rerun_completes_with_every_url_once(prefect_harness, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
     from clipline.components.demo import serve_toy_web
 
     # slow answers (one in two URLs waits 1 s) and few connections: ingestion takes a while
@@ -35,7 +37,7 @@ def test_kill_9_during_ingestion_then_a_rerun_completes_with_every_url_once(tmp_
         slow_seconds=1.0,
         fault_weights={f: (1.0 if f == "slow" else 0.0) for f in DEMO_FAULTS},
     )
-    with servers(tmp_path / "services", mlflow=False) as up, serve_toy_web(demo, tmp_path / "web") as web:
+    with serve_toy_web(demo, tmp_path / "web") as web:
         config = write_toml(
             tmp_path / "clipline.toml",
             deep_merge(
@@ -51,7 +53,9 @@ def test_kill_9_during_ingestion_then_a_rerun_completes_with_every_url_once(tmp_
             ),
         )
         data = tmp_path / "data"
-        env = base_env(PREFECT_API_URL=up["prefect"], MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        env = base_env(
+            PREFECT_API_URL=PREFECT_API_URL.value(), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"
+        )
         args = ["--config", str(config), "--data-dir", str(data), "run", str(web.url_list)]
         raw = data / "raw"
 

@@ -167,6 +167,7 @@ def test_a_run_waits_for_the_holder_when_asked(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the command
+@pytest.mark.slow
 def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_when_busy(
     prefect_harness, tmp_path, mlflow_uri
 ):
@@ -200,6 +201,7 @@ def test_refresh_command_says_when_there_is_nothing_to_do_and_fails_in_one_line_
         )
 
 
+@pytest.mark.slow
 def test_serve_refuses_without_a_prefect_server_and_a_bad_schedule_in_one_line(tmp_path):
     res = clipline(["--data-dir", str(tmp_path), "serve"], base_env(), cwd=tmp_path, timeout=120)
     assert res.returncode == 1
@@ -219,7 +221,7 @@ def test_serve_refuses_without_a_prefect_server_and_a_bad_schedule_in_one_line(t
 def test_deployment_parameters_are_json_and_rebuild_the_same_config_elsewhere(tmp_path, monkeypatch):
     import json
 
-    from clipline.components.refresh.params import SERVED_LOCK_WAIT_S, deployment_parameters, run_config
+    from clipline.components.orchestration.params import SERVED_LOCK_WAIT_S, deployment_parameters, run_config
     from tests.pipelinekit import write_toml
 
     monkeypatch.chdir(tmp_path)

@@ -158,6 +158,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_a_partial_shard(tmp_path):
     """SIGKILL a writer at random moments: every *.parquet left is whole, with its stats; the
     catalog's reconcile removes the .tmp leftovers and registers the complete files."""

@@ -75,6 +75,7 @@ def test_tiny_model_learns_and_its_checkpoint_loads_with_plain_open_clip(data_di
         assert list(synthetic.COLORS)[int((m2.encode_image(img, normalize=True) @ t.T).argmax())] == "red"
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_last_checkpoint(data_dir, snapshot, mlflow_uri):
     cfg = _cfg(data_dir, steps=10, checkpoint_every=4, fail_at_step=6, max_failures=0, run_name="resumable")
     with pytest.raises(InjectedFailure):
@@ -94,6 +95,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(data_dir, snapshot, ml
     assert state["step"] == 10 and state["optimizer"]["state"]  # optimiser state travels with it
 
 
+@pytest.mark.slow
 def test_resume_is_exact(data_dir, snapshot, mlflow_uri):
     """Resuming (weights, optimiser, scheduler, data position, RNG) gives the same weights as an
     uninterrupted run."""
@@ -120,6 +122,7 @@ def test_nan_loss_stops_with_a_clear_message_after_saving(data_dir, snapshot, ml
     assert len(saved) == 1 and (saved[0] / checkpoint.WEIGHTS_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_given_checkpoint(data_dir, snapshot, mlflow_uri):
     first = train(_cfg(data_dir, steps=3, run_name="base"), snapshot)
     # train.model says something else: the checkpoint's own architecture is used

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from clipline.components.train import synthetic
@@ -36,6 +37,7 @@ def test_cli_train_prints_the_run_and_errors_in_one_line(data_dir: Path, mlflow_
     assert r.exit_code == 1 and "neither an existing path nor a version/alias" in r.output
 
 
+@pytest.mark.slow
 def test_train_flow_returns_the_result_and_an_artifact(data_dir: Path, mlflow_uri, monkeypatch, prefect_harness):
     _env(monkeypatch)
 
