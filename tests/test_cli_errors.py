@@ -39,12 +39,12 @@ def _logs_of(api_url: str, flow_run_id) -> list[str]:
     return [log.message for log in prefect_call(api_url, read)]
 
 
-def _run_nothing_fetchable(data: Path, env: dict[str, str], cwd: Path):
-    """`clipline run` on a list whose every URL is refused: ingest records the failures, curate
-    builds an empty snapshot, and the `train` subflow fails on it."""
-    lst = cwd / "refused.csv"
-    lst.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a red circle\nhttp://127.0.0.1:9/b.jpg,a blue square\n")
-    args = ["--data-dir", str(data), "run", str(lst), "--allow-host", "127.0.0.1:9"]
+def _refresh_with_a_blocked_inbox(data: Path, env: dict[str, str], cwd: Path):
+    """`clipline refresh` whose inbox cannot be created (a file stands where its parent folder
+    should be): the `refresh` flow fails inside, after taking the run lock."""
+    blocker = cwd / "not-a-folder"
+    blocker.write_text("a file, not a folder\n")
+    args = ["--data-dir", str(data), "refresh", "--inbox", str(blocker / "inbox")]
     return clipline(args, env, cwd=cwd, timeout=300)
 
 
@@ -56,22 +56,22 @@ def test_a_failing_flow_prints_one_line_and_prefect_records_the_failure(prefect_
     env = base_env(PREFECT_API_URL=api)
     data = tmp_path / "data"
 
-    res = _run_nothing_fetchable(data, env, tmp_path)
+    res = _refresh_with_a_blocked_inbox(data, env, tmp_path)
     assert res.returncode == 1, res.stderr[-3000:]
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     reasons = [line for line in output.splitlines() if _ERRORISH.search(line)]
     assert reasons == [res.stderr.strip().splitlines()[-1]], output[-3000:]
-    assert reasons[0].startswith("error: SnapshotError:") and "lists no 'files'" in reasons[0], reasons
+    assert reasons[0].startswith("error: cannot create the inbox") and "set refresh.inbox" in reasons[0], reasons
 
     # the failure is where Prefect keeps it: a Failed flow run whose logs hold the traceback
-    fr = _flow_run_of(api, "train", str(data))
+    fr = _flow_run_of(api, "refresh", str(data))
     assert fr.state.is_failed(), fr.state
-    assert "lists no 'files'" in (fr.state.message or "")
+    assert "cannot create the inbox" in (fr.state.message or "")
     logs = _logs_of(api, fr.id)
-    assert any("Traceback" in m and "SnapshotError" in m for m in logs), logs
+    assert any("Traceback" in m and "InboxError" in m for m in logs), logs
 
     # CLIPLINE_DEBUG=1: the tracebacks are shown
-    res = _run_nothing_fetchable(tmp_path / "again", {**env, "CLIPLINE_DEBUG": "1"}, tmp_path)
+    res = _refresh_with_a_blocked_inbox(tmp_path / "again", {**env, "CLIPLINE_DEBUG": "1"}, tmp_path)
     assert res.returncode == 1
-    assert "Traceback" in res.stderr and "SnapshotError" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" in res.stderr and "InboxError" in res.stderr, res.stderr[-3000:]
