@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from clipline.components.model import checkpoint, factory
-from clipline.components.train.data import RayDecode
 
 
 def _red_box(out: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> tuple[int, int, np.ndarray]:
@@ -38,14 +37,6 @@ def test_letterbox_training_keeps_aspect_ratio_colour_and_the_whole_picture():
     # evaluation letterboxes the same picture the same way, without the random zoom and shift
     h, w, _ = _red_box(b.val_transform(picture), mean, std)
     assert w == b.image_size and abs(h / w - 0.5) < 0.05
-
-
-def test_ray_data_decoding_uses_the_same_training_transform():
-    tf = RayDecode("clipline-demo", 0.8).decoder.transform
-    names = [type(t).__name__ for t in tf.transforms]
-    assert names[:3] == ["ResizeKeepRatio", "CenterCropOrPad", "RandomAffine"]
-    # a model that crops (open_clip's default) keeps RandomResizedCrop
-    assert type(RayDecode("clipline-nano", 0.8).decoder.transform.transforms[0]).__name__ == "RandomResizedCrop"
 
 
 def test_uniform_text_attention_averages_the_caption_through_training_and_export(tmp_path):

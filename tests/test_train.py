@@ -39,7 +39,7 @@ def test_tiny_model_learns_and_its_checkpoint_loads_with_plain_open_clip(data_di
 
     run = MlflowClient().get_run(res.run_id)
     assert run.data.params["train.model"] == "clipline-nano"
-    assert run.data.tags["snapshot_id"] == snapshot
+    assert run.data.tags["snapshot_id"] == snapshot and run.data.tags["clipline.data_feed"] == "torch"
     assert run.info.status == "FINISHED"
     assert run.data.metrics["data/bad_images"] >= 1  # the corrupt rows were counted, not fatal
     for key in ("train/lr", "train/temperature", "train/samples_per_s"):

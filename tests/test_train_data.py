@@ -136,3 +136,36 @@ def test_bad_snapshots_are_named(tmp_path: Path):
     (tmp_path / sid / "part-00000.parquet").unlink()
     with pytest.raises(SnapshotError, match="missing"):
         resolve_snapshot(tmp_path, None, sid)
+
+
+def test_the_planned_batches_are_the_torch_feeds_batches_across_ranks_epochs_and_a_resume(snap):
+    """epoch_batch_plan, which the Ray Data feed follows, writes out exactly the batches the torch
+    feed (SnapshotStream through a DataLoader of 2 workers) yields: same rows, same batches, same
+    order, per rank and epoch, and after skipping batches on resume."""
+    from clipline.components.train.data import PlannedBatchReader, epoch_batch_plan
+
+    root, sid = snap
+    snap = resolve_snapshot(root, None, sid)
+    reader = PlannedBatchReader([str(f) for f in snap.files], _keys_only, with_keys=True)
+    for epoch, rank, skip in [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 3)]:
+        args = dict(seed=5, epoch=epoch, rank=rank, world_size=2, num_workers=2, skip_batches=skip)
+        stream = SnapshotStream(snap, _keys_only, 8, **args, with_keys=True)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        torch_batches = [b["key"] for b in loader]
+        planned = [reader.rows(b).column("key").to_pylist() for b in epoch_batch_plan(snap, 8, **args)]
+        assert planned == torch_batches and len(planned) == stream.batches_per_epoch() - skip
+    # the two ranks share nothing within an epoch
+    ranks = [
+        {
+            k
+            for b in epoch_batch_plan(snap, 8, seed=5, epoch=0, rank=r, world_size=2, num_workers=2)
+            for k in reader.rows(b).column("key").to_pylist()
+        }
+        for r in (0, 1)
+    ]
+    assert ranks[0] and not (ranks[0] & ranks[1])
+
+
+def _keys_only(rows):
+    """A decoder that keeps nothing but a count (the rows' keys come back beside it)."""
+    return {"image": torch.zeros(rows.num_rows), "text": torch.zeros(rows.num_rows), "n_bad": 0}

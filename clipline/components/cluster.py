@@ -25,3 +25,11 @@ def connect_ray() -> None:
     address = ray_address()  # checked even when connected: the same error wherever it is read
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def alive_nodes() -> int:
+    """How many nodes of the Ray cluster are up (joining or starting Ray first)."""
+    import ray
+
+    connect_ray()
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

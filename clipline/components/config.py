@@ -152,7 +152,10 @@ class TrainConfig(_Section):
         "auto", description="auto: Ray Train when workers > 1 or RAY_ADDRESS is set, else in-process"
     )
     data_feed: Literal["auto", "torch", "ray"] = Field(
-        "auto", description="auto: Ray Data on a Ray cluster (RAY_ADDRESS), else a torch IterableDataset"
+        "auto",
+        description="how batches reach the trainers: torch (a DataLoader in each trainer process) or ray (read "
+        "and decoded in Ray Data tasks, wherever the cluster has CPUs); both give the same batches. auto: ray on "
+        "a Ray cluster of more than one node, else torch",
     )
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per trainer")
     threads: int = Field(0, ge=0, description="torch threads per trainer (0 = cores / trainers)")

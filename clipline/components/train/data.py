@@ -5,8 +5,11 @@ One plain function does the work (:func:`BatchDecoder.__call__`: an Arrow batch 
 
 * :class:`SnapshotStream`, a torch ``IterableDataset`` over the snapshot's files, for one process with
   DataLoader workers (the default on one machine);
-* :func:`ray_dataset`, Ray Data applying the same function on CPU workers and streaming to the
-  trainers with ``streaming_split`` (on a cluster).
+* :func:`ray_epoch_batches`, the same batches read and decoded in Ray Data tasks (on a cluster: the
+  trainers do no decoding, and the tasks run wherever the cluster has CPUs).
+
+Both feeds give each rank the same rows in the same batches in the same order
+(:func:`epoch_batch_plan` writes that order out), so either resumes mid-epoch at the same position.
 
 Order is deterministic given (seed, epoch): row groups are visited in a seeded permutation, rows
 within a row group in a seeded permutation, and row ``i`` of that stream belongs to shard
@@ -213,11 +216,13 @@ class SnapshotStream(torch.utils.data.IterableDataset):
         world_size: int = 1,
         num_workers: int = 1,
         skip_batches: int = 0,
+        with_keys: bool = False,
     ):
         self.info, self.decoder, self.local_batch = info, decoder, local_batch
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.num_workers = max(1, num_workers)
         self.skip_batches = skip_batches
+        self.columns = COLUMNS + (["key"] if with_keys else [])
 
     def batches_per_epoch(self) -> int:
         """Full local batches each rank gets per epoch (the same on every rank)."""
@@ -255,56 +260,168 @@ class SnapshotStream(torch.utils.data.IterableDataset):
             if start < stop:
                 if fi not in pfs:
                     pfs[fi] = pq.ParquetFile(self.info.files[fi])
-                t = pfs[fi].read_row_group(rg, columns=COLUMNS + ["split"])
-                t = t.filter(pc.equal(t.column("split"), "train")).select(COLUMNS)
+                t = pfs[fi].read_row_group(rg, columns=self.columns + ["split"])
+                t = t.filter(pc.equal(t.column("split"), "train")).select(self.columns)
                 pieces.append(t.take(pa.array(mine[start:stop])))
                 n_pending += stop - start
                 while n_pending >= self.local_batch:
                     whole = pa.concat_tables(pieces).combine_chunks()
-                    yield self.decoder(whole.slice(0, self.local_batch))
+                    yield _decode(self.decoder, whole.slice(0, self.local_batch))
                     pieces = [whole.slice(self.local_batch)]
                     n_pending -= self.local_batch
             if taken >= limit:
                 return
 
 
-class RayDecode:
-    """Ray Data ``map_batches`` callable: the same decoding as :class:`BatchDecoder`, built once per
-    Ray Data worker from the model's name (transforms and tokenizer only; no model weights)."""
-
-    def __init__(self, model_name: str, crop_scale_min: float):
-        import open_clip
-
-        from clipline.components.model import factory
-
-        pp = factory.preprocess_for(model_name)
-        tf = factory.make_train_transform(pp, {"scale": (crop_scale_min, 1.0)})
-        size = pp.size[0] if isinstance(pp.size, (list, tuple)) else pp.size
-        self.decoder = BatchDecoder(tf, open_clip.get_tokenizer(model_name), int(size))
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        batch = batch.filter(pc.equal(batch.column("split"), "train"))
-        out = self.decoder(batch)
-        if out["image"].numel() == 0:
-            return {"image": np.zeros((0, 3, 1, 1), np.float32), "text": np.zeros((0, 1), np.int64)}
-        return {"image": out["image"].numpy(), "text": out["text"].numpy()}
+def _decode(decoder: Callable, rows: pa.Table) -> dict[str, Any]:
+    """``decoder`` over ``rows``, with the rows' keys beside the batch when they were read. Keys of
+    undecodable rows are kept too (the decoder drops their pixels): ``key`` names the rows the batch
+    was made from."""
+    out = decoder(rows)
+    if "key" in rows.column_names:
+        out["key"] = rows.column("key").to_pylist()
+    return out
 
 
-def ray_dataset(info: SnapshotInfo, model_name: str, crop_scale_min: float, *, decode_concurrency: int | None = None):
-    """A Ray Dataset of decoded train rows (``image`` float32 (3,S,S), ``text`` int64 (L,)): read the
-    snapshot's files, decode on Ray Data's CPU workers. Hand it to ``TorchTrainer(datasets={"train": ds})``
-    and Ray Train splits it across workers with ``streaming_split``. Row order is shuffled per epoch
-    at the block level; resume restarts the current epoch (no exact data position, unlike SnapshotStream)."""
+def epoch_batch_plan(
+    info: SnapshotInfo,
+    local_batch: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 1,
+    skip_batches: int = 0,
+) -> list[list[tuple[int, int, list[int]]]]:
+    """The batches one rank trains on in one epoch, in order, after the first ``skip_batches``: each
+    a list of (file index, row group, indices into that row group's train rows). This is the order
+    :class:`SnapshotStream` yields through a DataLoader of ``num_workers`` workers (same seed,
+    epoch, rank and world size), written out so another feed can follow it."""
+    n_roles = max(1, num_workers)
+    n_shards = world_size * n_roles
+    per_shard = info.n_train // n_shards // local_batch  # full batches per shard, the same for all
+    limit = per_shard * local_batch
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(info.row_groups))
+    streams: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(n_roles)]
+    taken, pos = [0] * n_roles, 0
+    for j in order:
+        if min(taken) >= limit:
+            break
+        fi, rg, n = info.row_groups[j]
+        perm = rng.permutation(n)  # drawn for every row group so all shards share one order
+        for role in range(n_roles):
+            shard = rank * n_roles + role
+            mine = perm[(shard - pos) % n_shards :: n_shards][: limit - taken[role]]
+            if len(mine):
+                streams[role].append((fi, rg, mine))
+                taken[role] += len(mine)
+        pos += n
+
+    def batches_of(stream: list[tuple[int, int, np.ndarray]]) -> list[list[tuple[int, int, list[int]]]]:
+        out, cur, room = [], [], local_batch
+        for fi, rg, idx in stream:
+            while len(idx):
+                part, idx = idx[:room], idx[room:]
+                cur.append((int(fi), int(rg), [int(i) for i in part]))
+                room -= len(part)
+                if room == 0:
+                    out.append(cur)
+                    cur, room = [], local_batch
+        return out
+
+    per_role = [batches_of(st) for st in streams]
+    # DataLoader's round robin: batch k of the epoch is batch k // n of role k % n
+    merged = [per_role[k % n_roles][k // n_roles] for k in range(per_shard * n_roles)]
+    return merged[skip_batches:]
+
+
+class PlannedBatchReader:
+    """Reads and decodes planned batches (:func:`epoch_batch_plan`) inside Ray Data tasks: one input
+    row ``{"plan": JSON}`` -> one decoded batch (numpy ``image``, ``text``; ``n_bad`` and, when asked,
+    ``key`` as side columns carried on the batch's first row)."""
+
+    def __init__(self, files: list[str], decoder: Callable, with_keys: bool = False):
+        self.files, self.decoder, self.with_keys = files, decoder, with_keys
+        self.columns = COLUMNS + (["key"] if with_keys else [])
+        self._open: dict[int, pq.ParquetFile] = {}
+
+    def rows(self, plan: list[tuple[int, int, list[int]]]) -> pa.Table:
+        tables = []
+        for fi, rg, idx in plan:
+            if fi not in self._open:
+                self._open[fi] = pq.ParquetFile(self.files[fi])
+            t = self._open[fi].read_row_group(rg, columns=self.columns + ["split"])
+            t = t.filter(pc.equal(t.column("split"), "train")).select(self.columns)
+            tables.append(t.take(pa.array(idx, type=pa.int64())))
+        return pa.concat_tables(tables).combine_chunks()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (plan,) = batch["plan"]
+        out = _decode(self.decoder, self.rows(json.loads(plan)))
+        n = len(out["text"])
+        result = {
+            "image": out["image"].numpy(),
+            "text": out["text"].numpy(),
+            "n_bad": np.array([out["n_bad"]] + [0] * max(0, n - 1), dtype=np.int64)[:n],
+        }
+        if self.with_keys:
+            result["key"] = np.array(["\n".join(out["key"])] + [""] * max(0, n - 1), dtype=object)[:n]
+        return result
+
+
+def ray_epoch_batches(
+    info: SnapshotInfo,
+    decoder: Callable,
+    local_batch: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 1,
+    skip_batches: int = 0,
+    with_keys: bool = False,
+    prefetch_batches: int = 4,
+    concurrency: int | tuple[int, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One rank's batches of one epoch through Ray Data: the batches of :func:`epoch_batch_plan`
+    (the torch feed's, for the same arguments) read from the snapshot's files and decoded by
+    ``decoder`` in Ray Data tasks, yielded in order as the torch feed's dicts of tensors. Call from
+    a Ray Train worker or any process connected to Ray; the files must be readable where the tasks
+    run. A batch whose every image is undecodable arrives empty and its count of bad images is lost
+    (Ray Data drops empty blocks' side columns)."""
     import ray.data
 
-    # select_columns after the read: Ray Data pushes the projection into the Parquet reader
-    # (read_parquet's own columns= is deprecated in Ray 2.60)
-    ds = ray.data.read_parquet([str(f) for f in info.files]).select_columns(COLUMNS + ["split"])
-    ds = ds.randomize_block_order()
-    return ds.map_batches(
-        RayDecode,
-        fn_constructor_kwargs={"model_name": model_name, "crop_scale_min": crop_scale_min},
-        batch_format="pyarrow",
-        batch_size=256,
-        concurrency=decode_concurrency or (1, 4),
+    plan = epoch_batch_plan(
+        info,
+        local_batch,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        skip_batches=skip_batches,
     )
+    if not plan:
+        return
+    ds = ray.data.from_items([{"plan": json.dumps(b)} for b in plan], override_num_blocks=len(plan))
+    ds.context.execution_options.preserve_order = True  # batch k comes out k-th
+    ds = ds.map_batches(
+        PlannedBatchReader,
+        fn_constructor_kwargs={"files": [str(f) for f in info.files], "decoder": decoder, "with_keys": with_keys},
+        batch_size=1,
+        batch_format="numpy",
+        concurrency=concurrency or (1, 2),
+    )
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches):
+        out: dict[str, Any] = {
+            # Ray hands read-only views of its blocks: one writable copy where needed
+            "image": torch.from_numpy(np.require(b["image"], requirements=["C", "W"])),
+            "text": torch.from_numpy(np.require(b["text"], requirements=["C", "W"])),
+            "n_bad": int(b["n_bad"].sum()) if len(b["n_bad"]) else 0,
+        }
+        if with_keys:
+            out["key"] = str(b["key"][0]).split("\n") if len(b["key"]) else []
+        yield out

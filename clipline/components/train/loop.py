@@ -15,7 +15,13 @@ import torch
 from clipline.components.model import checkpoint, factory
 from clipline.components.model.loss import ContrastiveLoss, clamp_logit_scale_
 from clipline.components.train import resume as run_state
-from clipline.components.train.data import BatchDecoder, SnapshotInfo, SnapshotStream, normalize_on_device
+from clipline.components.train.data import (
+    BatchDecoder,
+    SnapshotInfo,
+    SnapshotStream,
+    normalize_on_device,
+    ray_epoch_batches,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,8 +55,9 @@ class WorkerContext:
     on_checkpoint: Callable[[dict[str, float], Path | None], None] | None = None
     resume_from: Path | None = None  # e.g. Ray Train's restored checkpoint
     progress: Callable[[int, int, dict[str, float]], None] | None = None
-    # an alternative feed (Ray Data): (epoch, batches to skip) -> iterable of {"image", "text"} batches
-    batches: Callable[[int, int], Any] | None = None
+    # "torch": SnapshotStream through a DataLoader in this process; "ray": the same batches read and
+    # decoded in Ray Data tasks (needs a connected Ray, as inside a Ray Train worker)
+    feed: str = "torch"
 
 
 @dataclass
@@ -114,6 +121,10 @@ class _MlflowLogger:
         if len(self.buf) >= self.flush_every * max(1, len(metrics)):
             self.flush()
 
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
+
     def flush(self) -> None:
         if self.client is not None and self.buf:
             for i in range(0, len(self.buf), 1000):
@@ -176,6 +187,8 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     on_gpu = device.type == "cuda"
     decoder = BatchDecoder(bundle.train_transform, bundle.tokenizer, bundle.image_size, uint8=on_gpu)
     logger = _MlflowLogger(spec.mlflow_uri, spec.mlflow_run_id, cfg["log_every"]) if rank0 else None
+    if logger:
+        logger.tag("clipline.data_feed", ctx.feed)  # the feed this run's batches came through
     meta = {
         "model_name": cfg["model"],
         "snapshot_id": spec.snapshot.snapshot_id,
@@ -233,14 +246,27 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                     f"snapshot {spec.snapshot.snapshot_id} has {spec.snapshot.n_train} train rows, fewer "
                     f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size"
                 )
-            loader = torch.utils.data.DataLoader(
-                stream,
-                batch_size=None,
-                num_workers=cfg["loader_workers"],
-                persistent_workers=False,
-                prefetch_factor=4 if cfg["loader_workers"] else None,
-                pin_memory=on_gpu,
-            )
+            if ctx.feed == "ray":
+                loader = ray_epoch_batches(
+                    spec.snapshot,
+                    decoder,
+                    local_batch,
+                    seed=cfg["seed"],
+                    epoch=epoch,
+                    rank=ctx.rank,
+                    world_size=ctx.world_size,
+                    num_workers=max(1, cfg["loader_workers"]),
+                    skip_batches=batch_in_epoch,
+                )
+            else:
+                loader = torch.utils.data.DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=cfg["loader_workers"],
+                    persistent_workers=False,
+                    prefetch_factor=4 if cfg["loader_workers"] else None,
+                    pin_memory=on_gpu,
+                )
             for batch in loader:
                 if step >= spec.total_steps:
                     break

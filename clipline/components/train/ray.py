@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from clipline.components.cluster import connect_ray
+from clipline.components.cluster import alive_nodes, connect_ray
 from clipline.components.train.loop import LoopSpec, LoopSummary
 
 
@@ -43,14 +43,6 @@ def _train_func(config: dict[str, Any]) -> None:
         ck = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
         ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=path.name if path is not None else None)
 
-    batches = None
-    if config.get("ray_data"):
-        shard = ray.train.get_dataset_shard("train")
-        local_batch = spec.train["batch_size"] // world
-
-        def batches(epoch: int, skip: int):  # one pass over the stream per call (= one epoch)
-            return shard.iter_torch_batches(batch_size=local_batch, drop_last=True, prefetch_batches=4)
-
     with restored_dir as d:
         summary = run_loop(
             spec,
@@ -58,7 +50,7 @@ def _train_func(config: dict[str, Any]) -> None:
                 rank=rank,
                 world_size=world,
                 device=device,
-                batches=batches,
+                feed="ray" if config.get("ray_data") else "torch",
                 on_checkpoint=on_checkpoint,
                 resume_from=Path(d) if d else None,
             ),
@@ -88,6 +80,15 @@ def resolve_use_gpu(setting: str, workers: int) -> bool:
     return gpus >= workers > 0
 
 
+def resolve_data_feed(setting: str) -> bool:
+    """``train.data_feed`` on Ray: True for the Ray Data feed. "ray"/"torch" as said; "auto" = Ray
+    Data when the cluster has more than one node (the trainers' nodes need not hold the data, and
+    decoding runs wherever there are CPUs), else the torch feed."""
+    if setting != "auto":
+        return setting == "ray"
+    return alive_nodes() > 1
+
+
 def run_with_ray(
     spec: LoopSpec,
     workers: int,
@@ -109,14 +110,8 @@ def run_with_ray(
 
     connect_ray()
     storage_path.mkdir(parents=True, exist_ok=True)
-    datasets = None
-    if ray_data:
-        from clipline.components.train.data import ray_dataset
-
-        datasets = {"train": ray_dataset(spec.snapshot, spec.train["model"], spec.train["crop_scale_min"])}
     trainer = TorchTrainer(
         _train_func,
-        datasets=datasets,
         train_loop_config={"spec": spec, "threads": threads, "use_gpu": use_gpu, "ray_data": ray_data},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),

@@ -151,10 +151,10 @@ def train(
         use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and torch.cuda.is_available())
         threads = tc.threads or max(1, (os.cpu_count() or 1) // tc.workers)
         if use_ray(cfg):
-            from clipline.components.train.ray import resolve_use_gpu, run_with_ray
+            from clipline.components.train.ray import resolve_data_feed, resolve_use_gpu, run_with_ray
 
             use_gpu = resolve_use_gpu(tc.use_gpu, tc.workers)  # the cluster's GPUs, not the driver's
-            ray_data = tc.data_feed == "ray" or (tc.data_feed == "auto" and ray_address() is not None)
+            ray_data = resolve_data_feed(tc.data_feed)
             summary = run_with_ray(
                 spec,
                 tc.workers,
