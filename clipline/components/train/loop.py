@@ -230,10 +230,8 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
         t_window, n_window = time.perf_counter(), 0
         bad_images = 0
         while step < spec.total_steps:
-            stream = SnapshotStream(
-                spec.snapshot,
-                decoder,
-                local_batch,
+            # where this rank is in the data: both feeds give the same batches from the same position
+            position = dict(
                 seed=cfg["seed"],
                 epoch=epoch,
                 rank=ctx.rank,
@@ -241,23 +239,14 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                 num_workers=max(1, cfg["loader_workers"]),
                 skip_batches=batch_in_epoch,
             )
+            stream = SnapshotStream(spec.snapshot, decoder, local_batch, **position)
             if stream.batches_per_epoch() == 0:
                 raise ValueError(
                     f"snapshot {spec.snapshot.snapshot_id} has {spec.snapshot.n_train} train rows, fewer "
                     f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size"
                 )
             if ctx.feed == "ray":
-                loader = ray_epoch_batches(
-                    spec.snapshot,
-                    decoder,
-                    local_batch,
-                    seed=cfg["seed"],
-                    epoch=epoch,
-                    rank=ctx.rank,
-                    world_size=ctx.world_size,
-                    num_workers=max(1, cfg["loader_workers"]),
-                    skip_batches=batch_in_epoch,
-                )
+                loader = ray_epoch_batches(spec.snapshot, decoder, local_batch, **position)
             else:
                 loader = torch.utils.data.DataLoader(
                     stream,
