@@ -78,6 +78,13 @@ def resolve_snapshot(snapshots_dir: Path, catalog_path: Path | None, snapshot_id
     manifest = json.loads(mpath.read_text())
     rel = manifest.get("files")
     if not rel:
+        if manifest.get("n_rows") == 0:  # curate kept nothing: say why, not that a list is empty
+            dropped = {k: v for k, v in (manifest.get("counts", {}).get("dropped") or {}).items() if v}
+            why = ", ".join(f"{k} {v}" for k, v in dropped.items()) or "no successfully fetched rows"
+            raise SnapshotError(
+                f"snapshot {snapshot_id!r} has no rows to train on (dropped by curate: {why}); ingest URLs "
+                "that fetch, or loosen the curate rules, then curate again"
+            )
         raise SnapshotError(f"snapshot {snapshot_id!r}: manifest {mpath} lists no 'files'")
     files = [Path(snapshots_dir) / f for f in rel]
     missing = [str(f) for f in files if not f.is_file()]
