@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clipline.components.durable import fsync_path
 from clipline.components.ingest.schema import (
     RAW_SCHEMA,
     STATUS_FAILED_DOWNLOAD,
@@ -158,19 +159,6 @@ def shard_paths(out_dir: str | os.PathLike, shard_id: str) -> tuple[Path, Path]:
     return out_dir / f"{shard_id}.parquet", out_dir / f"{shard_id}.stats.json"
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _row_group_rows(table: pa.Table) -> int:
     n = table.num_rows
     if n == 0:
@@ -224,7 +212,7 @@ def write_shard(
         tmp.unlink(missing_ok=True)
         stats_tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_dir)
+    fsync_path(out_dir)
     return final
 
 

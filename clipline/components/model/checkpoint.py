@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipline.components.durable import fsync_path
 from clipline.components.model.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -266,7 +267,7 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         save_file(dict(state), str(tmp / WEIGHTS_FILE))
-        _fsync(tmp / WEIGHTS_FILE)
+        fsync_path(tmp / WEIGHTS_FILE)
         _write_json(tmp / CONFIG_FILE, config)
         if meta is not None:
             _write_json(tmp / META_FILE, meta)
@@ -278,7 +279,7 @@ def write_checkpoint(
                     torch.save(obj, f)
                     f.flush()
                     os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         _publish(tmp, out, keep_other_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -296,13 +297,13 @@ def _publish(tmp: Path, out: Path, keep_other_files: bool) -> None:
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
         tmp.rmdir()
-        _fsync(out)
+        fsync_path(out)
     else:
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(out.parent)
+    fsync_path(out.parent)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -310,20 +311,6 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         f.write(json.dumps(data, indent=2, default=str))
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (directories: where the OS allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. directories on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -203,6 +203,14 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
     return as_tensor(mean), as_tensor(std)
 
 
+def train_rows(pf: pq.ParquetFile, row_group: int, columns: list[str], indices: Any) -> pa.Table:
+    """``columns`` of the train rows of one row group, at ``indices`` among that row group's train
+    rows (the positions both feeds plan in)."""
+    t = pf.read_row_group(row_group, columns=columns + ["split"])
+    t = t.filter(pc.equal(t.column("split"), "train")).select(columns)
+    return t.take(pa.array(indices, type=pa.int64()))
+
+
 class SnapshotStream(torch.utils.data.IterableDataset):
     """Yields ready batches (dicts of tensors, local batch size) of one epoch's train rows for one
     rank; split further across DataLoader workers. Use with ``DataLoader(batch_size=None)``.
@@ -267,9 +275,7 @@ class SnapshotStream(torch.utils.data.IterableDataset):
             if start < stop:
                 if fi not in pfs:
                     pfs[fi] = pq.ParquetFile(self.info.files[fi])
-                t = pfs[fi].read_row_group(rg, columns=self.columns + ["split"])
-                t = t.filter(pc.equal(t.column("split"), "train")).select(self.columns)
-                pieces.append(t.take(pa.array(mine[start:stop])))
+                pieces.append(train_rows(pfs[fi], rg, self.columns, mine[start:stop]))
                 n_pending += stop - start
                 while n_pending >= self.local_batch:
                     whole = pa.concat_tables(pieces).combine_chunks()
@@ -359,9 +365,7 @@ class PlannedBatchReader:
         for fi, rg, idx in plan:
             if fi not in self._open:
                 self._open[fi] = pq.ParquetFile(self.files[fi])
-            t = self._open[fi].read_row_group(rg, columns=self.columns + ["split"])
-            t = t.filter(pc.equal(t.column("split"), "train")).select(self.columns)
-            tables.append(t.take(pa.array(idx, type=pa.int64())))
+            tables.append(train_rows(self._open[fi], rg, self.columns, idx))
         return pa.concat_tables(tables).combine_chunks()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
