@@ -187,8 +187,6 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     on_gpu = device.type == "cuda"
     decoder = BatchDecoder(bundle.train_transform, bundle.tokenizer, bundle.image_size, uint8=on_gpu)
     logger = _MlflowLogger(spec.mlflow_uri, spec.mlflow_run_id, cfg["log_every"]) if rank0 else None
-    if logger:
-        logger.tag("clipline.data_feed", ctx.feed)  # the feed this run's batches came through
     meta = {
         "model_name": cfg["model"],
         "snapshot_id": spec.snapshot.snapshot_id,
@@ -228,7 +226,7 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
         model.train()
         t_start, samples, loss_val = time.perf_counter(), 0, float("nan")
         t_window, n_window = time.perf_counter(), 0
-        bad_images = 0
+        bad_images, tagged_feed = 0, None
         while step < spec.total_steps:
             # where this rank is in the data: both feeds give the same batches from the same position
             position = dict(
@@ -245,8 +243,10 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                     f"snapshot {spec.snapshot.snapshot_id} has {spec.snapshot.n_train} train rows, fewer "
                     f"than one batch per worker (batch_size {cfg['batch_size']}): lower train.batch_size"
                 )
+            # each branch names its own feed: the run's tag says which one built the batches
             if ctx.feed == "ray":
                 loader = ray_epoch_batches(spec.snapshot, decoder, local_batch, **position)
+                feed = "ray"
             else:
                 loader = torch.utils.data.DataLoader(
                     stream,
@@ -256,6 +256,10 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
                     prefetch_factor=4 if cfg["loader_workers"] else None,
                     pin_memory=on_gpu,
                 )
+                feed = "torch"
+            if logger and feed != tagged_feed:
+                logger.tag("clipline.data_feed", feed)
+                tagged_feed = feed
             for batch in loader:
                 if step >= spec.total_steps:
                     break
