@@ -138,7 +138,11 @@ def test_bad_snapshots_are_named(tmp_path: Path):
         resolve_snapshot(tmp_path, None, sid)
     # a snapshot in which curate kept nothing (every URL failed, say) says so and what to do
     (tmp_path / "empty").mkdir()
-    manifest = {"files": [], "n_rows": 0, "counts": {"input": 2, "kept": 0, "dropped": {"failed_download": 2, "dup_url": 0}}}
+    manifest = {
+        "files": [],
+        "n_rows": 0,
+        "counts": {"input": 2, "kept": 0, "dropped": {"failed_download": 2, "dup_url": 0}},
+    }
     (tmp_path / "empty" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SnapshotError, match=r"no rows to train on \(dropped by curate: failed_download 2\); ingest"):
         resolve_snapshot(tmp_path, None, "empty")
