@@ -215,14 +215,15 @@ def clipline(
     )
 
 
-def prefect_call(api: str, fn):
-    """Run ``await fn(client)`` with a Prefect client on ``api`` (not the session's test harness)."""
+def prefect_call(api: str, fn, auth_string: str | None = None):
+    """Run ``await fn(client)`` with a Prefect client on ``api`` (not the session's test harness),
+    logging in with ``auth_string`` (user:password) where the server asks for one."""
     import asyncio
 
     from prefect.client.orchestration import PrefectClient
 
     async def go():
-        async with PrefectClient(api=api) as c:
+        async with PrefectClient(api=api, auth_string=auth_string) as c:
             return await fn(c)
 
     return asyncio.run(go())

@@ -116,7 +116,7 @@ def test_data_feed_auto_takes_ray_data_on_a_cluster_of_several_nodes_and_torch_o
     code = """
 import ray
 from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address, log_to_driver=False)
 cluster.wait_for_nodes()
