@@ -623,6 +623,30 @@ def test_img2dataset_style_external_shard(data_dir):
     assert set(imgs) == {"000000000", "000000001", "ours"} and imgs["000000000"] == img
 
 
+def test_external_shards_without_status_or_image_columns_beside_our_own(data_dir):
+    """An img2dataset shard (no `status`, images in `jpg`) read beside clipline's shards: its rows
+    count as downloaded (its status is NULL under union_by_name), and the dropped rows sampled for
+    the contact sheet, all from it, are read with that file's own columns."""
+    ext = pa.table(
+        {
+            "key": ["000000000"],
+            "url": ["http://e.test/0"],
+            "caption": [None],  # dropped: missing_caption
+            "jpg": [jpeg(pattern_image(3))],
+            "width": [96],
+            "height": [96],
+            "original_width": [400],
+            "original_height": [400],
+        }
+    )
+    pq.write_table(ext, data_dir / "ext.parquet")
+    with Catalog(data_dir / "catalog.duckdb") as cat:
+        cat.register_external_shard(data_dir / "ext.parquet")
+    write_shard(data_dir, "s0", [row("ours", "a photo from our own ingest", seed=5)])
+    res = curate(config(data_dir), track=False)
+    assert _dropped(res) == {"missing_caption": 1} and res.contact_sheet_path.is_file()
+
+
 # ------------------------------------------------------------------ report + tracking
 def test_report_table_contact_sheet_and_mlflow(data_dir, mlflow_uri):
     rows = [row(f"k{i}", f"a photo of object number {i} here", seed=i) for i in range(5)]

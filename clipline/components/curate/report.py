@@ -131,8 +131,10 @@ def sample_dropped(
         return {}
     con.register("_sample", sample)
     files = sorted(set(sample.column("filename").to_pylist()))
+    # the image columns of the files read here (external shards may hold `jpg` and no `image`)
+    read_schema = sources.union_schema([Path(f) for f in files])
     imgs = con.execute(f"""
-        SELECT s.reason, s.file_row_number, s.caption, {sources.image_expr(schema)} AS image
+        SELECT s.reason, s.file_row_number, s.caption, {sources.image_expr(read_schema)} AS image
         FROM read_parquet({sources.sql_list([Path(f) for f in files])}, union_by_name = true, filename = true,
                           file_row_number = true) r
         JOIN _sample s ON r.filename = s.filename AND r.file_row_number = s.file_row_number

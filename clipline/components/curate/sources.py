@@ -93,10 +93,16 @@ def meta_select(schema: dict[str, pa.DataType], alias: str = "r", names: list[st
     for name, typ in META_COLUMNS.items():
         if names is not None and name not in names:
             continue
-        if name in schema:
+        if name == "status":
+            # img2dataset-style shards without status hold downloaded rows only; read beside
+            # clipline's shards (union_by_name), their status is NULL
+            items.append(
+                f"coalesce(CAST({alias}.status AS VARCHAR), 'success') AS status"
+                if name in schema
+                else "'success' AS status"
+            )
+        elif name in schema:
             items.append(f"CAST({alias}.{quote_ident(name)} AS {typ}) AS {name}")
-        elif name == "status":
-            items.append("'success' AS status")  # img2dataset-style shards without status
         else:
             items.append(f"CAST(NULL AS {typ}) AS {name}")
     return ", ".join(items)
