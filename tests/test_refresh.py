@@ -138,6 +138,28 @@ def test_refresh_ingests_only_new_urls_and_fine_tunes_the_champion(prefect_harne
     v1_ckpt = cfg.data_dir / "models" / f"{name}-v{v1}" / "checkpoint"
     assert run.data.params["pretrained"].startswith(str(v1_ckpt))
     assert (v1_ckpt / "open_clip_config.json").is_file()
+
+    # the driver's disk is lost with the catalog on it: `clipline catalog rebuild` recovers it from
+    # the data dir, and a refresh of every list seen so far fetches nothing again
+    def catalog_state():
+        with Catalog(cfg.catalog_path, read_only=True) as cat:
+            q = cat.con.execute
+            return (
+                q("SELECT url, status, error_kind, shard_id, attempts FROM urls ORDER BY url").fetchall(),
+                q("SELECT snapshot_id, parent_id, n_rows FROM snapshots ORDER BY snapshot_id").fetchall(),
+                q("SELECT * FROM snapshot_sources ORDER BY 1, 2").fetchall(),
+            )
+
+    before = catalog_state()
+    cfg.catalog_path.unlink()
+    proc = clipline(["--data-dir", str(cfg.data_dir), "catalog", "rebuild"], base_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "200 (" in proc.stdout and catalog_state() == before
+    for lst in (tmp_path / "lists" / "first.parquet", inbox_dir / "done" / "more.parquet"):
+        lst.rename(inbox_dir / lst.name)
+    again = refresh_flow(cfg=cfg)  # the toy web is down: anything fetched would fail
+    assert (again.ingest.n_listed, again.ingest.n_already_seen, again.ingest.n_fetched) == (200, 200, 0)
+    assert again.curate.snapshot_id == result.curate.snapshot_id and again.skipped.startswith("nothing new")
     assert any(k == "training" and f"fine-tuned from v{v1}" in v for k, v in summary_rows(result))
 
     # nothing new in the inbox: no training, and it says so

@@ -11,6 +11,14 @@ recorded exactly once. Temporary files are never registered and are removed.
 
 Only one process opens the catalog read-write at a time (DuckDB's rule); distributed workers
 return results to the driver, which records them.
+
+**Rebuildable.** Everything in the catalog but its locks is also in the data dir, so losing the
+catalog loses no data: :func:`rebuild_catalog` (`clipline catalog rebuild`) replays the raw shard
+files oldest first (shard ids start with their UTC time), so each URL gets its newest outcome and
+one attempt per shard that holds it, then records every complete snapshot (a snapshot directory
+is complete once its ``manifest.json`` is in place and every file it lists exists) with its
+parent and source shards, re-registering external shards its manifest names where they still
+exist.
 """
 
 from __future__ import annotations
@@ -174,13 +182,19 @@ class Catalog:
 
     # ---------------------------------------------------------------- shards
     def record_raw_shard(
-        self, shard_id: str, path: str | os.PathLike, table: pa.Table, stats: dict, kind: str = "raw"
+        self,
+        shard_id: str,
+        path: str | os.PathLike,
+        table: pa.Table,
+        stats: dict,
+        kind: str = "raw",
+        at: datetime | None = None,
     ) -> None:
         """Record a complete shard file and every URL in it, in one transaction.
 
         ``table`` must have columns url, key, status, error_message; ``error_kind`` is read from
         the column of that name when present. A URL already recorded (a retry of a failure) is
-        updated to its newest outcome.
+        updated to its newest outcome. ``at``: when the shard was written (default: now).
         """
         cols = {
             "url": table.column("url"),
@@ -193,7 +207,7 @@ class Catalog:
         )
         rows = pa.table(cols)
         n_success = int(pa.compute.sum(pa.compute.equal(rows["status"], "success")).as_py() or 0)
-        now = _now()
+        now = at or _now()
         with self.transaction() as con:
             con.register("_rows", rows)
             try:
@@ -283,11 +297,12 @@ class Catalog:
         n_rows: int,
         manifest: dict,
         source_shards: Iterable[str],
+        created_at: datetime | None = None,
     ) -> None:
         with self.transaction() as con:
             con.execute(
                 "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
-                [snapshot_id, parent_id, str(path), n_rows, json.dumps(manifest, default=str), _now()],
+                [snapshot_id, parent_id, str(path), n_rows, json.dumps(manifest, default=str), created_at or _now()],
             )
             con.execute("DELETE FROM snapshot_sources WHERE snapshot_id = ?", [snapshot_id])
             for s in source_shards:
@@ -360,3 +375,134 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ------------------------------------------------------------------ rebuild
+SHARD_COLUMNS = ("url", "key", "status", "error_message", "error_kind")
+
+
+class CatalogExists(FileExistsError):
+    """A rebuild would replace a catalog that exists; the caller did not ask for that."""
+
+
+@dataclass
+class Rebuilt:
+    """What :func:`rebuild_catalog` recorded, and what it left out with why."""
+
+    path: Path
+    backup: Path | None  # the catalog it replaced, kept beside it (None: there was none)
+    raw_shards: int
+    external_shards: int
+    urls: int
+    failed_urls: int
+    snapshots: int
+    left_out: dict[str, str]  # file or shard -> why it is not in the rebuilt catalog
+
+
+def shard_time(shard_id: str) -> datetime | None:
+    """When a raw shard was written, from its id (``20261127T153000-...``); None if not such an id."""
+    try:
+        return datetime.strptime(shard_id[:15], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def _when(value: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+def rebuild_catalog(
+    catalog_path: str | os.PathLike, raw_dir: str | os.PathLike, snapshots_dir: str | os.PathLike, replace: bool = False
+) -> Rebuilt:
+    """Rebuild the catalog from the raw shard files in ``raw_dir`` and the snapshots in
+    ``snapshots_dir`` (see the module docstring). It is built beside the catalog and moved into
+    place when complete; an existing catalog is replaced only with ``replace``, and kept as
+    ``<name>.bak-<UTC time>``. Locks are not rebuilt (no run holds the data dir meanwhile: the
+    caller makes sure)."""
+    catalog_path, raw_dir, snapshots_dir = Path(catalog_path), Path(raw_dir), Path(snapshots_dir)
+    if catalog_path.exists() and not replace:
+        raise CatalogExists(
+            f"the catalog {catalog_path} exists: rebuild it only if it is lost or damaged, with --force "
+            f"(the current one is kept beside it as {catalog_path.name}.bak-<time>)"
+        )
+    tmp = catalog_path.with_name(catalog_path.name + ".rebuild")
+    for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+        leftover.unlink(missing_ok=True)
+    left_out: dict[str, str] = {}
+    n_raw = n_ext = 0
+    with Catalog(tmp) as cat:
+        # raw shards oldest first: a URL retried later ends with its newest outcome
+        files = sorted(raw_dir.glob("*.parquet")) if raw_dir.is_dir() else []
+        for f in sorted(files, key=lambda f: (shard_time(f.stem) is None, f.stem)):
+            try:
+                names = pq.read_schema(f).names
+                table = pq.read_table(f, columns=[c for c in SHARD_COLUMNS if c in names])
+                missing = {"url", "key", "status", "error_message"} - set(table.column_names)
+                if missing:
+                    raise ValueError(f"it lacks column(s) {sorted(missing)}")
+            except Exception as e:  # noqa: BLE001 - a damaged file is reported, not fatal
+                left_out[str(f)] = f"not a readable raw shard: {e}"
+                continue
+            stats_path = f.with_suffix(".stats.json")
+            stats = json.loads(stats_path.read_text()) if stats_path.exists() else {"recovered": True}
+            at = shard_time(f.stem) or datetime.fromtimestamp(f.stat().st_mtime, timezone.utc)
+            cat.record_raw_shard(f.stem, f, table, stats, at=at)
+            n_raw += 1
+
+        # complete snapshots, oldest first, with their lineage
+        found = []
+        for d in sorted(snapshots_dir.iterdir()) if snapshots_dir.is_dir() else []:
+            if not d.is_dir() or d.name.startswith("."):
+                continue  # a snapshot still being written (.ID.tmp) is not a snapshot
+            mf = d / "manifest.json"
+            try:
+                m = json.loads(mf.read_text())
+                sid, n_rows, sources = m["snapshot_id"], int(m["n_rows"]), list(m["source_shards"])
+            except FileNotFoundError:
+                left_out[str(d)] = "no manifest.json: a snapshot is complete only once its manifest is written"
+                continue
+            except (ValueError, KeyError, TypeError) as e:
+                left_out[str(d)] = f"manifest.json is not a snapshot manifest: {e!r}"
+                continue
+            gone = [x for x in m.get("files", []) if not (snapshots_dir / x).exists()]
+            if gone:
+                left_out[str(d)] = f"files listed in its manifest are missing: {gone[:3]}"
+                continue
+            found.append(
+                (
+                    _when(m.get("created_at")) or datetime.fromtimestamp(mf.stat().st_mtime, timezone.utc),
+                    sid,
+                    d,
+                    n_rows,
+                    sources,
+                    m,
+                )
+            )
+        for created, sid, d, n_rows, sources, m in sorted(found, key=lambda x: (x[0], x[1])):
+            for s in sources:
+                if s.startswith("external:") and not cat.has_shard(s):
+                    ext = Path(s[len("external:") :])
+                    if ext.is_file():
+                        cat.register_external_shard(ext)
+                        n_ext += 1
+                    else:
+                        left_out[s] = (
+                            f"an external shard snapshot {sid} was built from; it no longer exists (lineage kept)"
+                        )
+            cat.record_snapshot(sid, m.get("parent_id"), d, n_rows, m, sources, created_at=created)
+        urls, failed = cat.con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE status <> 'success') FROM urls"
+        ).fetchone()
+        n_snap = cat.con.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+    backup = None
+    if catalog_path.exists():
+        backup = catalog_path.with_name(f"{catalog_path.name}.bak-{_now().strftime('%Y%m%dT%H%M%S')}")
+        os.replace(catalog_path, backup)
+        wal = catalog_path.with_name(catalog_path.name + ".wal")
+        if wal.exists():
+            os.replace(wal, backup.with_name(backup.name + ".wal"))
+    os.replace(tmp, catalog_path)
+    return Rebuilt(catalog_path, backup, n_raw, n_ext, int(urls), int(failed), int(n_snap), left_out)

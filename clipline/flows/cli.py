@@ -588,6 +588,40 @@ def ui(
         fail(f"the MLflow UI exited with status {server.returncode} (see its output above)")
 
 
+catalog_app = typer.Typer(help="The catalog (URLs seen, shards, snapshots and their lineage).", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("rebuild")
+def catalog_rebuild(
+    force: bool = typer.Option(False, "--force", help="Replace a catalog that exists (it is kept as .bak-<time>)."),
+) -> None:
+    """Rebuild a lost or damaged catalog from the raw shards and snapshot manifests in the data dir."""
+    cfg = get_config()
+    import duckdb
+
+    from clipline.components.catalog import CatalogExists, rebuild_catalog
+    from clipline.components.orchestration import RunBusy, exclusive_run
+    from clipline.components.orchestration.lock import holder_name
+
+    def rebuild() -> Any:
+        return rebuild_catalog(cfg.catalog_path, cfg.raw_dir, cfg.snapshots_dir, replace=force)
+
+    try:
+        if cfg.catalog_path.exists() and force:
+            try:  # no pipeline or refresh may write the data dir meanwhile
+                with exclusive_run(cfg, holder_name("catalog rebuild"), wait_s=0):
+                    res = rebuild()
+            except duckdb.Error:  # the catalog is damaged past opening: no run can be using it
+                res = rebuild()
+        else:
+            res = rebuild()
+    except (CatalogExists, RunBusy) as e:
+        fail(str(e))
+        return
+    render.rebuilt(res)
+
+
 def _stopped(e: BaseException | None) -> None:
     """The end of a command stopped by SIGTERM or SIGINT: Prefect's exit work (briefly), every
     process this one started stopped, and exit without the interpreter's teardown (seconds, with

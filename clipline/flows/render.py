@@ -204,6 +204,18 @@ def evaluation(out: Any, worst_classes: int) -> None:
         console.print(f"registered {r.name} version {r.version} as [bold]{r.alias}[/] ({r.decision.reason})")
 
 
+def rebuilt(res: Any) -> None:
+    rows = [
+        ("catalog", str(res.path) + (f" (the old one kept as {res.backup.name})" if res.backup else "")),
+        ("raw shards", str(res.raw_shards) + (f" (+ {res.external_shards} external)" if res.external_shards else "")),
+        ("URLs", f"{res.urls} ({res.urls - res.failed_urls} ok, {res.failed_urls} failed)"),
+        ("snapshots", str(res.snapshots)),
+    ]
+    rows_table("catalog rebuilt", rows)
+    for what, why in res.left_out.items():
+        note(f"left out {what}: {why}", err=True)
+
+
 def export_result(model: str, res: Any) -> None:
     console.print(f"exported {model} to {res.out_dir} ({res.n_tensors} tensors); load it with")
     say(f"  {res.open_clip_command}")
