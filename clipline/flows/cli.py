@@ -210,9 +210,15 @@ def ingest(
     flags = _set(retry_failed=retry_failed or None, url_col=url_col or None, caption_col=caption_col or None)
     cfg = get_config(ingest={**_allow(allow_host), **flags})
     from clipline.components.ingest.runner import ingest as run_ingest
+    from clipline.components.ingest.sources import UrlListError
+    from clipline.components.storage import StorageError
 
-    with render.ingest_progress() as progress:
-        result = run_ingest(cfg, url_lists, progress=progress)
+    try:
+        with render.ingest_progress() as progress:
+            result = run_ingest(cfg, url_lists, progress=progress)
+    except (FileNotFoundError, UrlListError, StorageError) as e:
+        fail(str(e))
+        return
     render.ingest_result(result)
 
 
@@ -433,6 +439,7 @@ def run_cmd(
             fail(t.failure)
         return
     from clipline.components.orchestration import RunBusy
+    from clipline.components.storage import StorageError
     from clipline.components.train.run import resolve_from_model
     from clipline.flows.pipeline import pipeline_flow, summary_rows
 
@@ -441,7 +448,7 @@ def run_cmd(
         result = pipeline_flow(
             list(url_lists), cfg, eval_sets=evals, decontaminate=decon, from_model=start, force=force
         )
-    except (FileNotFoundError, RunBusy) as e:
+    except (FileNotFoundError, RunBusy, StorageError) as e:
         fail(str(e))
         return
     render.rows_table("clipline run", summary_rows(result))
@@ -470,6 +477,7 @@ def refresh_cmd(
     _existing_eval_sets([*eval_set, *([decontaminate] if decontaminate else [])])
     from clipline.components.orchestration import RunBusy
     from clipline.components.refresh import InboxError
+    from clipline.components.storage import StorageError
     from clipline.flows.refresh import refresh_flow, summary_rows
 
     try:
@@ -479,7 +487,7 @@ def refresh_cmd(
             decontaminate=str(decontaminate) if decontaminate else None,
             from_scratch=True if from_scratch else None,
         )
-    except (RunBusy, InboxError) as e:
+    except (RunBusy, InboxError, StorageError) as e:
         fail(str(e))
         return
     render.rows_table("clipline refresh", summary_rows(result))

@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 from fsspec.core import OpenFile
 from fsspec.utils import infer_compression
 
+from clipline.components.storage import check_bucket, storage_errors
+
 from clipline.components.ingest.schema import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ def expand_paths(path: str, input_format: str = "auto") -> list[tuple[fsspec.Abs
             raise UrlListError(f"no file matches the URL-list pattern {path!r}")
         return [(fs, f) for f in found if not fs.isdir(f)]
     if not fs.exists(inner):
+        check_bucket(fs, "URL list", path)  # a missing bucket says so, not "no such file"
         raise FileNotFoundError(f"URL list {path!r} does not exist")
     if fs.isdir(inner):
         files = []
@@ -195,16 +198,17 @@ def read_url_list(
     if input_format not in ("auto", *FORMATS):
         raise UrlListError(f"input_format must be auto or one of {', '.join(FORMATS)}, not {input_format!r}")
     tables = []
-    for fs, inner in expand_paths(str(path), input_format):
-        label = _display(fs, inner)
-        fmt = input_format if input_format != "auto" else _format_of(inner)
-        if fmt is None:
-            raise UrlListError(
-                f"cannot tell the format of URL list {label} from its name; set ingest.input_format "
-                f"(--input-format) to one of {', '.join(FORMATS)}"
-            )
-        raw = _read_one(fs, inner, label, fmt, url_col, caption_col, save_additional_columns)
-        tables.append(_shape(raw, label, fmt, url_col, caption_col, save_additional_columns))
+    with storage_errors("URL list", str(path)):  # object storage refusing or unreachable: one line, what to set
+        for fs, inner in expand_paths(str(path), input_format):
+            label = _display(fs, inner)
+            fmt = input_format if input_format != "auto" else _format_of(inner)
+            if fmt is None:
+                raise UrlListError(
+                    f"cannot tell the format of URL list {label} from its name; set ingest.input_format "
+                    f"(--input-format) to one of {', '.join(FORMATS)}"
+                )
+            raw = _read_one(fs, inner, label, fmt, url_col, caption_col, save_additional_columns)
+            tables.append(_shape(raw, label, fmt, url_col, caption_col, save_additional_columns))
     return tables[0] if len(tables) == 1 else concat_url_tables(tables)
 
 

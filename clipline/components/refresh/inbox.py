@@ -25,6 +25,7 @@ import fsspec
 
 from clipline.components.config import Config
 from clipline.components.ingest.sources import _format_of  # the URL-list readers' own extension rules
+from clipline.components.storage import check_bucket, storage_errors
 
 DONE = "done"
 FAILED = "failed"
@@ -81,9 +82,11 @@ class Inbox:
         """The URL lists waiting in the inbox (locations, sorted by name)."""
         fs, root = self.fs, self.root
         try:
-            if not fs.exists(root):
-                return []
-            entries = fs.ls(root, detail=True)
+            with storage_errors("inbox", self.location):
+                if not fs.exists(root):
+                    check_bucket(fs, "inbox", self.location)  # a missing bucket is an error, not an empty inbox
+                    return []
+                entries = fs.ls(root, detail=True)
         except OSError as e:
             raise InboxError(f"cannot list the inbox {self.location}: {e}") from e
         out = []
