@@ -191,3 +191,23 @@ def simulate_training_run(
             serialization_format="pickle",
         )
         return run.info.run_id, info.model_uri
+
+
+def write_wds_set(out: Path, ds: Any, shards: int = 2, with_text_files: bool = True) -> Path:
+    """A zero-shot set in CLIP_benchmark's webdataset layout (test/N.tar of <key>.jpg + <key>.cls)."""
+    import io
+    import tarfile
+
+    (out / "test").mkdir(parents=True)
+    (out / "test" / "nshards.txt").write_text(f"{shards}\n")
+    for s in range(shards):
+        with tarfile.open(out / "test" / f"{s}.tar", "w") as tf:
+            for i in range(s, len(ds.labels), shards):
+                for ext, data in (("jpg", ds.images[i]), ("cls", str(ds.labels[i]).encode())):
+                    info = tarfile.TarInfo(f"s{i:05d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    if with_text_files:
+        (out / "classnames.txt").write_text("\n".join(ds.classnames) + "\n")
+        (out / "zeroshot_classification_templates.txt").write_text("\n".join(ds.templates) + "\n")
+    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zeroshot_set
+from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zeroshot_set, write_wds_set
 
 from clipline.components.evaluate.datasets import DatasetError, load_eval_dataset, load_snapshot_pairs
 from clipline.components.evaluate.retrieval import retrieval_metrics, run_retrieval
@@ -165,6 +165,65 @@ def test_zeroshot_agrees_with_clip_benchmark(tiny, tmp_path):
     assert ours.acc1 == pytest.approx(ref_acc1, abs=1e-4)
     assert ours.acc5 == pytest.approx(ref_acc5, abs=1e-4)
     assert ours.mean_per_class_recall == pytest.approx(ref_recall, abs=1e-4)
+
+
+def test_webdataset_sets_read_as_clip_benchmark_reads_them_and_score_the_same(tiny, tmp_path):
+    """CLIP_benchmark's wds layout, read by clipline and by CLIP_benchmark's own build_wds_dataset:
+    the same class names and templates, and the same top-1, top-5 and mean per-class recall."""
+    from clip_benchmark.datasets.builder import build_wds_dataset
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from sklearn.metrics import balanced_accuracy_score
+
+    from clipline.components.evaluate.datasets import wds_location
+
+    classes = [(c, s) for c in list(COLORS)[:4] for s in SHAPES]  # 12 classes
+    src = load_eval_dataset(make_zeroshot_set(tmp_path / "zs", classes, per_class=3, int_labels=True))
+    root = write_wds_set(tmp_path / "wds_shapes", src)
+    path, name = wds_location("wds/shapes", str(tmp_path / "wds_{dataset}"))
+    ds = load_eval_dataset(path, name=name)
+    assert (ds.kind, ds.name, len(ds), ds.classnames, ds.templates) == (
+        "wds",
+        "shapes",
+        36,
+        src.classnames,
+        src.templates,
+    )
+    ours = run_zeroshot(tiny.model, tiny.tokenizer, tiny.preprocess, ds, batch_size=7)
+
+    ref_ds = build_wds_dataset("wds/shapes", transform=tiny.preprocess, split="test", data_dir=str(root))
+    assert ref_ds.classes == ds.classnames and ref_ds.templates == ds.templates
+    clf = zero_shot_classifier(tiny.model, tiny.tokenizer, ref_ds.classes, ref_ds.templates, "cpu", amp=False)
+    loader = torch.utils.data.DataLoader(ref_ds, batch_size=8, num_workers=0)
+    logits, target = run_classification(tiny.model, clf, loader, "cpu", amp=False)
+    pred = logits.topk(5, 1, True, True)[1].t()  # accuracy() as CLIP_benchmark counts it (see above)
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    assert ours.n_images == len(target) == 36
+    assert ours.acc1 == pytest.approx(correct[:1].reshape(-1).float().sum().item() / len(target), abs=1e-4)
+    assert ours.acc5 == pytest.approx(correct[:5].reshape(-1).float().sum().item() / len(target), abs=1e-4)
+    assert ours.mean_per_class_recall == pytest.approx(balanced_accuracy_score(target, logits.argmax(axis=1)), abs=1e-4)
+
+
+def test_webdataset_sets_without_text_files_take_clip_benchmarks_shipped_names_or_say_what_is_missing(tmp_path):
+    import json as _json
+
+    import clip_benchmark.datasets as cb
+
+    shipped = _json.loads((Path(cb.__file__).parent / "en_classnames.json").read_text())["mnist"]
+    classes = [(c, s) for c in list(COLORS)[:4] for s in SHAPES][:10]  # 10 labels, as mnist has
+    src = load_eval_dataset(make_zeroshot_set(tmp_path / "zs", classes, per_class=1, int_labels=True))
+    write_wds_set(tmp_path / "wds_mnist", src, shards=1, with_text_files=False)
+    ds = load_eval_dataset(tmp_path / "wds_mnist", name="mnist")
+    assert ds.classnames == shipped and "clip_benchmark" in ds.templates_source and len(ds) == 10
+    write_wds_set(tmp_path / "wds_mine", src, shards=1, with_text_files=False)
+    with pytest.raises(DatasetError, match="no classnames.txt"):
+        load_eval_dataset(tmp_path / "wds_mine", name="mine")
+    (tmp_path / "wds_mine" / "test" / "nshards.txt").write_text("2\n")
+    with pytest.raises(DatasetError, match="1.tar is missing"):
+        load_eval_dataset(tmp_path / "wds_mine", name="mine")
+    with pytest.raises(DatasetError, match="--dataset wds/NAME"):
+        from clipline.components.evaluate.datasets import wds_location
+
+        wds_location("cifar10", str(tmp_path))
 
 
 def test_retrieval_agrees_with_clip_benchmark(tiny, tmp_path):

@@ -8,7 +8,15 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zeroshot_set, simulate_training_run
+from evalkit import (
+    COLORS,
+    SHAPES,
+    make_checkpoint,
+    make_snapshot,
+    make_zeroshot_set,
+    simulate_training_run,
+    write_wds_set,
+)
 from flowkit import run_flow_with_artifact
 
 from clipline.components.config import load_config
@@ -100,6 +108,16 @@ def test_evaluate_command(setup):
         ],
     )
     assert bad.exit_code == 1 and "missing.parquet does not exist" in bad.output
+
+    # a CLIP_benchmark webdataset set, named as CLIP_benchmark names it
+    write_wds_set(cfg.data_dir.parent / "wds_shapes", load_eval_dataset(heldout / "heldout.parquet"))
+    args = ["--data-dir", str(cfg.data_dir), "evaluate", "--model", str(ckpt), "--dataset", "wds/shapes"]
+    res = runner.invoke(
+        app_(), [*args, "--dataset-root", str(cfg.data_dir.parent / "wds_{dataset}")], terminal_width=200
+    )
+    assert res.exit_code == 0 and "zeroshot/shapes/acc1" in res.output, res.output
+    bad = runner.invoke(app_(), args[:-1] + ["shapes", "--dataset-root", str(cfg.data_dir.parent)])
+    assert bad.exit_code == 1 and "wds/NAME" in bad.output
 
 
 def app_():

@@ -301,11 +301,19 @@ def evaluate_cmd(
         help="Model version, alias (champion, challenger), models:/ URI or checkpoint directory "
         "(default: the champion, else the newest local checkpoint).",
     ),
-    dataset: Optional[list[Path]] = typer.Option(
+    dataset: Optional[list[str]] = typer.Option(
         None,
         "--dataset",
-        metavar="PATH",
-        help="Zero-shot set: Parquet (image,label), a directory of them, or an ImageFolder. Repeatable.",
+        metavar="PATH|wds/NAME",
+        help="Zero-shot set: Parquet (image,label), a directory of them, an ImageFolder, or a CLIP_benchmark "
+        "webdataset directory (wds/NAME with --dataset-root). Repeatable.",
+    ),
+    dataset_root: Optional[str] = typer.Option(
+        None,
+        "--dataset-root",
+        metavar="DIR",
+        help="With --dataset wds/NAME: the set's directory, CLIP_benchmark's convention ({dataset} and "
+        "{dataset_cleaned} are replaced by NAME).",
     ),
     classnames: Optional[Path] = typer.Option(
         None, "--classnames", metavar="FILE", help="Class names JSON (CLIP_benchmark format)."
@@ -342,6 +350,7 @@ def evaluate_cmd(
             datasets=[str(d) for d in dataset or []],
             classnames=str(classnames) if classnames else None,
             templates=str(templates) if templates else None,
+            dataset_root=dataset_root,
             snapshot_id=snapshot,
             register=register,
         )

@@ -7,7 +7,14 @@ Zero-shot sets come in three shapes, all described by an :class:`EvalDataset`:
 - an ImageFolder directory (torchvision's convention: one sub-folder per class; with a classnames
   file whose names are the folders' names, each folder is matched by name, see
   :func:`_imagefolder_labels`);
-- either of them with class names and templates in CLIP_benchmark's JSON format:
+- CLIP_benchmark's webdataset layout (the ``wds_*`` sets it publishes): a directory with
+  ``test/nshards.txt``, tar shards ``test/0.tar`` ... holding ``<key>.<webp|png|jpg|jpeg>`` and
+  ``<key>.cls`` per image, ``classnames.txt`` and ``zeroshot_classification_templates.txt`` (one
+  per line); without those two files, the class names and templates that the clip_benchmark
+  package ships for the set's name (``wds/cifar10`` -> ``cifar10``). :func:`wds_location` resolves
+  CLIP_benchmark's ``--dataset wds/NAME --dataset_root DIR`` convention (``{dataset}`` and
+  ``{dataset_cleaned}`` placeholders in DIR);
+- any of them with class names and templates in CLIP_benchmark's JSON format:
   ``{"<dataset>": ["class a", ...]}`` and ``{"<dataset>": ["a photo of a {c}.", ...]}`` (a plain
   list is accepted too; templates may also be CuPL-style ``{"<classname>": [prompts]}``).
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +53,7 @@ class EvalDataset:
 
     name: str
     source: Path
-    kind: str  # "parquet" | "imagefolder"
+    kind: str  # "parquet" | "imagefolder" | "wds"
     classnames: list[str]
     templates: Templates
     labels: list[int]
@@ -209,7 +217,11 @@ def load_eval_dataset(
     else:
         tpl, tpl_source = list(DEFAULT_TEMPLATES), "default ('a photo of a {c}.')"
 
-    if _is_imagefolder(path):
+    if _is_wds(path):
+        ds, wds_tpl = _load_wds(path, ds_name, cls_list)
+        if not tpl_path and wds_tpl is not None:
+            tpl, tpl_source = wds_tpl
+    elif _is_imagefolder(path):
         ds = _load_imagefolder(path, ds_name, cls_list)
     else:
         ds = _load_parquet(path, ds_name, cls_list)
@@ -223,6 +235,109 @@ def load_eval_dataset(
         why = f" ({len(ds.skipped)} unreadable, first: {ds.skipped[0][1]})" if ds.skipped else ""
         raise DatasetError(f"evaluation set {path} has no readable images{why}")
     return ds
+
+
+# ----- CLIP_benchmark's webdataset layout -----
+WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order of preference
+WDS_SPLIT = "test"
+
+
+def wds_location(dataset: str, dataset_root: str) -> tuple[str, str]:
+    """CLIP_benchmark's ``--dataset wds/NAME --dataset_root DIR``: (the set's directory, its name).
+    DIR may hold ``{dataset}`` / ``{dataset_cleaned}`` (NAME with '/' as '-'), as in CLIP_benchmark."""
+    if not dataset.startswith("wds/"):
+        raise DatasetError(
+            f"--dataset-root goes with --dataset wds/NAME (CLIP_benchmark's convention), not {dataset!r}"
+        )
+    name = dataset[len("wds/") :]
+    return dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-")), name
+
+
+def _is_wds(path: Path) -> bool:
+    return path.is_dir() and (path / WDS_SPLIT / "nshards.txt").is_file()
+
+
+def _txt_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _shipped(kind: str, name: str) -> Any:
+    """The class names or templates the clip_benchmark package ships for ``name`` (None: none)."""
+    try:
+        import clip_benchmark.datasets as cb
+    except ImportError:
+        return None
+    f = Path(cb.__file__).parent / f"en_{kind}.json"
+    return json.loads(f.read_text()).get(name) if f.is_file() else None
+
+
+def _load_wds(path: Path, name: str, classnames: list[str] | None) -> tuple[EvalDataset, tuple[Templates, str] | None]:
+    """A classification set in CLIP_benchmark's webdataset layout, and its templates (with where
+    they came from) when the set has them."""
+    type_file = path / "dataset_type.txt"
+    kind = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
+    if kind != "classification":
+        raise DatasetError(
+            f"{path} is a CLIP_benchmark {kind} set (dataset_type.txt); clipline evaluates its classification "
+            "sets (retrieval runs on the snapshot's val split)"
+        )
+    nshards_file = path / WDS_SPLIT / "nshards.txt"
+    try:
+        nshards = int(nshards_file.read_text().strip())
+    except ValueError:
+        raise DatasetError(f"{nshards_file} must hold the number of tar shards") from None
+    images: list[bytes] = []
+    labels: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    for i in range(nshards):
+        tar = path / WDS_SPLIT / f"{i}.tar"
+        if not tar.is_file():
+            raise DatasetError(f"{tar} is missing: {nshards_file} says there are {nshards} shards")
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(tar) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    folder, _, base = m.name.rpartition("/")
+                    stem, dot, ext = base.partition(".")
+                    if not dot or base.startswith("."):
+                        continue
+                    key = f"{folder}/{stem}" if folder else stem  # webdataset's grouping of files into samples
+                    samples.setdefault(key, {})[ext.lower()] = tf.extractfile(m).read()
+        except tarfile.TarError as e:
+            raise DatasetError(f"{tar} is not a readable tar file ({e})") from None
+        for key, parts in samples.items():
+            img = next((parts[e] for e in WDS_IMAGE_EXTENSIONS if e in parts), None)
+            if img is None or "cls" not in parts:
+                skipped.append((f"{tar}:{key}", f"sample without {'an image' if img is None else 'a cls label'}"))
+                continue
+            try:
+                labels.append(int(parts["cls"].decode().strip()))
+            except ValueError:
+                skipped.append((f"{tar}:{key}", f"cls is not a class index: {parts['cls'][:20]!r}"))
+                continue
+            images.append(img)
+    names_file, tpl_file = path / "classnames.txt", path / "zeroshot_classification_templates.txt"
+    names = classnames or (_txt_lines(names_file) if names_file.is_file() else _shipped("classnames", name))
+    if not names:
+        raise DatasetError(
+            f"{path} has no classnames.txt and clip_benchmark ships no class names for {name!r}: "
+            "give --classnames FILE or put classnames.txt (one per line) in it"
+        )
+    bad = sorted({x for x in labels if not 0 <= x < len(names)})
+    if bad:
+        raise DatasetError(f"{path}: labels {bad[:5]} are out of range for {len(names)} class names")
+    tpl: tuple[Templates, str] | None = None
+    if tpl_file.is_file():
+        tpl = (_txt_lines(tpl_file), str(tpl_file))
+    elif (shipped := _shipped("zeroshot_classification_templates", name)) is not None:
+        tpl = (shipped, f"clip_benchmark's templates for {name}")
+    ds = EvalDataset(
+        name=name, source=path, kind="wds", classnames=list(names), templates=[], labels=labels, images=images
+    )
+    ds.skipped.extend(skipped)
+    return ds, tpl
 
 
 def _spelling(name: str) -> str:

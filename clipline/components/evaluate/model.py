@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clipline.components.config import Config
-from clipline.components.evaluate.datasets import load_eval_dataset
+from clipline.components.evaluate.datasets import EvalDataset, load_eval_dataset, wds_location
 from clipline.components.evaluate.stage import EvalResult, evaluate, log_result
 from clipline.components.tracking.registry import (
     RegistryResult,
@@ -34,12 +34,20 @@ class Evaluation:
     model_ref: str  # the model as it was named (for reports)
 
 
+def _load(dataset: str, classnames: str | None, templates: str | None, dataset_root: str | None) -> EvalDataset:
+    if dataset_root is None:
+        return load_eval_dataset(dataset, classnames, templates)
+    path, name = wds_location(dataset, dataset_root)
+    return load_eval_dataset(path, classnames, templates, name=name)
+
+
 def evaluate_model(
     cfg: Config,
     model: str | None = None,
     datasets: list[str] | None = None,
     classnames: str | None = None,
     templates: str | None = None,
+    dataset_root: str | None = None,
     snapshot_id: str | None = None,
     run_id: str | None = None,
     register: bool = False,
@@ -47,7 +55,8 @@ def evaluate_model(
     parent_version: str | None = None,
 ) -> Evaluation:
     """Evaluate ``model`` on ``datasets`` (default ``evaluate.datasets``; ``classnames``/``templates``
-    files apply to each) and the snapshot's val split (default: the model's snapshot, when it is
+    files apply to each; with ``dataset_root``, each is ``wds/NAME`` in CLIP_benchmark's convention)
+    and the snapshot's val split (default: the model's snapshot, when it is
     here). ``run_id``/``model_uri``: the model's run and logged model when the caller knows them
     (the pipeline, right after training). With ``register``, the model becomes a new version whose
     parent is ``parent_version`` and the promotion rule decides its alias."""
@@ -57,7 +66,7 @@ def evaluate_model(
     snap = snapshot_id
     if snap is None and resolved.snapshot_id and (cfg.snapshots_dir / resolved.snapshot_id).is_dir():
         snap = resolved.snapshot_id  # else the stage notes that the checkpoint's snapshot is not here
-    sets = [load_eval_dataset(p, classnames, templates) for p in datasets] if datasets else None
+    sets = [_load(p, classnames, templates, dataset_root) for p in datasets] if datasets else None
     res = evaluate(
         cfg,
         resolved.checkpoint_dir,
