@@ -44,6 +44,7 @@ def _load(dataset: str, classnames: str | None, templates: str | None, dataset_r
 def evaluate_model(
     cfg: Config,
     model: str | None = None,
+    *,
     datasets: list[str] | None = None,
     classnames: str | None = None,
     templates: str | None = None,
