@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import http.client
 import io
 import json
@@ -30,10 +31,10 @@ from clipline.components.demo.faults import INGEST_OUTCOME, object_mask
 from clipline.components.demo import (
     ALL_COMBOS,
     COLORS,
-    HELDOUT_COMBOS,
-    SEEN_COMBOS,
     SHAPES,
     ToyStore,
+    heldout_combos,
+    seen_combos,
     serve_toy_web,
     write_heldout_set,
     write_seen_set,
@@ -172,10 +173,11 @@ def test_clean_captions_name_colour_and_shape_and_read_as_english(toy):
     assert len({r["caption"] for r in clean}) > 0.8 * len(clean)
 
 
-def test_heldout_combinations_never_in_the_corpus():
-    store = ToyStore(DemoConfig(n_images=3000, fault_rate=0.1))
-    held = set(HELDOUT_COMBOS)
-    assert len(held) == 12 and len(SEEN_COMBOS) == 36 and len(ALL_COMBOS) == 48
+@pytest.mark.parametrize("seed", [0, 7])
+def test_heldout_combinations_never_in_the_corpus(seed):
+    store = ToyStore(DemoConfig(n_images=3000, fault_rate=0.1, seed=seed))
+    held = set(heldout_combos(seed))
+    assert len(held) == 12 and len(seen_combos(seed)) == 36 and len(ALL_COMBOS) == 48
     for it in store.items:
         assert (it.color, it.shape) not in held
         words = set(re.findall(r"[a-z]+", it.caption.lower()))
@@ -183,7 +185,18 @@ def test_heldout_combinations_never_in_the_corpus():
         assert not (named & held), it
     # every colour and every shape is still seen, with several partners
     seen = {(it.color, it.shape) for it in store.items}
-    assert seen == set(SEEN_COMBOS)
+    assert seen == set(seen_combos(seed))
+
+
+def test_the_heldout_split_is_drawn_from_the_seed_with_the_same_balance():
+    splits = {seed: heldout_combos(seed) for seed in range(20)}
+    assert len(set(splits.values())) == 20  # a different split per seed (not one fixed in code)
+    assert heldout_combos(3) == splits[3]  # and the same one for the same seed
+    for held in splits.values():
+        per_shape = collections.Counter(s for _, s in held)
+        per_color = collections.Counter(c for c, _ in held)
+        assert set(per_shape) == set(SHAPES) and set(per_shape.values()) == {2}
+        assert sorted(per_color.values()) == [1, 1, 1, 1, 2, 2, 2, 2] and set(per_color) == set(COLORS)
 
 
 def test_caption_faults(toy):
@@ -391,14 +404,14 @@ def test_heldout_and_seen_sets_load(tmp_path):
     templates = json.loads(held.templates_file.read_text())
     assert list(names) == ["heldout"] and len(names["heldout"]) == 48
     assert all("{c}" in t for t in templates["heldout"])
-    assert {r["label"] for r in rows} == {f"{c} {s}" for c, s in HELDOUT_COMBOS} == set(held.labels)
+    assert {r["label"] for r in rows} == {f"{c} {s}" for c, s in heldout_combos(3)} == set(held.labels)
     assert set(held.labels) <= set(names["heldout"])
     assert held.chance_acc1 == pytest.approx(1 / 48)
     for r in rows[:4]:
         im = decode(r["image"])
         assert im.mode == "RGB" and min(im.size) >= 224
     seen_rows = pq.read_table(seen.data).to_pylist()
-    assert {r["label"] for r in seen_rows} == {f"{c} {s}" for c, s in SEEN_COMBOS}
+    assert {r["label"] for r in seen_rows} == {f"{c} {s}" for c, s in seen_combos(3)}
     assert not {r["image"] for r in seen_rows} & {r["image"] for r in rows}
     again = write_heldout_set(tmp_path / "again", seed=3, n_per_class=2)
     assert [r["image"] for r in pq.read_table(again.data).to_pylist()] == [r["image"] for r in rows]

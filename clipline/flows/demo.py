@@ -98,6 +98,7 @@ def run_demo(
     rows = [
         *pipeline_rows,
         ("chance level", f"{heldout.chance_acc1:.3f} (1 of {len(heldout.classnames)} colour x shape names)"),
+        ("held-out pairs", f"{', '.join(heldout.labels)} (drawn from demo.seed = {cfg.demo.seed})"),
         ("demo time", f"{seconds:.0f} s"),
     ]
     metrics = result.evaluation.eval.metrics if result.evaluation is not None else {}
@@ -106,6 +107,8 @@ def run_demo(
         "seconds": round(seconds, 1),
         "skipped": result.skipped,
         "chance_acc1": heldout.chance_acc1,
+        "seed": cfg.demo.seed,
+        "heldout_pairs": list(heldout.labels),
         "heldout_acc1": metrics.get(f"zeroshot/{heldout.name}/acc1"),
         "seen_acc1": metrics.get(f"zeroshot/{seen.name}/acc1"),
         "metrics": metrics,

@@ -6,7 +6,7 @@ HTTP on loopback with the faults of the real web, plus the held-out zero-shot ev
 - corpus.py (what the pictures and captions are), faults.py (the faults), store.py (items, bodies).
 """
 
-from clipline.components.demo.corpus import ALL_COMBOS, COLORS, HELDOUT_COMBOS, SEEN_COMBOS, SHAPES
+from clipline.components.demo.corpus import ALL_COMBOS, COLORS, SHAPES, heldout_combos, seen_combos
 from clipline.components.demo.heldout import EvalSet, write_heldout_set, write_seen_set
 from clipline.components.demo.server import ToyWeb, serve_toy_web
 from clipline.components.demo.store import ToyItem, ToyStore
@@ -14,13 +14,13 @@ from clipline.components.demo.store import ToyItem, ToyStore
 __all__ = [
     "ALL_COMBOS",
     "COLORS",
-    "HELDOUT_COMBOS",
-    "SEEN_COMBOS",
     "SHAPES",
     "EvalSet",
     "ToyItem",
     "ToyStore",
     "ToyWeb",
+    "heldout_combos",
+    "seen_combos",
     "serve_toy_web",
     "write_heldout_set",
     "write_seen_set",

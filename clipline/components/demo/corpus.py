@@ -5,11 +5,13 @@ specs, the same captions and the same image bytes on every machine and every run
 content never depends on how many items are asked for (``n``), so a longer corpus extends a
 shorter one.
 
-Colours x shapes: 8 x 6 = 48 combinations. :data:`HELDOUT_COMBOS` (12 of them) never appear in
-the training corpus, in any item, faulty or clean; they exist only in the evaluation set written
-by :func:`clipline.components.demo.heldout.write_heldout_set`. Every colour and every shape still
-appears in training with other partners (each colour with at least 4 shapes, each shape with 6
-colours), so a model that composes "colour" and "shape" can name the held-out pairs.
+Colours x shapes: 8 x 6 = 48 combinations. ``heldout_combos(seed)`` (12 of them, drawn from the
+toy web's seed) never appear in the training corpus of that seed, in any item, faulty or clean;
+they exist only in the evaluation set written by
+:func:`clipline.components.demo.heldout.write_heldout_set` with the same seed. Every colour and
+every shape still appears in training with other partners (each colour with at least 4 shapes,
+each shape with 6 colours), so a model that composes "colour" and "shape" can name the held-out
+pairs; a figure over several seeds measures that, not one lucky split.
 """
 
 from __future__ import annotations
@@ -37,12 +39,29 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
 
-#: colour x shape pairs that never occur in the training corpus (shape j with colours j and j+6).
-HELDOUT_COMBOS: tuple[tuple[str, str], ...] = tuple(
-    (list(COLORS)[c], SHAPES[s]) for s in range(len(SHAPES)) for c in (s % len(COLORS), (s + 6) % len(COLORS))
-)
 ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
-SEEN_COMBOS: tuple[tuple[str, str], ...] = tuple(x for x in ALL_COMBOS if x not in HELDOUT_COMBOS)
+
+
+@functools.lru_cache(maxsize=64)
+def heldout_combos(seed: int) -> tuple[tuple[str, str], ...]:
+    """The 12 colour x shape pairs the corpus of ``seed`` never shows: colours and shapes are
+    shuffled by the seed, then shape j is held out with colours j and j+6. So every shape is held
+    out with exactly 2 colours, every colour with 1 or 2 shapes (each colour still trains with 4
+    or more shapes, each shape with 6 colours), whichever the seed."""
+    rng = random.Random(hashlib.blake2b(f"{seed}/heldout-split".encode(), digest_size=8).digest())
+    colors, shapes = list(COLORS), list(SHAPES)
+    rng.shuffle(colors)
+    rng.shuffle(shapes)
+    n = len(colors)
+    return tuple((colors[c], shapes[s]) for s in range(len(shapes)) for c in (s % n, (s + 6) % n))
+
+
+@functools.lru_cache(maxsize=64)
+def seen_combos(seed: int) -> tuple[tuple[str, str], ...]:
+    """The 36 pairs the corpus of ``seed`` shows, in :data:`ALL_COMBOS` order."""
+    held = set(heldout_combos(seed))
+    return tuple(x for x in ALL_COMBOS if x not in held)
+
 
 # Backgrounds: neutral (unsaturated) so that the object's colour is the only colour in the image.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -408,7 +427,7 @@ class CorpusItem:
 
 @functools.lru_cache(maxsize=64)
 def _deal(seed: int, rnd: int) -> tuple[int, ...]:
-    order = list(range(len(SEEN_COMBOS)))
+    order = list(range(len(seen_combos(seed))))
     _rng(seed, "deal", rnd).shuffle(order)
     return tuple(order)
 
@@ -418,8 +437,9 @@ def corpus_item(seed: int, item_id: int, *, small_share: float = 0.05, wide_shar
 
     Combinations are dealt in shuffled rounds of all 36 seen pairs, so any 36 consecutive ids
     cover every seen pair once."""
-    rnd, pos = divmod(item_id, len(SEEN_COMBOS))
-    color, shape = SEEN_COMBOS[_deal(seed, rnd)[pos]]
+    seen = seen_combos(seed)
+    rnd, pos = divmod(item_id, len(seen))
+    color, shape = seen[_deal(seed, rnd)[pos]]
     rng = _rng(seed, "item", item_id)
     spec = sample_spec(rng, color, shape, small_share=small_share, wide_share=wide_share)
     return CorpusItem(item_id=item_id, spec=spec, caption=caption_for(spec, rng))

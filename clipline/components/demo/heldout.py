@@ -1,9 +1,9 @@
 """Zero-shot evaluation sets for models trained on the toy web.
 
-``write_heldout_set`` draws pictures of the 12 colour x shape combinations that the toy web never
-shows (:data:`~clipline.components.demo.corpus.HELDOUT_COMBOS`); ``write_seen_set`` draws fresh
-pictures of the 36 combinations it does show (none of these images is in the corpus: they come
-from their own random stream).
+``write_heldout_set`` draws pictures of the 12 colour x shape combinations that the toy web of the
+same seed never shows (:func:`~clipline.components.demo.corpus.heldout_combos`); ``write_seen_set``
+draws fresh pictures of the 36 combinations it does show (none of these images is in the corpus:
+they come from their own random stream). Pass the toy web's seed (``demo.seed``).
 
 **Classes.** Both sets are classified among ALL 48 colour x shape names, not only the held-out
 ones. Among the 12 held-out names alone, colour by itself would narrow a picture to one or two
@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 
 from clipline.components.demo.corpus import (
     ALL_COMBOS,
-    HELDOUT_COMBOS,
-    SEEN_COMBOS,
     _rng,
     encode_jpeg,
+    heldout_combos,
     render,
     sample_spec,
+    seen_combos,
 )
 
 #: zero-shot prompts; ``{c}`` is a class name such as "red circle". They avoid "a"/"an" so every
@@ -100,11 +100,11 @@ def _write(out_dir: Path | str, name: str, combos: tuple[tuple[str, str], ...], 
 
 
 def write_heldout_set(out_dir: Path | str, seed: int = 0, n_per_class: int = 50, name: str = "heldout") -> EvalSet:
-    """Pictures of the 12 colour x shape combinations never shown in training, ``n_per_class``
-    each, classified among all 48 names (chance 1/48). Same seed, same bytes."""
-    return _write(out_dir, name, HELDOUT_COMBOS, seed, n_per_class)
+    """Pictures of the 12 colour x shape combinations the toy web of ``seed`` never shows,
+    ``n_per_class`` each, classified among all 48 names (chance 1/48). Same seed, same bytes."""
+    return _write(out_dir, name, heldout_combos(seed), seed, n_per_class)
 
 
 def write_seen_set(out_dir: Path | str, seed: int = 0, n_per_class: int = 20, name: str = "seen") -> EvalSet:
-    """Fresh pictures of the 36 combinations the training corpus does show, for comparison."""
-    return _write(out_dir, name, SEEN_COMBOS, seed, n_per_class)
+    """Fresh pictures of the 36 combinations the training corpus of ``seed`` does show, for comparison."""
+    return _write(out_dir, name, seen_combos(seed), seed, n_per_class)
