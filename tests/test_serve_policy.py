@@ -88,6 +88,12 @@ def test_a_served_run_keeps_the_workers_security_and_may_change_the_rest(served)
     }
     # the deployment's own default parameters restate the worker's values: accepted
     assert served_run(None, None, None)[0].data_dir == served / "data"
+    # hub starts name no file on the worker: taken as given, as a start parameter and a setting
+    hub = "hf-hub:acme/nano-clip"
+    cfg, inputs = served_run(None, None, {"train": {"pretrained": "ViT-B-32:laion2b_s34b_b79k"}}, from_model=hub)
+    assert inputs == {"from_model": hub} and cfg.train.pretrained == "ViT-B-32:laion2b_s34b_b79k"
+    cfg, _ = served_run(None, None, {"train": {"pretrained": "lists/a.csv"}})
+    assert cfg.train.pretrained == served / "lists" / "a.csv"  # a file inside the roots, as checked
 
 
 def test_a_served_run_that_would_loosen_the_worker_is_refused_naming_each_parameter(served):
@@ -121,6 +127,7 @@ def test_a_served_run_that_would_loosen_the_worker_is_refused_naming_each_parame
     # a whole config, or a checkpoint outside the roots, is refused too
     assert "cfg: a served run takes its configuration from the worker" in _refusal(cfg=Config())
     assert 'from_model = "/etc/passwd"' in _refusal(from_model="/etc/passwd")
+    assert 'overrides.train.pretrained = "/etc/passwd"' in _refusal(overrides={"train": {"pretrained": "/etc/passwd"}})
 
 
 def test_without_a_worker_policy_parameters_are_taken_as_given(tmp_path, monkeypatch):

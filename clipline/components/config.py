@@ -131,7 +131,11 @@ class CurateConfig(_Section):
 
 class TrainConfig(_Section):
     model: str = Field("clipline-tiny", description="a config in components/model/configs or an open_clip name")
-    pretrained: Path | None = Field(None, description="checkpoint dir or weights file to fine-tune from")
+    pretrained: Path | str | None = Field(
+        None,
+        description="where to start: a checkpoint dir or weights file, a registered version or alias, "
+        "hf-hub:org/repo, or an open_clip pretrained tag of model (or MODEL:TAG)",
+    )
     batch_size: int = Field(128, ge=2, description="global batch size (split evenly over workers)")
     steps: int = Field(0, ge=0, description="0 = derive from epochs")
     epochs: float = Field(5.0, gt=0)

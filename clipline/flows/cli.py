@@ -112,8 +112,10 @@ FromModel = Annotated[
     Optional[str],
     typer.Option(
         "--from-model",
-        metavar="VERSION|PATH",
-        help="Fine-tune from a checkpoint directory/file, or a registered version or alias (e.g. 3, champion).",
+        metavar="VERSION|PATH|HUB",
+        help="Fine-tune from a checkpoint directory/file, a registered version or alias (e.g. 3, champion), "
+        "hf-hub:org/repo, or an open_clip pretrained tag of the model (laion2b_s34b_b79k, or "
+        "ViT-B-32:laion2b_s34b_b79k).",
     ),
 ]
 UrlLists = Annotated[
@@ -447,6 +449,7 @@ def run_cmd(
         if t.failure:
             fail(t.failure)
         return
+    from clipline.components.model.errors import ModelError
     from clipline.components.orchestration import RunBusy
     from clipline.components.storage import StorageError
     from clipline.components.train.run import resolve_from_model
@@ -457,7 +460,7 @@ def run_cmd(
         result = pipeline_flow(
             list(url_lists), cfg, eval_sets=evals, decontaminate=decon, from_model=start, force=force
         )
-    except (FileNotFoundError, RunBusy, StorageError) as e:
+    except (FileNotFoundError, ModelError, RunBusy, StorageError) as e:
         fail(str(e))
         return
     render.rows_table("clipline run", summary_rows(result))

@@ -32,8 +32,9 @@ def train_report_markdown(r: TrainResult) -> str:
 
 
 @flow(name="train", log_prints=True)
-def train_flow(cfg: Config, snapshot_id: str | None = None, from_model: Path | None = None) -> TrainResult:
-    """Train on a snapshot (the latest when None), optionally fine-tuning from a checkpoint."""
+def train_flow(cfg: Config, snapshot_id: str | None = None, from_model: Path | str | None = None) -> TrainResult:
+    """Train on a snapshot (the latest when None), optionally fine-tuning from a start (a checkpoint,
+    or hub weights: see ``clipline.components.model.start``)."""
     logger = get_run_logger()
     result = train(cfg, snapshot_id=snapshot_id, from_model=from_model)
     logger.info(

@@ -9,6 +9,7 @@ Checkpoints are read and written by :mod:`.checkpoint`; :func:`create` starts fr
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from clipline.components.model import checkpoint, towers  # towers: registers ours in timm (clipline_two_stream)
 from clipline.components.model.errors import ModelError
+from clipline.components.model.start import HUB_PREFIX, HUB_CONFIG, hub_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -113,7 +115,11 @@ def list_models() -> list[str]:
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """The open_clip model config for ``name`` (a deep copy). Raises ModelError naming the choices."""
+    """The open_clip model config for ``name`` (a deep copy; ``hf-hub:org/repo``: the repo's).
+    Raises ModelError naming the choices."""
+    if name.startswith(HUB_PREFIX):  # the repo's own config, through the Hugging Face cache
+        with open(hub_file(name[len(HUB_PREFIX) :], (HUB_CONFIG,), name), encoding="utf-8") as f:
+            return json.load(f)["model_cfg"]
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -129,22 +135,28 @@ def create(
     pretrained: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     aug: dict[str, Any] | None = None,
+    tag: str | None = None,
+    preprocess: dict[str, Any] | None = None,
 ) -> ModelBundle:
     """Build model ``name`` (fp32, on ``device``) with its tokenizer and transforms.
 
-    ``pretrained``: a local checkpoint directory or weights file to start from (fine-tuning, read
-    by :func:`.checkpoint.load_weights`); it must match the architecture, else CheckpointError.
-    Nothing is downloaded: timm towers are built without ImageNet weights and the tokenizer
-    vocabulary ships in the open_clip wheel.
+    ``name`` is one of our configs, an open_clip name, or ``hf-hub:org/repo`` (open_clip builds it
+    from the repo's config and loads the repo's weights, through the Hugging Face cache); ``tag``
+    an open_clip pretrained tag of ``name``, loaded the same way (see :mod:`.start`).
+    ``pretrained``: a local checkpoint directory or weights file loaded after that (fine-tuning,
+    read by :func:`.checkpoint.load_weights`); it must match the architecture, else
+    CheckpointError. ``preprocess``: preprocessing that wins over the architecture's and the tag's
+    (a start checkpoint's own). Nothing else is fetched: timm towers are built without ImageNet
+    weights and the tokenizer vocabulary ships in the open_clip wheel.
     """
     cfg = model_config(name)
     weights = None
     if pretrained is not None:
         weights = checkpoint.weights_file(pretrained)  # a missing checkpoint fails before any work
-    model = open_clip.create_model(
-        name, pretrained=None, device=device, output_dict=True, force_preprocess_cfg=PREPROCESS_OVERRIDES.get(name)
-    )
-    if weights is None and name in INIT_OPTIONS:
+    force = {**PREPROCESS_OVERRIDES.get(name, {}), **(preprocess or {})} or None
+    model = open_clip.create_model(name, pretrained=tag, device=device, output_dict=True, force_preprocess_cfg=force)
+    from_scratch = weights is None and tag is None and not name.startswith(HUB_PREFIX)
+    if from_scratch and name in INIT_OPTIONS:
         apply_init(model, INIT_OPTIONS[name])
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
     try:

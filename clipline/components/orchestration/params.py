@@ -51,8 +51,15 @@ WORKER_SETTINGS = ("ingest.ssrf_guard", "ingest.allow_hosts", "tracking.tracking
 #: paths only the serving process sets: where a run writes, what SQL it runs, what it may read
 WORKER_PATHS = ("data_dir", "refresh.inbox", "refresh.input_roots", "curate.duckdb_temp_dir", "curate.rules_file")
 
-#: a `from_model` that names a registered version or alias (resolved in the worker's own registry)
-_REGISTRY_REF = re.compile(r"models:/\S+|\d+|[A-Za-z][\w-]*")
+#: a `from_model` that names no file: a registered version or alias (resolved in the worker's own
+#: registry) or a hub start (hf-hub:org/repo, an open_clip tag or MODEL:TAG, fetched by the worker)
+_REGISTRY_REF = re.compile(r"models:/\S+|\d+|[A-Za-z][\w-]*|hf-hub:[\w.-]+/[\w.-]+|[A-Za-z][\w.-]*:[\w.-]+")
+
+
+def _names_no_file(value: str) -> bool:
+    """A start (``from_model``, ``train.pretrained``) that names a registered version or alias or
+    hub weights, and no file on the worker."""
+    return _REGISTRY_REF.fullmatch(value) is not None and not Path(value).exists()
 
 
 class RunRefused(ValueError):
@@ -237,11 +244,13 @@ class ServePolicy:
             if new == mine:
                 continue
             values = new if isinstance(new, list) else [new]
-            bad = [str(v) for v in values if v is not None and self._outside(str(v))]
+            fileless = [v for v in values if setting == "train.pretrained" and _names_no_file(str(v))]
+            bad = [str(v) for v in values if v is not None and v not in fileless and self._outside(str(v))]
             if bad:
                 outside.append(f"overrides.{setting} = {_shown(bad if isinstance(new, list) else bad[0])}")
                 continue
-            fixed = [Path(_canonical(str(v))) for v in values if v is not None]  # what was checked is what is read
+            # what was checked is what is read
+            fixed = [v if v in fileless else Path(_canonical(str(v))) for v in values if v is not None]
             updates.append((setting, fixed if isinstance(new, list) else (fixed[0] if fixed else None)))
         for setting, value in updates:
             section, field = setting.split(".", 1)
@@ -258,8 +267,8 @@ class ServePolicy:
             fixed = []
             for i, v in enumerate(value if many else [value]):
                 v = str(v)
-                if name == "from_model" and _REGISTRY_REF.fullmatch(v) and not Path(v).exists():
-                    fixed.append(v)  # a version or alias of the worker's own registry
+                if name == "from_model" and _names_no_file(v):
+                    fixed.append(v)  # a version or alias of the worker's own registry, or a hub start
                 elif self._outside(v):
                     outside.append(f"{name}[{i}] = {_shown(v)}" if many else f"{name} = {_shown(v)}")
                 else:

@@ -43,7 +43,9 @@ class LoopSpec:
     total_steps: int
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
-    pretrained: str | None = None
+    pretrained: str | None = None  # a local weights file loaded into the built model
+    pretrained_tag: str | None = None  # an open_clip pretrained tag of train["model"] (see model.start)
+    preprocess: dict[str, Any] | None = None  # the start's own preprocessing, kept
 
 
 @dataclass
@@ -145,7 +147,12 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     torch.manual_seed(cfg["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
 
     bundle = factory.create(
-        cfg["model"], pretrained=spec.pretrained, device=device, aug={"scale": (cfg["crop_scale_min"], 1.0)}
+        cfg["model"],
+        pretrained=spec.pretrained,
+        device=device,
+        aug={"scale": (cfg["crop_scale_min"], 1.0)},
+        tag=spec.pretrained_tag,
+        preprocess=spec.preprocess,
     )
     model = bundle.model
     if cfg["grad_checkpointing"]:

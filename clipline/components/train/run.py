@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,13 +52,18 @@ def use_ray(cfg: Config) -> bool:
 
 
 def train(
-    cfg: Config, snapshot_id: str | None = None, from_model: Path | None = None, progress: ProgressFn | None = None
+    cfg: Config,
+    snapshot_id: str | None = None,
+    from_model: Path | str | None = None,
+    progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train ``cfg.train.model`` on a snapshot's train split (latest snapshot when None).
 
-    ``from_model``: a local checkpoint directory or weights file to fine-tune from (overrides
-    ``train.pretrained``); a checkpoint directory's own model name wins over ``train.model`` so
-    that its weights fit. Writes ``<checkpoints_dir>/<run_name>/final`` (open_clip-loadable), logs
+    ``from_model`` (overrides ``train.pretrained``, which may also be a registered version or
+    alias): where to start, as :mod:`clipline.components.model.start` reads it (a local
+    checkpoint directory or weights file, ``hf-hub:org/repo``, an open_clip pretrained tag of
+    ``train.model`` or ``MODEL:TAG``); the start's own architecture and preprocessing win over
+    ``train.model``'s so that its weights fit. Writes ``<checkpoints_dir>/<run_name>/final`` (open_clip-loadable), logs
     the MLflow run (params, per-step metrics, checkpoint artifacts, a pytorch model tagged with the
     snapshot id) and returns where everything is. Raises ``TrainingDiverged`` on NaN/inf loss
     (after saving), ``SnapshotError``/``ModelError`` on unusable input.
@@ -65,21 +71,19 @@ def train(
     import mlflow
     import torch
 
-    from clipline.components.model import checkpoint, factory
+    from clipline.components.model import factory
+    from clipline.components.model.start import is_hub_reference, resolve as resolve_start
     from clipline.components.train import resume as run_state
     from clipline.components.train.data import resolve_snapshot
     from clipline.components.train.loop import LoopSpec, TrainingDiverged, WorkerContext, run_loop
 
     tc = cfg.train.model_copy()
     info = resolve_snapshot(cfg.snapshots_dir, cfg.catalog_path, snapshot_id)
-    pretrained = from_model if from_model is not None else tc.pretrained
-    model_name = tc.model
-    if pretrained is not None:
-        weights = checkpoint.weights_file(pretrained)  # fails early with a clear message
-        meta_name = checkpoint.read_meta(weights.parent).get("model_name")
-        if meta_name and meta_name != model_name:
-            model_name = meta_name
-        pretrained = weights
+    ref = str(from_model) if from_model is not None else (str(tc.pretrained) if tc.pretrained else None)
+    if from_model is None and ref and not Path(ref).expanduser().exists() and not is_hub_reference(ref, tc.model):
+        ref = resolve_from_model(cfg, ref)  # train.pretrained may name a registered version or alias too
+    start = resolve_start(ref, tc.model) if ref else None  # fails early, with a clear message
+    model_name = start.model if start else tc.model
     factory.model_config(model_name)  # unknown names fail here, before any work
     tc.model = model_name
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * info.n_train / tc.batch_size))
@@ -92,7 +96,8 @@ def train(
         raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by train.workers {tc.workers}")
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_name = tc.run_name or f"{model_name}-{info.snapshot_id[:12]}-{stamp}"
+    safe_name = re.sub(r"[^\w.-]+", "-", model_name)  # a directory name: hf-hub:org/repo -> hf-hub-org-repo
+    run_name = tc.run_name or f"{safe_name}-{info.snapshot_id[:12]}-{stamp}"
     run_dir = cfg.checkpoints_dir / run_name
     previous = run_state.read_run(run_dir)
     if previous and previous.get("snapshot_id") != info.snapshot_id:
@@ -133,7 +138,7 @@ def train(
                     "snapshot_id": info.snapshot_id,
                     "n_train": info.n_train,
                     "total_steps": total_steps,
-                    "pretrained": str(pretrained) if pretrained else "",
+                    "pretrained": start.ref if start else "",
                     "torch": torch.__version__,
                 }
             )
@@ -146,7 +151,9 @@ def train(
             total_steps=total_steps,
             mlflow_uri=cfg.mlflow_uri,
             mlflow_run_id=run_id,
-            pretrained=str(pretrained) if pretrained else None,
+            pretrained=str(start.weights) if start and start.weights else None,
+            pretrained_tag=start.tag if start else None,
+            preprocess=start.preprocess if start else None,
         )
         use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and torch.cuda.is_available())
         threads = tc.threads or max(1, (os.cpu_count() or 1) // tc.workers)
@@ -197,13 +204,20 @@ def train(
     )
 
 
-def resolve_from_model(cfg: Config, value: str) -> Path:
+def resolve_from_model(cfg: Config, value: str) -> Path | str:
     """``--from-model``: a local checkpoint directory/file, or a registered model version or alias
     (``3``, ``champion``, ``models:/<name>/3``, ``models:/<name>@champion``) of
-    ``cfg.tracking.registered_model``, whose source run's ``checkpoint/`` artifacts are downloaded."""
+    ``cfg.tracking.registered_model``, whose source run's ``checkpoint/`` artifacts are downloaded.
+    Hub starts (``hf-hub:org/repo``, an open_clip tag of ``train.model``, ``MODEL:TAG``) are
+    returned as given, to be fetched by :func:`train`."""
+    from clipline.components.model.start import is_hub_reference, resolve as resolve_start
+
     p = Path(value).expanduser()
     if p.exists():
         return p
+    if is_hub_reference(value, cfg.train.model):
+        resolve_start(value, cfg.train.model)  # in the cache now: one that cannot be had fails before any work
+        return value
     from mlflow.tracking import MlflowClient
 
     name, ref = cfg.tracking.registered_model, value
