@@ -200,3 +200,25 @@ def test_fine_tuning_from_hf_hub_offline_keeps_its_preprocessing_through_export(
     r = _cli(["--data-dir", str(data_dir), "train", "--snapshot", sid, "--from-model", "hf-hub:acme/gone"], tmp_path)
     assert r.returncode == 1
     assert "hf download acme/gone" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    r = _cli(["--data-dir", str(data_dir), "evaluate", "--model", "hf-hub:acme/gone"], tmp_path)
+    assert r.returncode == 1 and "hf download acme/gone" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_hub_start_is_evaluated_and_registered_as_the_zero_shot_end(hub_cache: Path, data_dir: Path, mlflow_uri: str):
+    """`clipline evaluate --model hf-hub:org/repo --register`: the start itself becomes a version, so
+    that `compare` shows it beside what was fine-tuned from it (and a WiSE-FT blend of both)."""
+    from clipline.components.config import load_config
+    from clipline.components.evaluate.model import evaluate_model
+
+    hub = nano_hub_repo(hub_cache)
+    sid = synthetic.write_snapshot(data_dir / "snapshots", n=96, size=48)
+    cfg = load_config(None, {"data_dir": data_dir})
+    out = evaluate_model(cfg, f"hf-hub:{REPO}", snapshot_id=sid, register=True)
+    assert out.registry is not None and out.registry.version == "1"
+    ck = out.eval.checkpoint_dir
+    assert ck.parent == data_dir / "checkpoints" / "_hub"
+    assert checkpoint.read_meta(ck) == {"model_name": f"hf-hub:{REPO}", "start": f"hf-hub:{REPO}"}
+    assert checkpoint.read_config(ck)["preprocess_cfg"]["mean"] == HUB_PREPROCESS["mean"]
+    got = load_file(ck / checkpoint.WEIGHTS_FILE)
+    assert all(torch.equal(got[k], hub[k]) for k in hub)
+    assert "retrieval/val/text_to_image_R5" in out.eval.metrics

@@ -136,6 +136,13 @@ class TrainConfig(_Section):
         description="where to start: a checkpoint dir or weights file, a registered version or alias, "
         "hf-hub:org/repo, or an open_clip pretrained tag of model (or MODEL:TAG)",
     )
+    wise_ft_alpha: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="WiSE-FT: also write (1 - alpha) * start + alpha * fine-tuned, evaluated and registered as its "
+        "own version (needs a start: pretrained or --from-model)",
+    )
     batch_size: int = Field(128, ge=2, description="global batch size (split evenly over workers)")
     steps: int = Field(0, ge=0, description="0 = derive from epochs")
     epochs: float = Field(5.0, gt=0)

@@ -299,9 +299,9 @@ def evaluate_cmd(
     model: Optional[str] = typer.Option(
         None,
         "--model",
-        metavar="VERSION|ALIAS|PATH",
-        help="Model version, alias (champion, challenger), models:/ URI or checkpoint directory "
-        "(default: the champion, else the newest local checkpoint).",
+        metavar="VERSION|ALIAS|PATH|HUB",
+        help="Model version, alias (champion, challenger), models:/ URI, checkpoint directory, or hub weights "
+        "(hf-hub:org/repo, MODEL:TAG) (default: the champion, else the newest local checkpoint).",
     ),
     dataset: Optional[list[str]] = typer.Option(
         None,
@@ -342,7 +342,7 @@ def evaluate_cmd(
     cfg = get_config(evaluate=_set(batch_size=batch_size, device=device))
     from clipline.components.evaluate.datasets import DatasetError
     from clipline.components.evaluate.model import evaluate_model
-    from clipline.components.model.checkpoint import CheckpointError
+    from clipline.components.model.errors import ModelError
     from clipline.components.tracking.registry import RegistryError
 
     try:
@@ -356,7 +356,7 @@ def evaluate_cmd(
             snapshot_id=snapshot,
             register=register,
         )
-    except (CheckpointError, DatasetError, RegistryError) as e:
+    except (ModelError, DatasetError, RegistryError) as e:
         fail(str(e))
         return
     render.evaluation(out, cfg.evaluate.worst_classes)

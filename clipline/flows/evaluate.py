@@ -13,6 +13,7 @@ from clipline.components.config import Config, load_config
 from clipline.components.evaluate.model import Evaluation, evaluate_model
 from clipline.components.evaluate.stage import EvalResult
 from clipline.components.tracking.registry import RegistryResult
+from clipline.components.train.run import TrainResult
 
 evaluate_task = task(name="evaluate-model", cache_policy=NO_CACHE)(evaluate_model)
 
@@ -68,3 +69,28 @@ def evaluate_flow(
         description=f"evaluation of {out.model_ref}",
     )
     return out
+
+
+def evaluate_trained(
+    tr: TrainResult, cfg: Config, datasets: list[str] | None, parent_version: str | None = None
+) -> tuple[Evaluation, Evaluation | None]:
+    """Evaluate and register what a training run produced: its model, then its WiSE-FT blend when
+    it wrote one (``train.wise_ft_alpha``), each a version of its own with ``parent_version``, so
+    the promotion rule weighs the blend against the fine-tuned model and the champion."""
+    runs = [(tr.checkpoint_dir, tr.run_id, tr.model_uri)]
+    if tr.wise_ft is not None:
+        runs.append((tr.wise_ft.checkpoint_dir, tr.wise_ft.run_id, tr.wise_ft.model_uri))
+    out = [
+        evaluate_flow(
+            model=str(ckpt),
+            datasets=datasets,
+            snapshot_id=tr.snapshot_id,
+            run_id=run_id,
+            register_model=True,
+            model_uri=uri,
+            parent_version=parent_version,
+            cfg=cfg,
+        )
+        for ckpt, run_id, uri in runs
+    ]
+    return out[0], (out[1] if len(out) > 1 else None)

@@ -29,7 +29,7 @@ from clipline.components.orchestration.lock import exclusive_run, holder_name
 from clipline.components.orchestration.params import served_run
 from clipline.components.train.run import TrainResult, resolve_from_model
 from clipline.flows.curate import curate_flow
-from clipline.flows.evaluate import evaluate_flow
+from clipline.flows.evaluate import evaluate_trained
 from clipline.flows.ingest import ingest_flow
 from clipline.flows.train import train_flow
 
@@ -41,6 +41,7 @@ class PipelineResult:
     train: TrainResult | None = None
     evaluation: Evaluation | None = None
     skipped: str | None = None  # why training and evaluation did not run
+    wise_ft_evaluation: Evaluation | None = None  # the WiSE-FT blend's, when train.wise_ft_alpha is set
 
 
 def _has_champion(cfg: Config) -> bool:
@@ -97,16 +98,8 @@ def pipeline_flow(
         else:
             start = resolve_from_model(cfg, from_model) if from_model else None
             tr = train_flow(cfg, snapshot_id=cur.snapshot_id, from_model=start)
-            ev = evaluate_flow(
-                model=str(tr.checkpoint_dir),
-                datasets=list(eval_sets or []) or None,
-                snapshot_id=tr.snapshot_id,
-                run_id=tr.run_id,
-                register_model=True,
-                model_uri=tr.model_uri,
-                cfg=cfg,
-            )
-            result = PipelineResult(ingest=ing, curate=cur, train=tr, evaluation=ev)
+            ev, blend = evaluate_trained(tr, cfg, list(eval_sets or []) or None)
+            result = PipelineResult(ingest=ing, curate=cur, train=tr, evaluation=ev, wise_ft_evaluation=blend)
     create_markdown_artifact(
         key="pipeline-summary", markdown=summary_markdown(result), description="clipline pipeline run"
     )
@@ -143,7 +136,7 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
             f"{t.samples_per_s:.0f} samples/s, final loss {t.final_loss:.3f}",
         )
     )
-    rows += evaluation_rows(r.evaluation)
+    rows += evaluation_rows(r.evaluation) + wise_ft_rows(r.train, r.wise_ft_evaluation)
     return rows
 
 
@@ -161,6 +154,13 @@ def evaluation_rows(ev: Evaluation) -> list[tuple[str, str]]:
     if reg is not None:
         rows.append(("model version", f"{reg.name} v{reg.version} -> {reg.alias} ({reg.decision.reason})"))
     return rows
+
+
+def wise_ft_rows(tr: TrainResult | None, ev: Evaluation | None) -> list[tuple[str, str]]:
+    """The WiSE-FT blend's rows, labelled with its alpha (none without a blend)."""
+    if tr is None or tr.wise_ft is None or ev is None:
+        return []
+    return [(f"WiSE-FT {tr.wise_ft.alpha:g}: {k}", v) for k, v in evaluation_rows(ev)]
 
 
 def markdown_table(title: str, rows: list[tuple[str, str]]) -> str:

@@ -35,9 +35,9 @@ from clipline.components.orchestration.params import served_run
 from clipline.components.refresh import Inbox, unreadable_lists
 from clipline.components.train.run import TrainResult
 from clipline.flows.curate import curate_flow
-from clipline.flows.evaluate import evaluate_flow
+from clipline.flows.evaluate import evaluate_trained
 from clipline.flows.ingest import ingest_flow
-from clipline.flows.pipeline import evaluation_rows, markdown_table
+from clipline.flows.pipeline import evaluation_rows, markdown_table, wise_ft_rows
 from clipline.flows.train import train_flow
 
 
@@ -55,6 +55,7 @@ class RefreshResult:
     train: TrainResult | None = None
     evaluation: Evaluation | None = None
     skipped: str | None = None
+    wise_ft_evaluation: Evaluation | None = None  # the WiSE-FT blend's, when train.wise_ft_alpha is set
 
 
 def _has_raw_shards(cfg: Config) -> bool:
@@ -195,16 +196,7 @@ def _train_and_register(
     tr = train_flow(tcfg, snapshot_id=cur.snapshot_id, from_model=start)
     _mark_lineage(cfg, tr.run_id, champ, how)
     result.train = tr
-    result.evaluation = evaluate_flow(
-        model=str(tr.checkpoint_dir),
-        datasets=eval_sets,
-        snapshot_id=tr.snapshot_id,
-        run_id=tr.run_id,
-        register_model=True,
-        model_uri=tr.model_uri,
-        parent_version=result.parent_version,
-        cfg=cfg,
-    )
+    result.evaluation, result.wise_ft_evaluation = evaluate_trained(tr, cfg, eval_sets, result.parent_version)
 
 
 def summary_rows(r: RefreshResult) -> list[tuple[str, str]]:
@@ -236,7 +228,7 @@ def summary_rows(r: RefreshResult) -> list[tuple[str, str]]:
     t = r.train
     start = f"fine-tuned from v{r.parent_version}" if r.parent_version else "from scratch"
     rows.append(("training", f"{t.model_name} {start}: {t.steps} steps, final loss {t.final_loss:.3f}"))
-    return rows + evaluation_rows(r.evaluation)
+    return rows + evaluation_rows(r.evaluation) + wise_ft_rows(r.train, r.wise_ft_evaluation)
 
 
 def summary_markdown(r: RefreshResult) -> str:

@@ -181,7 +181,12 @@ def train_result(result: Any) -> None:
             ("checkpoint", str(result.checkpoint_dir)),
             ("MLflow run", str(result.run_id)),
             ("logged model", str(result.model_uri)),
-        ],
+        ]
+        + (
+            [(f"WiSE-FT {w.alpha:g} blend", f"{w.checkpoint_dir} (MLflow run {w.run_id})")]
+            if (w := getattr(result, "wise_ft", None))
+            else []
+        ),
     )
 
 

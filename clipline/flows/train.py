@@ -28,6 +28,11 @@ def train_report_markdown(r: TrainResult) -> str:
             f"| MLflow run | `{r.run_id}` |",
             f"| logged model | `{r.model_uri}` |",
         ]
+        + (
+            [f"| WiSE-FT {r.wise_ft.alpha:g} blend | `{r.wise_ft.checkpoint_dir}` (run `{r.wise_ft.run_id}`) |"]
+            if r.wise_ft
+            else []
+        )
     )
 
 
@@ -46,6 +51,8 @@ def train_flow(cfg: Config, snapshot_id: str | None = None, from_model: Path | s
         result.samples_per_s,
         result.checkpoint_dir,
     )
+    if result.wise_ft is not None:
+        logger.info("train: WiSE-FT %g blend with the start: %s", result.wise_ft.alpha, result.wise_ft.checkpoint_dir)
     create_markdown_artifact(
         markdown=train_report_markdown(result), key="train-report", description="clipline train run"
     )

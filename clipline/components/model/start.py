@@ -92,6 +92,19 @@ def resolve(value: str | os.PathLike, model: str) -> Start:
     )
 
 
+def as_checkpoint(start: Start, out_dir: Path) -> Path:
+    """``start`` built as training builds it and written as a checkpoint directory ``out_dir`` (its
+    config, preprocessing and weights; ``clipline.json`` names the model and the start), so that it
+    can be evaluated, registered and compared like any trained model. Kept when already there."""
+    if (out_dir / checkpoint.META_FILE).is_file() and checkpoint.read_meta(out_dir).get("start") == start.ref:
+        return out_dir
+    from clipline.components.model import factory
+
+    bundle = factory.create(start.model, pretrained=start.weights, tag=start.tag, preprocess=start.preprocess)
+    meta = {"model_name": start.model, "start": start.ref}
+    return checkpoint.save_checkpoint(bundle.model, bundle.model_cfg, out_dir, bundle.preprocess_cfg, meta)
+
+
 def local(path: Path, model: str) -> Start:
     """A checkpoint directory or weights file: its own model name and preprocessing when it
     records them, ``model`` otherwise."""

@@ -312,6 +312,8 @@ def training_recipe(params: Mapping[str, str]) -> str | None:
         parts.append(f"{params['train.workers']} workers")
     if params.get("pretrained"):
         parts.append(f"from {params['pretrained']}")
+    if params.get("wise_ft_alpha"):
+        parts.append(f"WiSE-FT blend with the start, alpha {params['wise_ft_alpha']}")
     return ", ".join(parts)
 
 
@@ -377,8 +379,7 @@ def adopt_checkpoint(
     Returns (run_id, model_uri, source tags for the model version)."""
     import mlflow
 
-    from clipline.components.tracking.runs import ensure_experiment
-    from clipline.components.tracking.signature import clip_signature
+    from clipline.components.tracking.runs import ensure_experiment, log_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir).resolve()
     meta = read_meta(checkpoint_dir)
@@ -407,16 +408,8 @@ def adopt_checkpoint(
     with mlflow.start_run(experiment_id=exp_id, run_name=f"outside {checkpoint_dir.name}", tags=tags) as run:
         if params:
             mlflow.log_params(params)
-        mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=clip_signature(model),
-            tags={"snapshot_id": str(meta.get("snapshot_id") or "")},
-            serialization_format="pickle",
-            pip_requirements=["torch", "open_clip_torch"],
-        )
-        return run.info.run_id, info.model_uri, source
+        uri = log_checkpoint(checkpoint_dir, model, meta.get("snapshot_id"))
+        return run.info.run_id, uri, source
 
 
 # ----- resolving what the user calls a model -----
@@ -488,8 +481,9 @@ def latest_checkpoint(cfg: Config) -> Path | None:
 
 def resolve_model(cfg: Config, ref: str | Path | None) -> ResolvedModel:
     """Resolve a checkpoint path, ``models:/NAME/N``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID``, a
-    version number or an alias of ``cfg.tracking.registered_model``; None means the champion,
-    else the newest local checkpoint."""
+    version number or an alias of ``cfg.tracking.registered_model``, or hub weights
+    (``hf-hub:org/repo``, ``MODEL:TAG``, a tag of ``train.model``: see ``model/start.py``); None
+    means the champion, else the newest local checkpoint."""
     if ref is None:
         if current_alias(cfg, CHAMPION) is not None:
             return resolve_model(cfg, CHAMPION)
@@ -505,6 +499,12 @@ def resolve_model(cfg: Config, ref: str | Path | None) -> ResolvedModel:
     if path.exists():
         meta = read_meta(path)
         return ResolvedModel(text, path.resolve(), run_id=meta.get("run_id"), snapshot_id=meta.get("snapshot_id"))
+    from clipline.components.model import start
+
+    if start.is_hub_reference(text, cfg.train.model):  # hub weights, written out as a checkpoint once
+        hub = start.resolve(text, cfg.train.model)
+        ckpt = start.as_checkpoint(hub, cfg.checkpoints_dir / "_hub" / re.sub(r"[^\w.-]+", "-", text))
+        return ResolvedModel(text, ckpt)
     if text.startswith("runs:/"):
         run_id = text.removeprefix("runs:/").split("/")[0]
         ckpt = download_checkpoint(cfg, run_id, f"run-{run_id}")

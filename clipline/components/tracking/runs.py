@@ -88,3 +88,23 @@ def code_version() -> str:
         return version("clipline")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         return "unknown"
+
+
+def log_checkpoint(checkpoint_dir: Path, model: Any, snapshot_id: str | None) -> str:
+    """In the active run: the checkpoint directory's files under ``checkpoint/`` and ``model`` (a
+    plain CPU model in eval mode) as the MLflow pytorch model ``model``, tagged with the snapshot
+    id and carrying its signature (``tracking/signature.py``). Returns the model URI."""
+    import mlflow
+
+    from clipline.components.tracking.signature import clip_signature
+
+    mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        tags={"snapshot_id": str(snapshot_id or "")},
+        signature=clip_signature(model),
+        serialization_format="pickle",
+        pip_requirements=["torch", "open_clip_torch"],
+    )
+    return info.model_uri

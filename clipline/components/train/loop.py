@@ -368,27 +368,17 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
 
 
 def _log_final(spec: LoopSpec, model: torch.nn.Module, final: Path) -> str:
-    """Log the final checkpoint as artifacts under ``checkpoint/`` and as an MLflow pytorch model
-    tagged with the snapshot id, with its signature (tracking/signature.py); returns the model URI."""
+    """Log the final checkpoint into the run (``tracking.runs.log_checkpoint``); returns the model URI."""
     import mlflow
 
     from contextlib import nullcontext
 
-    from clipline.components.tracking.signature import clip_signature
+    from clipline.components.tracking.runs import log_checkpoint
 
     mlflow.set_tracking_uri(spec.mlflow_uri)
     active = mlflow.active_run()
     same = active is not None and active.info.run_id == spec.mlflow_run_id
     with nullcontext() if same else mlflow.start_run(run_id=spec.mlflow_run_id):
-        mlflow.log_artifacts(str(final), artifact_path="checkpoint")
-        plain = checkpoint.unwrap(model).cpu().eval()
-        info = mlflow.pytorch.log_model(
-            plain,
-            name="model",
-            tags={"snapshot_id": spec.snapshot.snapshot_id},
-            signature=clip_signature(plain),
-            serialization_format="pickle",
-            pip_requirements=["torch", "open_clip_torch"],
-        )
+        uri = log_checkpoint(final, checkpoint.unwrap(model).cpu().eval(), spec.snapshot.snapshot_id)
         mlflow.set_tag("snapshot_id", spec.snapshot.snapshot_id)
-    return info.model_uri
+    return uri

@@ -23,6 +23,16 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
 @dataclass
+class WiseFt:
+    """The WiSE-FT blend of a run (``train.wise_ft_alpha``): its checkpoint, run and logged model."""
+
+    alpha: float
+    checkpoint_dir: Path
+    run_id: str
+    model_uri: str
+
+
+@dataclass
 class TrainResult:
     run_id: str | None
     model_uri: str | None
@@ -34,6 +44,7 @@ class TrainResult:
     train_seconds: float
     final_loss: float
     run_name: str = ""
+    wise_ft: WiseFt | None = None
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -84,6 +95,11 @@ def train(
         ref = resolve_from_model(cfg, ref)  # train.pretrained may name a registered version or alias too
     start = resolve_start(ref, tc.model) if ref else None  # fails early, with a clear message
     model_name = start.model if start else tc.model
+    if tc.wise_ft_alpha is not None and start is None:
+        raise ValueError(
+            "train.wise_ft_alpha blends the fine-tuned model with the weights it started from: give a start "
+            "(train.pretrained or --from-model), or unset train.wise_ft_alpha"
+        )
     factory.model_config(model_name)  # unknown names fail here, before any work
     tc.model = model_name
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * info.n_train / tc.batch_size))
@@ -190,6 +206,9 @@ def train(
         status = "FINISHED"
     finally:
         mlflow.end_run(status=status)
+    blend = None
+    if tc.wise_ft_alpha is not None and start is not None:
+        blend = _write_wise_ft(cfg, start, Path(summary.final_dir), tc.wise_ft_alpha, run_id, run_name)
     return TrainResult(
         run_id=run_id,
         model_uri=summary.model_uri,
@@ -201,7 +220,37 @@ def train(
         train_seconds=summary.train_seconds,
         final_loss=summary.final_loss,
         run_name=run_name,
+        wise_ft=blend,
     )
+
+
+def _write_wise_ft(cfg: Config, start: Any, final_dir: Path, alpha: float, run_id: str, run_name: str) -> WiseFt:
+    """The run's WiSE-FT blend (``model/wise_ft.py``) as the checkpoint ``<run>/wise-ft-<alpha>``,
+    logged into its own MLflow run: a child of the training run, with its parameters plus
+    ``wise_ft_alpha``, so that it is evaluated and registered as a version of its own."""
+    import mlflow
+
+    from clipline.components.model import checkpoint, wise_ft
+    from clipline.components.tracking.runs import client, log_checkpoint
+
+    trained = client(cfg).get_run(run_id)
+    snapshot_id = trained.data.tags.get("snapshot_id", "")
+    tags = {
+        "mlflow.parentRunId": run_id,
+        "stage": "train",
+        "snapshot_id": snapshot_id,
+        "model_name": trained.data.tags.get("model_name", ""),
+        "clipline.wise_ft_of": run_id,
+    }
+    out = final_dir.parent / f"wise-ft-{alpha:g}"
+    with mlflow.start_run(
+        experiment_id=trained.info.experiment_id, run_name=f"{run_name} wise-ft {alpha:g}", tags=tags
+    ) as run:
+        mlflow.log_params({**trained.data.params, "wise_ft_alpha": alpha})
+        meta = {**checkpoint.read_meta(final_dir), "run_id": run.info.run_id}
+        wise_ft.write_blend(start, final_dir, alpha, out, meta)
+        uri = log_checkpoint(out, checkpoint.load_checkpoint(out, "cpu").model, snapshot_id)
+    return WiseFt(alpha=alpha, checkpoint_dir=out, run_id=run.info.run_id, model_uri=uri)
 
 
 def resolve_from_model(cfg: Config, value: str) -> Path | str:
