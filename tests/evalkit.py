@@ -211,3 +211,22 @@ def write_wds_set(out: Path, ds: Any, shards: int = 2, with_text_files: bool = T
         (out / "classnames.txt").write_text("\n".join(ds.classnames) + "\n")
         (out / "zeroshot_classification_templates.txt").write_text("\n".join(ds.templates) + "\n")
     return out
+
+
+def write_wds_retrieval_set(out: Path, images: list[bytes], captions: list[list[str]], shards: int = 2) -> Path:
+    """A retrieval set in CLIP_benchmark's webdataset layout (test/N.tar of <key>.jpg + <key>.txt,
+    captions one per line; dataset_type.txt says retrieval)."""
+    import io
+    import tarfile
+
+    (out / "test").mkdir(parents=True)
+    (out / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (out / "dataset_type.txt").write_text("retrieval\n")
+    for s in range(shards):
+        with tarfile.open(out / "test" / f"{s}.tar", "w") as tf:
+            for i in range(s, len(images), shards):
+                for ext, data in (("jpg", images[i]), ("txt", "\n".join(captions[i]).encode())):
+                    info = tarfile.TarInfo(f"s{i:05d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return out

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from evalkit import COLORS, SHAPES, make_checkpoint, make_snapshot, make_zeroshot_set, write_wds_set
 
-from clipline.components.evaluate.datasets import DatasetError, load_eval_dataset, load_snapshot_pairs
+from clipline.components.evaluate.datasets import DatasetError, PairSet, load_eval_dataset, load_snapshot_pairs
 from clipline.components.evaluate.retrieval import retrieval_metrics, run_retrieval
 from clipline.components.evaluate.zeroshot import (
     build_classifier,
@@ -240,6 +240,77 @@ def test_retrieval_agrees_with_clip_benchmark(tiny, tmp_path):
     for k in (1, 5, 10):
         assert ours.text_to_image[k] == pytest.approx(ref[f"image_retrieval_recall@{k}"], abs=1e-4)
         assert ours.image_to_text[k] == pytest.approx(ref[f"text_retrieval_recall@{k}"], abs=1e-4)
+
+
+def _captioned_shapes(n: int) -> tuple[list[bytes], list[list[str]]]:
+    from evalkit import draw
+
+    combos = [(c, s) for c in COLORS for s in SHAPES][:n]
+    images = [draw(c, s, seed=i) for i, (c, s) in enumerate(combos)]
+    captions = [[f"a {c} {s}", f"a picture of a {s} in {c}"][: 1 + i % 2] for i, (c, s) in enumerate(combos)]
+    return images, captions
+
+
+def test_webdataset_retrieval_sets_score_as_clip_benchmark_scores_them(tiny, tmp_path):
+    """A CLIP_benchmark retrieval set (wds_flickr30k's layout: captions one per line in <key>.txt,
+    one or more per image): recall@k both ways equals CLIP_benchmark's own reader and metric."""
+    from clip_benchmark.datasets.builder import build_wds_dataset
+    from clip_benchmark.metrics import zeroshot_retrieval
+    from clip_benchmark.datasets.builder import get_dataset_collate_fn
+
+    from evalkit import write_wds_retrieval_set
+
+    images, captions = _captioned_shapes(20)
+    root = write_wds_retrieval_set(tmp_path / "wds_shapes_captions", images, captions)
+    pairs = load_eval_dataset(root, name="shapes_captions")
+    assert isinstance(pairs, PairSet) and len(pairs) == 20 and sum(map(len, pairs.texts)) == 30
+    ours = run_retrieval(tiny.model, tiny.tokenizer, tiny.preprocess, pairs, batch_size=6, ks=(1, 5, 10))
+    assert ours.n_texts == 30
+
+    ref_ds = build_wds_dataset("wds/shapes_captions", transform=tiny.preprocess, split="test", data_dir=str(root))
+    loader = torch.utils.data.DataLoader(
+        ref_ds, batch_size=6, num_workers=0, collate_fn=get_dataset_collate_fn("mscoco_captions")
+    )
+    ref = zeroshot_retrieval.evaluate(tiny.model, loader, tiny.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    for k in (1, 5, 10):
+        assert ours.text_to_image[k] == pytest.approx(ref[f"image_retrieval_recall@{k}"], abs=1e-4)
+        assert ours.image_to_text[k] == pytest.approx(ref[f"text_retrieval_recall@{k}"], abs=1e-4)
+
+
+def test_webdataset_sets_are_read_from_a_url(tiny, tmp_path):
+    """The same sets served over HTTP on loopback (any fsspec URL): the same data as from disk."""
+    import functools
+    import http.server
+    import threading
+
+    from clipline.components.evaluate.datasets import wds_location
+    from evalkit import write_wds_retrieval_set
+
+    classes = [(c, s) for c in list(COLORS)[:2] for s in SHAPES]
+    src = load_eval_dataset(make_zeroshot_set(tmp_path / "zs", classes, per_class=2, int_labels=True))
+    write_wds_set(tmp_path / "web" / "wds_shapes", src)
+    images, captions = _captioned_shapes(8)
+    write_wds_retrieval_set(tmp_path / "web" / "wds_captions", images, captions, shards=1)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "web"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        path, name = wds_location("wds/shapes", base + "/wds_{dataset}")
+        ds = load_eval_dataset(path, name=name)
+        assert (ds.name, ds.labels, ds.images, ds.classnames, ds.templates) == (
+            "shapes",
+            load_eval_dataset(tmp_path / "web" / "wds_shapes").labels,
+            load_eval_dataset(tmp_path / "web" / "wds_shapes").images,
+            src.classnames,
+            src.templates,
+        )
+        pairs = load_eval_dataset(f"{base}/wds_captions/")
+        assert isinstance(pairs, PairSet) and pairs.name == "wds_captions" and pairs.texts == captions
+        with pytest.raises(DatasetError, match="not in CLIP_benchmark's webdataset layout"):
+            load_eval_dataset(f"{base}/nothing-here")
+    finally:
+        server.shutdown()
 
 
 # ---------------------------------------------------------------- datasets

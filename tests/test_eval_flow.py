@@ -15,6 +15,7 @@ from evalkit import (
     make_snapshot,
     make_zeroshot_set,
     simulate_training_run,
+    write_wds_retrieval_set,
     write_wds_set,
 )
 from flowkit import run_flow_with_artifact
@@ -118,6 +119,16 @@ def test_evaluate_command(setup):
     assert res.exit_code == 0 and "zeroshot/shapes/acc1" in res.output, res.output
     bad = runner.invoke(app_(), args[:-1] + ["shapes", "--dataset-root", str(cfg.data_dir.parent)])
     assert bad.exit_code == 1 and "wds/NAME" in bad.output
+    # a CLIP_benchmark retrieval set (wds_flickr30k's layout) gives recall both ways under its name
+    zs = load_eval_dataset(heldout / "heldout.parquet")
+    write_wds_retrieval_set(
+        cfg.data_dir.parent / "wds_captions", zs.images, [[f"a photo of a {zs.classnames[i]}"] for i in zs.labels]
+    )
+    res = runner.invoke(
+        app_(), [*args[:-1], "wds/captions", "--dataset-root", str(cfg.data_dir.parent / "wds_{dataset}")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "retrieval/captions/text_to_image_R5" in res.output and "retrieval/captions/image_to_text_R1" in res.output
 
 
 def app_():

@@ -13,7 +13,10 @@ Zero-shot sets come in three shapes, all described by an :class:`EvalDataset`:
   per line); without those two files, the class names and templates that the clip_benchmark
   package ships for the set's name (``wds/cifar10`` -> ``cifar10``). :func:`wds_location` resolves
   CLIP_benchmark's ``--dataset wds/NAME --dataset_root DIR`` convention (``{dataset}`` and
-  ``{dataset_cleaned}`` placeholders in DIR);
+  ``{dataset_cleaned}`` placeholders in DIR). The directory may be any fsspec URL
+  (``s3://bucket/wds_cifar10``, ``https://...``) as well as a local path. A set whose
+  ``dataset_type.txt`` says ``retrieval`` (``wds_flickr30k``, ``wds_mscoco_captions``: ``<key>.txt``
+  holds the image's captions, one per line) is read as a :class:`PairSet` for retrieval;
 - any of them with class names and templates in CLIP_benchmark's JSON format:
   ``{"<dataset>": ["class a", ...]}`` and ``{"<dataset>": ["a photo of a {c}.", ...]}`` (a plain
   list is accepted too; templates may also be CuPL-style ``{"<classname>": [prompts]}``).
@@ -52,7 +55,7 @@ class EvalDataset:
     """A zero-shot classification set. ``labels[i]`` indexes ``classnames``."""
 
     name: str
-    source: Path
+    source: Path | str  # a local path, or the fsspec URL of a webdataset set
     kind: str  # "parquet" | "imagefolder" | "wds"
     classnames: list[str]
     templates: Templates
@@ -194,13 +197,31 @@ def _is_imagefolder(path: Path) -> bool:
 
 def load_eval_dataset(
     path: str | Path, classnames: str | Path | None = None, templates: str | Path | None = None, name: str | None = None
-) -> EvalDataset:
-    """Read a zero-shot set from a Parquet file, a directory of Parquet files, or an ImageFolder.
+) -> EvalDataset | PairSet:
+    """Read a zero-shot set from a Parquet file, a directory of Parquet files, an ImageFolder, or
+    CLIP_benchmark's webdataset layout (local or at an fsspec URL); a webdataset retrieval set
+    comes back as a :class:`PairSet`.
 
     Guarantees: every label indexes ``classnames``; class names and templates are in
     CLIP_benchmark's format; images PIL cannot read are left out and listed in ``skipped`` with
     their reason; any other problem raises DatasetError naming the file and the fix.
     """
+    if is_url(str(path)):
+        location = str(path).rstrip("/")
+        if not _is_wds(location):
+            raise DatasetError(
+                f"evaluation set {location} is not in CLIP_benchmark's webdataset layout (no test/nshards.txt "
+                "there): sets at a URL are read in that layout; copy other formats to a local path"
+            )
+        ds_name = metric_name(name or location.rsplit("/", 1)[-1])
+        cls_list = read_classnames(Path(classnames), ds_name) if classnames else None
+        loaded, wds_tpl = _load_wds(location, ds_name, cls_list)
+        if isinstance(loaded, PairSet):
+            return loaded
+        tpl, tpl_source = (
+            (read_templates(Path(templates), ds_name), str(templates)) if templates else wds_tpl or _DEFAULT_TPL
+        )
+        return _finish(loaded, tpl, tpl_source, Path(templates) if templates else None, location)
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(
@@ -215,16 +236,27 @@ def load_eval_dataset(
         tpl: Templates = read_templates(tpl_path, ds_name)
         tpl_source = str(tpl_path)
     else:
-        tpl, tpl_source = list(DEFAULT_TEMPLATES), "default ('a photo of a {c}.')"
+        tpl, tpl_source = list(DEFAULT_TEMPLATES), _DEFAULT_TPL[1]
 
-    if _is_wds(path):
-        ds, wds_tpl = _load_wds(path, ds_name, cls_list)
+    if path.is_dir() and _is_wds(str(path)):
+        loaded, wds_tpl = _load_wds(str(path), ds_name, cls_list)
+        if isinstance(loaded, PairSet):
+            return loaded
+        ds = loaded
         if not tpl_path and wds_tpl is not None:
             tpl, tpl_source = wds_tpl
     elif _is_imagefolder(path):
         ds = _load_imagefolder(path, ds_name, cls_list)
     else:
         ds = _load_parquet(path, ds_name, cls_list)
+    return _finish(ds, tpl, tpl_source, tpl_path, str(path))
+
+
+_DEFAULT_TPL: tuple[Templates, str] = (list(DEFAULT_TEMPLATES), "default ('a photo of a {c}.')")
+
+
+def _finish(ds: EvalDataset, tpl: Templates, tpl_source: str, tpl_path: Path | None, where: str) -> EvalDataset:
+    """Attach the templates (checked to cover every class), leave out unreadable images."""
     if isinstance(tpl, dict):
         missing = [c for c in ds.classnames if c not in tpl]
         if missing:
@@ -233,7 +265,7 @@ def load_eval_dataset(
     drop_unreadable(ds)
     if len(ds) == 0:
         why = f" ({len(ds.skipped)} unreadable, first: {ds.skipped[0][1]})" if ds.skipped else ""
-        raise DatasetError(f"evaluation set {path} has no readable images{why}")
+        raise DatasetError(f"evaluation set {where} has no readable images{why}")
     return ds
 
 
@@ -253,12 +285,39 @@ def wds_location(dataset: str, dataset_root: str) -> tuple[str, str]:
     return dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-")), name
 
 
-def _is_wds(path: Path) -> bool:
-    return path.is_dir() and (path / WDS_SPLIT / "nshards.txt").is_file()
+def is_url(location: str) -> bool:
+    """Whether ``location`` is an fsspec URL (``s3://``, ``https://``, ``file://``...), not a path."""
+    return "://" in location
 
 
-def _txt_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+def _fs(location: str) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(location)
+    except (ImportError, ValueError) as e:  # no filesystem for the scheme, or its package is missing
+        raise DatasetError(f"cannot read {location}: {e}") from None
+
+
+def _is_wds(location: str) -> bool:
+    fs, root = _fs(location)
+    try:
+        return fs.isfile(f"{root.rstrip('/')}/{WDS_SPLIT}/nshards.txt")
+    except (OSError, PermissionError) as e:
+        raise DatasetError(f"cannot read evaluation set {location}: {type(e).__name__}: {e}") from None
+
+
+def _read_text(fs: Any, path: str) -> str | None:
+    """A small text file's content, or None when there is none."""
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def _txt_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()]
 
 
 def _shipped(kind: str, name: str) -> Any:
@@ -271,73 +330,121 @@ def _shipped(kind: str, name: str) -> Any:
     return json.loads(f.read_text()).get(name) if f.is_file() else None
 
 
-def _load_wds(path: Path, name: str, classnames: list[str] | None) -> tuple[EvalDataset, tuple[Templates, str] | None]:
-    """A classification set in CLIP_benchmark's webdataset layout, and its templates (with where
-    they came from) when the set has them."""
-    type_file = path / "dataset_type.txt"
-    kind = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
-    if kind != "classification":
-        raise DatasetError(
-            f"{path} is a CLIP_benchmark {kind} set (dataset_type.txt); clipline evaluates its classification "
-            "sets (retrieval runs on the snapshot's val split)"
-        )
-    nshards_file = path / WDS_SPLIT / "nshards.txt"
+def _wds_samples(fs: Any, tar: str, where: str) -> dict[str, dict[str, bytes]]:
+    """The samples of one tar shard, streamed: webdataset's grouping of files by key."""
+    samples: dict[str, dict[str, bytes]] = {}
     try:
-        nshards = int(nshards_file.read_text().strip())
+        with fs.open(tar, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                folder, _, base = m.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot or base.startswith("."):
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                samples.setdefault(key, {})[ext.lower()] = tf.extractfile(m).read()
+    except FileNotFoundError:
+        raise DatasetError(f"{where} is missing: its test/nshards.txt counts it") from None
+    except tarfile.TarError as e:
+        raise DatasetError(f"{where} is not a readable tar file ({e})") from None
+    return samples
+
+
+def _load_wds(location: str, name: str, classnames: list[str] | None) -> tuple[Any, tuple[Templates, str] | None]:
+    """A set in CLIP_benchmark's webdataset layout at ``location`` (a path or an fsspec URL): a
+    classification set as an EvalDataset with its templates (and where they came from) when it has
+    them, a retrieval set as a PairSet."""
+    fs, root = _fs(location)
+    root = root.rstrip("/")
+    kind = (_read_text(fs, f"{root}/dataset_type.txt") or "classification").strip().lower()
+    if kind not in ("classification", "retrieval"):
+        raise DatasetError(
+            f"{location} is a CLIP_benchmark {kind} set: clipline reads classification and retrieval sets"
+        )
+    nshards_file = f"{location}/{WDS_SPLIT}/nshards.txt"
+    try:
+        nshards = int((_read_text(fs, f"{root}/{WDS_SPLIT}/nshards.txt") or "").strip())
     except ValueError:
         raise DatasetError(f"{nshards_file} must hold the number of tar shards") from None
     images: list[bytes] = []
     labels: list[int] = []
+    texts: list[list[str]] = []
+    keys: list[str] = []
     skipped: list[tuple[str, str]] = []
+    field_name = "txt" if kind == "retrieval" else "cls"
     for i in range(nshards):
-        tar = path / WDS_SPLIT / f"{i}.tar"
-        if not tar.is_file():
-            raise DatasetError(f"{tar} is missing: {nshards_file} says there are {nshards} shards")
-        samples: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(tar) as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    folder, _, base = m.name.rpartition("/")
-                    stem, dot, ext = base.partition(".")
-                    if not dot or base.startswith("."):
-                        continue
-                    key = f"{folder}/{stem}" if folder else stem  # webdataset's grouping of files into samples
-                    samples.setdefault(key, {})[ext.lower()] = tf.extractfile(m).read()
-        except tarfile.TarError as e:
-            raise DatasetError(f"{tar} is not a readable tar file ({e})") from None
-        for key, parts in samples.items():
+        where = f"{location}/{WDS_SPLIT}/{i}.tar"
+        for key, parts in _wds_samples(fs, f"{root}/{WDS_SPLIT}/{i}.tar", where).items():
             img = next((parts[e] for e in WDS_IMAGE_EXTENSIONS if e in parts), None)
-            if img is None or "cls" not in parts:
-                skipped.append((f"{tar}:{key}", f"sample without {'an image' if img is None else 'a cls label'}"))
+            if img is None or field_name not in parts:
+                what = "an image" if img is None else ("captions (txt)" if kind == "retrieval" else "a cls label")
+                skipped.append((f"{where}:{key}", f"sample without {what}"))
                 continue
-            try:
-                labels.append(int(parts["cls"].decode().strip()))
-            except ValueError:
-                skipped.append((f"{tar}:{key}", f"cls is not a class index: {parts['cls'][:20]!r}"))
-                continue
+            if kind == "retrieval":
+                caps = [c for c in parts["txt"].decode("utf-8").splitlines()]
+                texts.append(caps)
+            else:
+                try:
+                    labels.append(int(parts["cls"].decode().strip()))
+                except ValueError:
+                    skipped.append((f"{where}:{key}", f"cls is not a class index: {parts['cls'][:20]!r}"))
+                    continue
+            keys.append(f"{i}/{key}")
             images.append(img)
-    names_file, tpl_file = path / "classnames.txt", path / "zeroshot_classification_templates.txt"
-    names = classnames or (_txt_lines(names_file) if names_file.is_file() else _shipped("classnames", name))
+    if kind == "retrieval":
+        return _retrieval_set(name, keys, texts, images, skipped, location), None
+    names_text = _read_text(fs, f"{root}/classnames.txt")
+    names = classnames or (_txt_lines(names_text) if names_text is not None else _shipped("classnames", name))
     if not names:
         raise DatasetError(
-            f"{path} has no classnames.txt and clip_benchmark ships no class names for {name!r}: "
+            f"{location} has no classnames.txt and clip_benchmark ships no class names for {name!r}: "
             "give --classnames FILE or put classnames.txt (one per line) in it"
         )
     bad = sorted({x for x in labels if not 0 <= x < len(names)})
     if bad:
-        raise DatasetError(f"{path}: labels {bad[:5]} are out of range for {len(names)} class names")
+        raise DatasetError(f"{location}: labels {bad[:5]} are out of range for {len(names)} class names")
     tpl: tuple[Templates, str] | None = None
-    if tpl_file.is_file():
-        tpl = (_txt_lines(tpl_file), str(tpl_file))
+    tpl_text = _read_text(fs, f"{root}/zeroshot_classification_templates.txt")
+    if tpl_text is not None:
+        tpl = (_txt_lines(tpl_text), f"{location}/zeroshot_classification_templates.txt")
     elif (shipped := _shipped("zeroshot_classification_templates", name)) is not None:
         tpl = (shipped, f"clip_benchmark's templates for {name}")
     ds = EvalDataset(
-        name=name, source=path, kind="wds", classnames=list(names), templates=[], labels=labels, images=images
+        name=name,
+        source=location if is_url(location) else Path(location),
+        kind="wds",
+        classnames=list(names),
+        templates=[],
+        labels=labels,
+        images=images,
     )
     ds.skipped.extend(skipped)
     return ds, tpl
+
+
+def _retrieval_set(
+    name: str, keys: list[str], texts: list[list[str]], images: list[bytes], skipped: list[tuple[str, str]], where: str
+) -> PairSet:
+    """A retrieval set, its unreadable images left out (and listed) as for classification sets."""
+    keep = []
+    for i, img in enumerate(images):
+        why = _check_image(img)
+        if why is None:
+            keep.append(i)
+        else:
+            skipped.append((keys[i], why))
+    if not keep:
+        raise DatasetError(f"retrieval set {where} has no readable images")
+    pairs = PairSet(
+        name=name,
+        keys=[keys[i] for i in keep],
+        captions=[texts[i][0] if texts[i] else "" for i in keep],
+        images=[images[i] for i in keep],
+        texts=[texts[i] for i in keep],
+    )
+    pairs.skipped = skipped
+    return pairs
 
 
 def _spelling(name: str) -> str:
@@ -460,12 +567,15 @@ def _load_parquet(path: Path, name: str, classnames: list[str] | None) -> EvalDa
 
 @dataclass
 class PairSet:
-    """Image-caption pairs, one caption per image (row i's caption belongs to row i's image)."""
+    """Image-caption pairs for retrieval: row i's caption belongs to row i's image. ``texts``, when
+    given, holds every caption of each image (a CLIP_benchmark retrieval set), ``captions`` the first."""
 
     name: str
     keys: list[str]
     captions: list[str]
     images: list[bytes] = field(repr=False)
+    texts: list[list[str]] | None = field(default=None, repr=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -483,7 +593,8 @@ class _PairDataset:
 
     def __getitem__(self, i: int) -> tuple[Any, list[str]]:
         img = decode_image(self.pairs.images[i], f"pair {self.pairs.keys[i]}")
-        return self.transform(img), [self.pairs.captions[i]]
+        texts = self.pairs.texts
+        return self.transform(img), list(texts[i]) if texts is not None else [self.pairs.captions[i]]
 
 
 def load_snapshot_pairs(snapshots_dir: Path, snapshot_id: str, split: str = "val", limit: int | None = None) -> PairSet:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clipline.components.config import Config
-from clipline.components.evaluate.datasets import EvalDataset, load_eval_dataset, wds_location
+from clipline.components.evaluate.datasets import EvalDataset, PairSet, load_eval_dataset, wds_location
 from clipline.components.evaluate.stage import EvalResult, evaluate, log_result
 from clipline.components.tracking.registry import (
     RegistryResult,
@@ -34,7 +34,9 @@ class Evaluation:
     model_ref: str  # the model as it was named (for reports)
 
 
-def _load(dataset: str, classnames: str | None, templates: str | None, dataset_root: str | None) -> EvalDataset:
+def _load(
+    dataset: str, classnames: str | None, templates: str | None, dataset_root: str | None
+) -> EvalDataset | PairSet:
     if dataset_root is None:
         return load_eval_dataset(dataset, classnames, templates)
     path, name = wds_location(dataset, dataset_root)

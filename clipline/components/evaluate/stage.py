@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clipline.components.config import Config
-from clipline.components.evaluate.datasets import EvalDataset, load_eval_dataset, load_snapshot_pairs
+from clipline.components.evaluate.datasets import EvalDataset, PairSet, load_eval_dataset, load_snapshot_pairs
 from clipline.components.evaluate.report import (
     confusion_png,
     metrics_markdown,
@@ -38,7 +38,7 @@ class EvalResult:
     markdown: str = ""
 
 
-def default_datasets(cfg: Config) -> list[EvalDataset]:
+def default_datasets(cfg: Config) -> list[EvalDataset | PairSet]:
     """The zero-shot sets listed in ``cfg.evaluate.datasets``."""
     return [load_eval_dataset(p) for p in cfg.evaluate.datasets]
 
@@ -47,7 +47,7 @@ def evaluate(
     cfg: Config,
     model: str | Path | LoadedModel,
     run_id: str | None = None,
-    datasets: Sequence[EvalDataset] | None = None,
+    datasets: Sequence[EvalDataset | PairSet] | None = None,
     snapshot_id: str | None = None,
     log_to_mlflow: bool = True,
 ) -> EvalResult:
@@ -84,6 +84,24 @@ def evaluate(
     md = [f"# Evaluation of `{loaded.checkpoint_dir}`", ""]
 
     for ds in ds_list:
+        if isinstance(ds, PairSet):  # a retrieval set (CLIP_benchmark's wds_flickr30k...)
+            rr = run_retrieval(
+                loaded.model,
+                loaded.tokenizer,
+                loaded.preprocess,
+                ds,
+                loaded.device,
+                ecfg.batch_size,
+                ecfg.recall_k,
+                ecfg.num_workers,
+                keep_top=0,
+            )
+            result.metrics.update(rr.metrics(f"retrieval/{ds.name}"))
+            if ds.skipped:
+                result.notes.append(
+                    f"{ds.name}: {len(ds.skipped)} sample(s) left out, first {ds.skipped[0][0]}: {ds.skipped[0][1]}"
+                )
+            continue
         zs = run_zeroshot(
             loaded.model, loaded.tokenizer, loaded.preprocess, ds, loaded.device, ecfg.batch_size, ecfg.num_workers
         )
