@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from clipline.components.curate.steps import STEPS
 from clipline.flows.cli import app
 from test_curate_helpers import config, jpeg, pattern_image, read_snapshot, row, write_shard
 
@@ -30,7 +31,7 @@ def test_curate_flow_builds_snapshot_and_publishes_artifacts(data_dir, mlflow_ur
     with progress_to(lambda step, done, total: seen.append((step, done, total))):
         res = curate_flow(cfg=cfg)
     assert res.new and res.n_rows == 6 and res.counts["dropped"]["too_few_words"] == 1
-    assert seen[-1] == ("done", 7, 7) and len(seen) == 8
+    assert seen[-1] == ("done", len(STEPS), len(STEPS)) and len(seen) == len(STEPS) + 1
     art = Artifact.get("curate-report")
     assert art is not None and res.snapshot_id in art.data and "too_few_words" in art.data
     table = Artifact.get("curate-counts")

@@ -95,7 +95,8 @@ def decode(body: bytes) -> Image.Image:
 
 def test_url_list_has_columns_and_every_fault(toy):
     table = pq.read_table(toy.url_list)
-    assert table.column_names == ["url", "caption", "fault", "color", "shape"]
+    assert table.column_names == ["url", "caption", "fault", "color", "shape", "mismatched"]
+    assert not any(table.column("mismatched").to_pylist())  # none by default
     assert table.num_rows == N
     rows = table.to_pylist()
     assert len({r["url"] for r in rows}) == N
@@ -117,6 +118,22 @@ def test_fault_share_follows_rate_and_weights():
     assert faults.count("http_404") > faults.count("http_500") >= 1
     clean = ToyStore(DemoConfig(n_images=100, fault_rate=0.0))
     assert {it.fault for it in clean.items} == {"none"}
+
+
+def test_mismatched_pairs_carry_another_pictures_caption_at_the_asked_share():
+    plain = ToyStore(DemoConfig(n_images=600, seed=2))
+    store = ToyStore(DemoConfig(n_images=600, seed=2, mismatch_share=0.3))
+    clean = [it for it in store.items if it.fault == "none"]
+    bad = [it for it in clean if it.mismatched]
+    assert 0.25 < len(bad) / len(clean) < 0.35
+    assert not any(it.mismatched for it in store.items if it.fault != "none")
+    for it in bad:  # the picture is the same; the caption names another colour or shape
+        assert (it.color, it.shape) == (plain.items[it.item_id].color, plain.items[it.item_id].shape)
+        named = {w for w in re.findall(r"[a-z]+", it.caption.lower())}
+        assert not ({it.color, it.shape} <= named), it.caption
+    for it in clean:
+        if not it.mismatched:
+            assert it.caption == plain.items[it.item_id].caption
 
 
 def test_same_seed_same_bytes_and_other_seed_differs(toy):

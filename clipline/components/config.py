@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_FILE = Path("clipline.toml")
@@ -117,6 +117,27 @@ class CurateConfig(_Section):
     caption_minhash_perm: int = Field(64, ge=16, le=512)
     caption_shingle_chars: int = Field(5, ge=1, le=32)
     eval_set: Path | None = None
+    # CLIP-score filtering (DataComp's CLIP score filter): off unless a threshold or a kept share is set
+    clip_score_threshold: float | None = Field(
+        None, ge=-1, le=1, description="drop new rows whose image-caption cosine similarity is below this"
+    )
+    clip_score_keep_fraction: float | None = Field(
+        None, gt=0, le=1, description="keep this share of the new rows, the highest-scored (DataComp: 0.3)"
+    )
+    clip_score_model: str = Field(
+        "champion",
+        description="the scoring model: a registered version or alias, a checkpoint dir, hf-hub:org/repo or "
+        "MODEL:TAG; with 'champion' and no champion yet, the rule waits for one (skipped, and said)",
+    )
+    clip_score_batch_size: int = Field(256, ge=1)
+    clip_score_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when there is one")
+
+    @model_validator(mode="after")
+    def _one_clip_score_form(self) -> "CurateConfig":
+        if self.clip_score_threshold is not None and self.clip_score_keep_fraction is not None:
+            raise ValueError("set clip_score_threshold or clip_score_keep_fraction, not both")
+        return self
+
     # snapshot
     val_fraction: float = Field(0.05, ge=0, lt=1)
     row_group_rows: int = Field(
@@ -325,6 +346,13 @@ class DemoConfig(_Section):
     fault_weights: dict[str, float] = Field(
         default_factory=dict,
         description="relative weight of each fault within fault_rate (missing = 1.0, 0 = never)",
+    )
+    mismatch_share: float = Field(
+        0.0,
+        ge=0,
+        le=0.9,
+        description="share of clean URLs whose caption describes another picture (another colour x shape): "
+        "the noise CLIP-score filtering removes",
     )
     small_image_share: float = Field(0.05, ge=0, le=1, description="share of images under 200 px on the short side")
     wide_image_share: float = Field(0.02, ge=0, le=1, description="share of banner-shaped images (aspect ratio > 3)")

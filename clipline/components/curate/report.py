@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from clipline.components.curate import sources
@@ -123,26 +126,77 @@ def sample_dropped(
     if per_rule <= 0:
         return {}
     sample = con.sql(f"""
-        SELECT reason, f.filename, {sources.RID_ROW} AS file_row_number, caption FROM (
+        SELECT reason AS label, f.filename, {sources.RID_ROW} AS file_row_number, caption FROM (
             SELECT *, row_number() OVER (PARTITION BY reason ORDER BY hash(coalesce(key, '')), rid) AS rk
             FROM rows WHERE reason IS NOT NULL) x JOIN files f ON f.fid = {sources.RID_FILE}
-        WHERE rk <= {int(per_rule)}""").to_arrow_table()
+        WHERE rk <= {int(per_rule)}
+        ORDER BY label, f.filename, file_row_number""").to_arrow_table()
+    out: dict[str, list] = {r: [] for r in order}
+    for label, caption, image in _with_images(con, sample):
+        out.setdefault(label, []).append((image, caption))
+    return out
+
+
+def _with_images(con: duckdb.DuckDBPyConnection, sample: Any) -> list[tuple[str, str | None, bytes | None]]:
+    """(label, caption, image bytes) for the rows of ``sample`` (label, filename, file_row_number,
+    caption), in its order, the images read from the shards for just those rows."""
     if sample.num_rows == 0:
-        return {}
-    con.register("_sample", sample)
+        return []
+    con.register("_sample", sample.append_column("ord", pa.array(range(sample.num_rows), pa.int64())))
     files = sorted(set(sample.column("filename").to_pylist()))
     # the image columns of the files read here (external shards may hold `jpg` and no `image`)
     read_schema = sources.union_schema([Path(f) for f in files])
-    imgs = con.execute(f"""
-        SELECT s.reason, s.file_row_number, s.caption, {sources.image_expr(read_schema)} AS image
+    rows = con.execute(f"""
+        SELECT s.label, s.caption, {sources.image_expr(read_schema)} AS image
         FROM read_parquet({sources.sql_list([Path(f) for f in files])}, union_by_name = true, filename = true,
                           file_row_number = true) r
         JOIN _sample s ON r.filename = s.filename AND r.file_row_number = s.file_row_number
-        ORDER BY s.reason, s.filename, s.file_row_number""").fetchall()
+        ORDER BY s.ord""").fetchall()
     con.unregister("_sample")
-    out: dict[str, list] = {r: [] for r in order}
-    for reason, _, caption, image in imgs:
-        out.setdefault(reason, []).append((bytes(image) if image is not None else None, caption))
+    return [(label, caption, bytes(image) if image is not None else None) for label, caption, image in rows]
+
+
+def clip_score_figures(con: duckdb.DuckDBPyConnection, report_dir: Path, clip: dict, n_lowest: int) -> dict[str, Path]:
+    """The CLIP-score rule's figures: ``clip_score_histogram.png`` (the scores of this run's rows,
+    kept and dropped, and the threshold) and ``clip_score_lowest.png`` (the lowest-scored pairs it
+    dropped, lowest first, score on each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, Path] = {}
+    t = con.sql("""SELECT clip_score, coalesce(reason = 'clip_score', FALSE) AS dropped FROM rows
+                   WHERE clip_score IS NOT NULL AND NOT isnan(clip_score)""").to_arrow_table()
+    if t.num_rows:
+        scores = t.column(0).to_numpy()
+        dropped = t.column(1).to_numpy(zero_copy_only=False)
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-6, 41)
+        ax.hist([scores[~dropped], scores[dropped]], bins=bins, stacked=True, label=["kept", "dropped"])
+        if clip.get("threshold") is not None and np.isfinite(clip["threshold"]):
+            ax.axvline(clip["threshold"], color="black", linestyle="--", label=f"threshold {clip['threshold']:.3f}")
+        model = str(clip.get("model"))
+        ax.set_title("scored by " + (model if len(model) <= 60 else "..." + model[-57:]), fontsize=9)
+        ax.set_xlabel("image-caption cosine similarity")
+        ax.set_ylabel("rows")
+        ax.legend()
+        fig.tight_layout()
+        out["clip_score_histogram"] = report_dir / "clip_score_histogram.png"
+        fig.savefig(out["clip_score_histogram"])
+        plt.close(fig)
+    if n_lowest > 0:
+        sample = con.sql(f"""
+            SELECT printf('%.3f', clip_score) AS label, f.filename, {sources.RID_ROW} AS file_row_number, caption
+            FROM rows JOIN files f ON f.fid = {sources.RID_FILE}
+            WHERE reason = 'clip_score' AND NOT isnan(clip_score)
+            ORDER BY clip_score, rid LIMIT {int(n_lowest)}""").to_arrow_table()
+        lowest = _with_images(con, sample)
+        if lowest:
+            examples = {"lowest-scored\ndropped": [(img, f"{label}: {cap}") for label, cap, img in lowest]}
+            sheet = contact_sheet(examples, report_dir / "clip_score_lowest.png", len(lowest))
+            if sheet is not None:
+                out["clip_score_lowest"] = sheet
     return out
 
 
@@ -166,8 +220,19 @@ def write_report(
               FROM rows r JOIN files f ON f.fid = {sources.RID_FILE} WHERE r.reason IS NOT NULL ORDER BY r.rid)
         TO '{str(decisions).replace("'", "''")}' (FORMAT parquet)""")
     text += f"\nEvery dropped row (key, url, normalised caption, shard, row, rule): `{decisions.name}`\n"
-    md.write_text(text)
     out = {"markdown": md, "dropped_rows": decisions}
+    clip = manifest.get("clip_score") or {}
+    if clip.get("model"):
+        figs = clip_score_figures(con, report_dir, clip, max(per_rule, 8))
+        text += (
+            f"\n## CLIP score\n\nModel {clip['model']}, threshold {clip['threshold']}: {clip['rows']} rows, "
+            f"{clip['scored']} scored now, {clip['from_cache']} from the cache.\n"
+        )
+        text += "".join(f"\n![{k}]({p.name})\n" for k, p in figs.items())
+        out.update(figs)
+    elif clip.get("skipped"):
+        text += f"\n## CLIP score\n\nSkipped: {clip['skipped']}.\n"
+    md.write_text(text)
     if sheet is not None:
         out["contact_sheet"] = sheet
     return out
@@ -204,8 +269,21 @@ def log_to_mlflow(cfg, result) -> str:
             mlflow.log_artifact(str(result.report_path), artifact_path="curate")
         if result.contact_sheet_path:
             mlflow.log_artifact(str(result.contact_sheet_path), artifact_path="curate")
+        for key in ("clip_score_histogram", "clip_score_lowest"):
+            if m.get("report", {}).get(key):
+                mlflow.log_artifact(m["report"][key], artifact_path="curate")
+        clip = m.get("clip_score") or {}
+        if clip.get("model"):
+            mlflow.set_tag("clip_score_model", clip["model"])
+            mlflow.log_metrics(
+                {
+                    f"clip_score/{k}": float(clip[k])
+                    for k in ("threshold", "scored", "from_cache")
+                    if clip.get(k) is not None
+                }
+            )
         mlflow.log_dict(m, "curate/manifest.json")
         return run.info.run_id
 
 
-__all__ = ["markdown_table", "contact_sheet", "write_report", "log_to_mlflow", "sample_dropped"]
+__all__ = ["markdown_table", "contact_sheet", "write_report", "log_to_mlflow", "sample_dropped", "clip_score_figures"]

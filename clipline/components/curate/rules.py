@@ -27,6 +27,7 @@ STAGE_RULES = [
     "dup_caption_image",
     "near_dup_image",
     "near_dup_caption",
+    "clip_score",
 ]
 
 _RULE_HEADER = re.compile(r"^--\s*rule:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")

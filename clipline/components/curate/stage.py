@@ -41,6 +41,8 @@ NON_RULE_FIELDS = {
     "duckdb_temp_dir",
     "duckdb_threads",
     "contact_sheet_examples",
+    "clip_score_batch_size",
+    "clip_score_device",
     "eval_set",
     "blocklist_file",
     "rules_file",

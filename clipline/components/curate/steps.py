@@ -89,6 +89,7 @@ class RunContext:
     source_shards: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    clip: dict = field(default_factory=dict)  # what the CLIP-score rule did (manifest["clip_score"])
 
     @property
     def c(self) -> CurateConfig:
@@ -368,7 +369,97 @@ def _mark_dropped(ctx: RunContext, codes: np.ndarray, rid: np.ndarray) -> None:
     ctx.con.unregister("_mark")
 
 
-# ---------------------------------------------------------------- 5. split, counts, content hash
+# ---------------------------------------------------------------- 5. CLIP score
+
+
+def apply_clip_score(ctx: RunContext) -> None:
+    """``reason = 'clip_score'`` for the rows still kept whose image-caption similarity under the
+    scoring model (:mod:`.clip_score`) is below ``clip_score_threshold``, or outside the top
+    ``clip_score_keep_fraction`` of them (ties with the last kept score are kept; an undecodable
+    image scores NaN and is dropped). Runs last, so it scores only rows every other rule kept; the
+    parent's rows are never scored again. Scores come from the cache when that model scored the
+    same image and caption before; the rest are scored and added to it. Every scored row keeps its
+    score in ``rows.clip_score``, and the snapshot stores it with the model's label."""
+    c, con = ctx.c, ctx.con
+    if c.clip_score_threshold is None and c.clip_score_keep_fraction is None:
+        return
+    from clipline.components.curate import clip_score
+
+    scorer = clip_score.load_scorer(ctx.cfg)
+    if scorer is None:
+        ctx.clip = {"skipped": f"no '{clip_score.CHAMPION}' in the registry yet: nothing to score with"}
+        return
+    con.execute("""CREATE TEMP TABLE _cs AS
+                   SELECT rid, sha256, md5(coalesce(caption, '')) AS caption_md5, caption FROM rows
+                   WHERE reason IS NULL""")
+    cache = clip_score.cache_dir(ctx.cfg, scorer)
+    parts = sorted(cache.glob("part-*.parquet")) if cache.is_dir() else []
+    con.execute("CREATE TEMP TABLE _scores (rid BIGINT, score FLOAT)")
+    if parts:
+        con.execute(f"""INSERT INTO _scores
+                        SELECT _cs.rid, c.score FROM _cs JOIN (
+                            SELECT sha256, caption_md5, any_value(score) AS score
+                            FROM read_parquet({sources.sql_list(parts)}) GROUP BY ALL) c
+                        USING (sha256, caption_md5)""")
+    n_cached = db.count(con, "_scores")
+    reader = con.sql(f"""
+        SELECT m.rid, m.sha256, m.caption_md5, m.caption, {sources.image_expr(ctx.schema)} AS image
+        FROM read_parquet({sources.sql_list(ctx.paths)}, union_by_name = true, filename = true,
+                          file_row_number = true) r
+        JOIN files f ON r.filename = f.filename
+        JOIN (SELECT *, {sources.RID_FILE} AS fid, {sources.RID_ROW} AS file_row_number
+              FROM _cs ANTI JOIN _scores USING (rid)) m
+          ON f.fid = m.fid AND r.file_row_number = m.file_row_number""").to_arrow_reader(BATCH_ROWS // 16)
+    new_rids, new_scores = [], []  # the connection is busy streaming: inserted after the loop
+    t0 = time.perf_counter()
+    for batch in reader:
+        images = batch.column("image").to_pylist()
+        scores = clip_score.score_pairs(
+            scorer, images, batch.column("caption").to_pylist(), batch_size=c.clip_score_batch_size
+        )
+        clip_score.write_cache_part(
+            cache, batch.column("sha256").to_pylist(), batch.column("caption_md5").to_pylist(), scores
+        )
+        new_rids.append(batch.column("rid"))
+        new_scores.append(pa.array(scores, pa.float32()))
+    del reader
+    seconds = time.perf_counter() - t0
+    n_scored = sum(len(r) for r in new_rids)
+    if n_scored:
+        con.register("_new", pa.table({"rid": pa.chunked_array(new_rids), "score": pa.chunked_array(new_scores)}))
+        con.execute("INSERT INTO _scores SELECT rid, score FROM _new")
+        con.unregister("_new")
+    con.execute("ALTER TABLE rows ADD COLUMN clip_score FLOAT")
+    con.execute("UPDATE rows SET clip_score = _scores.score FROM _scores WHERE rows.rid = _scores.rid")
+    scores = con.sql("SELECT score FROM _scores").to_arrow_table().column(0).to_numpy(zero_copy_only=False)
+    threshold = c.clip_score_threshold
+    if threshold is None and len(scores):
+        ranked = np.sort(scores[~np.isnan(scores)])[::-1]
+        keep = int(np.ceil(c.clip_score_keep_fraction * len(scores)))
+        threshold = float(ranked[min(keep, len(ranked)) - 1]) if keep and len(ranked) else float("inf")
+    if threshold is not None:
+        con.execute(
+            "UPDATE rows SET reason = 'clip_score' WHERE reason IS NULL AND (clip_score < ? OR isnan(clip_score))",
+            [threshold],
+        )
+    con.execute("DROP TABLE _cs")
+    con.execute("DROP TABLE _scores")
+    finite = scores[~np.isnan(scores)]
+    ctx.clip = {
+        "model": scorer.label,
+        "model_sha256": scorer.identity,
+        "threshold": threshold,
+        "keep_fraction": c.clip_score_keep_fraction,
+        "rows": int(len(scores)),
+        "scored": n_scored,
+        "from_cache": n_cached,
+        "undecodable": int(np.isnan(scores).sum()),
+        "score_mean": float(finite.mean()) if len(finite) else None,
+        "scoring_pairs_per_s": round(n_scored / seconds, 1) if n_scored and seconds > 0 else None,
+    }
+
+
+# ---------------------------------------------------------------- 6. split, counts, content hash
 
 
 def split_and_hash(ctx: RunContext) -> dict | None:
@@ -415,7 +506,7 @@ def split_and_hash(ctx: RunContext) -> dict | None:
     return None
 
 
-# ---------------------------------------------------------------- 6. write the snapshot
+# ---------------------------------------------------------------- 7. write the snapshot
 
 
 def _tmp_dir(ctx: RunContext) -> Path:
@@ -440,10 +531,12 @@ def write_snapshot(ctx: RunContext) -> None:
         )
         carried = sources.carried_columns(schema)
         carried_sql = "".join(f", r.{sources.quote_ident(col)}" for col in carried)
+        label = str(ctx.clip.get("model", "")).replace("'", "''")
+        scored_sql = f", k.clip_score, '{label}' AS clip_score_model" if "model" in ctx.clip else ""
         con.execute(f"""
             COPY (
                 SELECT k.key, k.url, k.caption, {sources.image_expr(schema)} AS image,
-                       {sources.meta_select(schema, names=sources.SIZE_COLUMNS)}, k.sha256, k.phash, k.split{carried_sql}
+                       {sources.meta_select(schema, names=sources.SIZE_COLUMNS)}, k.sha256, k.phash, k.split{carried_sql}{scored_sql}
                 FROM read_parquet({sources.sql_list(ctx.paths)}, union_by_name = true, filename = true,
                                   file_row_number = true) r
                 JOIN files f ON r.filename = f.filename
@@ -476,6 +569,7 @@ def write_snapshot(ctx: RunContext) -> None:
         "files": (list(parent["manifest"]["files"]) if parent else []) + new_files,
         "new_files": new_files,
         "dedup_rows_visited": ctx.n_visited,
+        "clip_score": ctx.clip or None,
     }
 
 
@@ -492,7 +586,7 @@ def _cumulative(prev: dict | None, counts: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- 7. report, then publish
+# ---------------------------------------------------------------- 8. report, then publish
 
 
 def report_and_publish(ctx: RunContext) -> None:
@@ -529,6 +623,7 @@ PLAN: list[tuple[str, Callable[[RunContext], dict | None]]] = [
     ("language", apply_language_rule),
     ("decontamination", decontaminate),
     ("deduplication", deduplicate),
+    ("clip score", apply_clip_score),
     ("split and content hash", split_and_hash),
     ("write snapshot", write_snapshot),
     ("report", report_and_publish),

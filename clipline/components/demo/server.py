@@ -222,7 +222,8 @@ class _ServerThread:
 
 
 def write_url_list(web_: ToyWeb, path: Path) -> Path:
-    """Write the URL list (Parquet: url, caption, fault, color, shape) atomically."""
+    """Write the URL list (Parquet: url, caption, fault, color, shape, mismatched) atomically; the
+    columns after the caption are carried into the shards, so what each picture shows is known."""
     table = pa.table(
         {
             "url": [web_.url(it) for it in web_.items],
@@ -230,6 +231,7 @@ def write_url_list(web_: ToyWeb, path: Path) -> Path:
             "fault": [it.fault for it in web_.items],
             "color": [it.color for it in web_.items],
             "shape": [it.shape for it in web_.items],
+            "mismatched": [it.mismatched for it in web_.items],
         }
     )
     tmp = path.with_name(path.name + ".tmp")

@@ -49,6 +49,7 @@ class ToyItem:
     shape: str
     source_id: int | None = None
     caption_lang: str = "en"
+    mismatched: bool = False  # the caption describes another picture (DemoConfig.mismatch_share)
 
 
 class ToyStore:
@@ -82,6 +83,11 @@ class ToyStore:
             caption = caption_for(content.spec, rng)  # a fresh description of the copied picture
             return ToyItem(i, path, caption, fault, content.color, content.shape, src)
         caption = base.caption
+        if fault == F.NONE and self.cfg.mismatch_share > 0:
+            other = self._mismatch(i)
+            if other is not None:
+                caption = caption_for(self._corpus[other].spec, _rng(self.seed, "mismatch-caption", i))
+                return ToyItem(i, path, caption, fault, base.color, base.shape, mismatched=True)
         if fault == "caption_empty":
             caption = F.empty_caption(rng)
         elif fault == "caption_junk":
@@ -91,6 +97,19 @@ class ToyStore:
         elif fault == "caption_foreign":
             lang, caption = F.foreign_caption(base.color, base.shape, rng)
         return ToyItem(i, path, caption, fault, base.color, base.shape, None, lang)
+
+    def _mismatch(self, i: int) -> int | None:
+        """For a share ``mismatch_share`` of the items (drawn per item from the seed): another item
+        whose picture differs in colour or shape, whose caption item ``i`` will carry."""
+        rng = _rng(self.seed, "mismatch", i)
+        if rng.random() >= self.cfg.mismatch_share or self.n < 2:
+            return None
+        mine = (self._corpus[i].color, self._corpus[i].shape)
+        for _ in range(64):
+            j = rng.randrange(self.n)
+            if (self._corpus[j].color, self._corpus[j].shape) != mine:
+                return j
+        return None
 
     def by_path(self, path: str) -> ToyItem | None:
         return self._by_path.get(path)
