@@ -198,6 +198,24 @@ def test_eval_throughput(bench_env, tmp_path):
     headline(out, "ratio")
 
 
+def test_clip_score_throughput(bench_env, tmp_path):
+    out = run_bench(
+        "clip_score_throughput.py", ["--rows", "16", "--batch-size", "8", "--repeats", "1"], bench_env, tmp_path
+    )
+    assert re.search(r"^plain_open_clip_loop: [0-9.]+ pairs/s", out.stdout, re.MULTILINE), out.stdout
+    headline(out, "ratio")
+
+
+@pytest.mark.slow
+def test_clip_filter(bench_env, tmp_path):
+    """The whole loop at a tiny size (an untrained champion: the shares mean nothing, the lines must be there)."""
+    out = run_bench("clip_filter.py", ["--n", "200", "--steps", "5"], bench_env, tmp_path, timeout=600)
+    for name in ("mismatched_dropped", "matched_kept", "heldout_acc1_unfiltered"):
+        assert re.search(rf"^{name}: [0-9.]+$", out.stdout, re.MULTILINE), out.stdout
+    assert re.fullmatch(r"heldout_acc1_filtered: [0-9.]+", out.stdout.strip().splitlines()[-1]), out.stdout
+    assert re.search(r"^\| 0.7 \| [0-9.]+ of [0-9]+ \| [0-9.]+ of [0-9]+ \| 0 / [0-9]+ \|$", out.stdout, re.MULTILINE)
+
+
 def test_imaging_speed(bench_env, tmp_path):
     headline(run_bench("imaging_speed.py", ["--n", "4", "--repeats", "1"], bench_env, tmp_path), "ms_per_image")
 

@@ -152,18 +152,25 @@ def score_pairs(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and loader.num_workers:
+        # the decoding workers have cores of their own: the model takes the rest, not a contended share
+        torch.set_num_threads(max(1, threads - loader.num_workers))
     start = 0
-    with torch.inference_mode(), autocast:
-        for pixels, ok in loader:
-            end = start + len(ok)
-            if pixels is not None:
-                tokens = scorer.tokenizer([c or "" for c in captions[start:end]]).to(dev, non_blocking=True)
-                img = F.normalize(scorer.model.encode_image(pixels.to(dev, non_blocking=True)).float(), dim=-1)
-                txt = F.normalize(scorer.model.encode_text(tokens).float(), dim=-1)
-                sim = (img * txt).sum(dim=-1).cpu().numpy()
-                keep = ok.numpy()
-                out[start:end][keep] = sim[keep]
-            start = end
+    try:
+        with torch.inference_mode(), autocast:
+            for pixels, ok in loader:
+                end = start + len(ok)
+                if pixels is not None:
+                    tokens = scorer.tokenizer([c or "" for c in captions[start:end]]).to(dev, non_blocking=True)
+                    img = F.normalize(scorer.model.encode_image(pixels.to(dev, non_blocking=True)).float(), dim=-1)
+                    txt = F.normalize(scorer.model.encode_text(tokens).float(), dim=-1)
+                    sim = (img * txt).sum(dim=-1).cpu().numpy()
+                    keep = ok.numpy()
+                    out[start:end][keep] = sim[keep]
+                start = end
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
