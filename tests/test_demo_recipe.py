@@ -177,15 +177,52 @@ def test_two_stream_tower_trains_saves_and_loads_with_plain_open_clip(tmp_path):
         torch.testing.assert_close(plain.encode_image(xv), model.encode_image(xv))
 
 
-def test_two_stream_tower_refuses_other_normalisation_and_pretrained_weights():
-    import timm
+def test_two_stream_tower_takes_any_normalisation_and_saves_it(tmp_path):
+    """The tower undoes its model's own mean/std: the same pictures normalised two ways give the
+    same features; the values are saved with the weights, so plain open_clip loads them; a
+    checkpoint from before they were saved still loads, with the default it was trained with."""
+    import open_clip
     import pytest
+    import timm
+    from safetensors.torch import load_file, save_file
 
     from clipline.components.model import towers
 
-    b = factory.create("clipline-demo")
-    with pytest.raises(ValueError, match="preprocess_cfg gives mean"):
-        towers.check_normalisation(b.model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "clipline-demo")
-    towers.check_normalisation(b.model, b.preprocess_cfg["mean"], b.preprocess_cfg["std"], "clipline-demo")
+    half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    torch.manual_seed(0)
+    a = factory.create("clipline-demo")
+    torch.manual_seed(0)
+    b = factory.create("clipline-demo", preprocess=half)
+    assert tuple(b.preprocess_cfg["mean"]) == half["mean"]
+    pics = [Image.new("RGB", (80, 60), c) for c in ((200, 30, 30), (20, 160, 220))]
+    xa = torch.stack([a.val_transform(p) for p in pics])
+    xb = torch.stack([b.val_transform(p) for p in pics])
+    assert not torch.allclose(xa, xb)  # the inputs differ...
+    a.model.eval(), b.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            a.model.encode_image(xa), b.model.encode_image(xb), rtol=1e-4, atol=1e-5
+        )  # ...not the features
+
+    out = checkpoint.save_checkpoint(
+        b.model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg, {"model_name": "clipline-demo"}
+    )
+    assert torch.equal(
+        load_file(out / checkpoint.WEIGHTS_FILE)["visual.trunk.mean"].flatten(), torch.tensor(half["mean"])
+    )
+    plain, _, val = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_image(torch.stack([val(p) for p in pics])), b.model.encode_image(xb))
+
+    old = {k: v for k, v in load_file(out / checkpoint.WEIGHTS_FILE).items() if not k.endswith(towers.UNSAVED_BEFORE)}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    fresh = factory.create("clipline-demo")
+    checkpoint.load_weights(fresh.model, tmp_path / "old.safetensors")  # loads: the default normalisation stays
+    assert tuple(fresh.model.visual.trunk.mean.flatten().tolist()) == pytest.approx(a.preprocess_cfg["mean"])
+    del old["logit_scale"]
+    save_file(old, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="missing keys \\['logit_scale'\\]"):
+        checkpoint.load_weights(fresh.model, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model(towers.TWO_STREAM, pretrained=True)

@@ -171,10 +171,18 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, model_name: st
     file, ``model_name`` and open_clip's reason, when the weights cannot be read or do not fit."""
     import open_clip
 
+    from clipline.components.model.towers import UNSAVED_BEFORE
+
     weights = weights_file(path)
     what = f"model {model_name!r}" if model_name else "the model its config describes"
     try:
-        open_clip.load_checkpoint(unwrap(model), str(weights), strict=True, weights_only=True, device="cpu")
+        # strict, except for the two-stream tower's normalisation buffers, which older checkpoints
+        # lack (they keep the values the model was built with, those the checkpoint was trained with)
+        keys = open_clip.load_checkpoint(unwrap(model), str(weights), strict=False, weights_only=True, device="cpu")
+        missing = [k for k in getattr(keys, "missing_keys", []) if not k.endswith(UNSAVED_BEFORE)]
+        unexpected = list(getattr(keys, "unexpected_keys", []))
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     except Exception as e:  # unreadable files and shape or key mismatches raise many types
         reason = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(

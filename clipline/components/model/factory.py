@@ -159,10 +159,7 @@ def create(
     if from_scratch and name in INIT_OPTIONS:
         apply_init(model, INIT_OPTIONS[name])
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
-    try:
-        towers.check_normalisation(model, pp.mean, pp.std, name)
-    except ValueError as e:
-        raise ModelError(str(e)) from None
+    towers.set_normalisation(model, pp.mean, pp.std)  # a two-stream tower undoes this model's own mean/std
     train_tf = make_train_transform(pp, aug)
     val_tf = image_transform_v2(pp, is_train=False)
     if weights is not None:

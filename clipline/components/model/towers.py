@@ -22,8 +22,12 @@ blind to hue, a shape learned in some colours is recognised in every colour: on 
 web it lifts held-out-pairing zero-shot top-1 from 0.46-0.50 to 0.79-0.93 (four demo runs) at the
 same cost.
 
-The tower reads images normalised with open_clip's default (OpenAI) mean and std, and undoes that
-normalisation to get back RGB; :func:`check_normalisation` refuses other values.
+The tower undoes the normalisation of its input to get back RGB. The mean and std it undoes are
+buffers saved with the weights (``visual.trunk.mean``/``std``), set from the model's preprocessing
+when it is built (:func:`set_normalisation`), so any mean/std works and a checkpoint loaded by plain
+open_clip undoes the normalisation it was trained with. Checkpoints written before the buffers were
+saved hold none and load with the default (OpenAI) values they were trained with
+(:data:`UNSAVED_BEFORE`).
 """
 
 from __future__ import annotations
@@ -78,8 +82,8 @@ class TwoStreamNet(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.colour_grid = int(colour_grid)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.num_features = self.form.num_features + 2 * colour_width
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
@@ -104,7 +108,13 @@ class TwoStreamNet(nn.Module):
         return self.form(self.hue_free(x))
 
     def colour_features(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.colour(nn.functional.adaptive_avg_pool2d(x, self.colour_grid))
+        # RGB in the default (OpenAI) normalisation whatever the input's: x itself for a model
+        # that uses the default, and the same features for one that normalises otherwise
+        # (pooling is linear: pooled first, the change of normalisation costs a 16 x 16 grid, not the image)
+        rgb = nn.functional.adaptive_avg_pool2d(x, self.colour_grid) * self.std + self.mean
+        ref_mean = rgb.new_tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        ref_std = rgb.new_tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        f = self.colour((rgb - ref_mean) / ref_std)
         return torch.cat([f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,16 +150,15 @@ def clipline_two_stream(pretrained: bool = False, **kwargs: Any) -> TwoStreamNet
     return TwoStreamNet(**kwargs)
 
 
-def check_normalisation(model: nn.Module, mean: Any, std: Any, name: str) -> None:
-    """Raise ValueError when ``model`` has a two-stream image tower but its images are normalised
-    with another mean/std than the tower undoes (its hue-free channels would carry hue)."""
+#: state-dict key endings of the normalisation buffers; checkpoints from before they were saved lack them
+UNSAVED_BEFORE = ("trunk.mean", "trunk.std")
+
+
+def set_normalisation(model: nn.Module, mean: Any, std: Any) -> None:
+    """Make every two-stream image tower in ``model`` undo normalisation with ``mean``/``std``
+    (the model's preprocessing), so that its hue-free channels carry no hue whatever they are."""
     for m in model.modules():
         if isinstance(m, TwoStreamNet):
-            want_mean, want_std = m.mean.flatten().tolist(), m.std.flatten().tolist()
-            got_mean, got_std = [float(v) for v in mean], [float(v) for v in std]
-            if any(abs(a - b) > 1e-6 for a, b in zip(want_mean + want_std, got_mean + got_std)):
-                raise ValueError(
-                    f"model {name!r}: its {TWO_STREAM} image tower reads images normalised with mean "
-                    f"{want_mean} and std {want_std}, but its preprocess_cfg gives mean {got_mean} and "
-                    f"std {got_std}; remove mean/std from the config's preprocess_cfg"
-                )
+            with torch.no_grad():
+                m.mean.copy_(torch.tensor([float(v) for v in mean], dtype=torch.float32).view(1, 3, 1, 1))
+                m.std.copy_(torch.tensor([float(v) for v in std], dtype=torch.float32).view(1, 3, 1, 1))
