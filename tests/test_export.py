@@ -151,6 +151,31 @@ def test_clip_benchmark_cli_evaluates_the_export_with_our_numbers(tmp_path, data
         assert ours.text_to_image[k] == pytest.approx(theirs[f"image_retrieval_recall@{k}"], abs=1e-4)
         assert ours.image_to_text[k] == pytest.approx(theirs[f"text_retrieval_recall@{k}"], abs=1e-4)
 
+    # the same pairs as a CLIP_benchmark webdataset retrieval set (wds/NAME --dataset_root DIR):
+    # clipline's `evaluate` of the export and CLIP_benchmark's CLI give the same recall
+    from evalkit import write_wds_retrieval_set
+
+    from clipline.components.config import load_config
+    from clipline.components.evaluate.model import evaluate_model
+
+    write_wds_retrieval_set(tmp_path / "wds_shapes", pairs.images, [[c] for c in pairs.captions])
+    args = [str(cli), "eval", "--model_type", "open_clip", "--model", f"local-dir:{out}"]
+    args += ["--pretrained", str(out / "open_clip_model.safetensors"), "--dataset", "wds/shapes"]
+    args += ["--dataset_root", str(tmp_path / "wds_{dataset}"), "--task", "zeroshot_retrieval", "--recall_k", "1", "5"]
+    args += ["--no_amp", "--num_workers", "0", "--batch_size", "5", "--output", str(tmp_path / "wds.json")]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads((tmp_path / "wds.json").read_text())["metrics"]
+    cfg = load_config(None, {"data_dir": data_dir, "evaluate": {"recall_k": [1, 5]}})
+    ev = evaluate_model(cfg, str(out), datasets=["wds/shapes"], dataset_root=str(tmp_path / "wds_{dataset}"))
+    for k in (1, 5):
+        assert ev.eval.metrics[f"retrieval/shapes/text_to_image_R{k}"] == pytest.approx(
+            theirs[f"image_retrieval_recall@{k}"], abs=1e-4
+        )
+        assert ev.eval.metrics[f"retrieval/shapes/image_to_text_R{k}"] == pytest.approx(
+            theirs[f"text_retrieval_recall@{k}"], abs=1e-4
+        )
+
 
 def test_export_converts_bin_weights_to_safetensors(tmp_path):
     from safetensors.torch import load_file
