@@ -17,6 +17,14 @@ demo measured itself, without the interpreter's start-up). The held-out pairs ar
 web's seed (`demo.seed`, 0 by default): `--seed 0 --seed 1 --seed 2` runs the demo once per seed,
 each on a fresh data dir, prints each seed's figures (`heldout_acc1_seed<S>:`, `seen_acc1_seed<S>:`,
 `demo_seconds_seed<S>:`), and the two headline lines become the means over the seeds.
+
+`--generic [MODEL]` runs, beside each seed's demo, the same recipe with a generic architecture
+(default `clipline-tiny`, a plain RGB ResNet shipped as a config; `[demo.train] model = MODEL` and
+nothing else changed) and prints `generic_heldout_acc1:` and `generic_seen_acc1:` (means over the
+seeds, after each seed's) before the headline: what the pipeline teaches an ordinary model, beside
+what `clipline-demo`, built for colour x shape composition, reaches.
+
+    python benchmarks/demo_time.py --seed 0 --seed 1 --seed 2 --generic
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the generic architecture of --generic: a plain RGB ResNet of about the demo model's size
+GENERIC = "clipline-tiny"
 
 
 def cpu_model() -> str:
@@ -54,8 +64,16 @@ def gpu() -> str:
         return "unknown"
 
 
-def run_demo(data_dir: Path, n: int | None, log: Path, seed: int | None = None) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir), "demo"]
+def run_demo(
+    data_dir: Path, n: int | None, log: Path, seed: int | None = None, model: str | None = None
+) -> tuple[float, dict]:
+    """`clipline demo` on ``data_dir``; with ``model``, the demo's recipe with that model instead."""
+    cmd = [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir)]
+    if model:
+        config = data_dir.parent / f"{data_dir.name}.toml"
+        config.write_text(f'[demo.train]\nmodel = "{model}"\n')  # the recipe's other values stay
+        cmd += ["--config", str(config)]
+    cmd += ["demo"]
     if n:
         cmd += ["--n", str(n)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -105,11 +123,19 @@ def main() -> None:
     ap.add_argument(
         "--seed", type=int, action="append", help="toy-web seed (repeatable: one demo per seed, means last)"
     )
+    ap.add_argument(
+        "--generic",
+        nargs="?",
+        const=GENERIC,
+        default=None,
+        metavar="MODEL",
+        help=f"also run each seed's demo with this generic architecture in the recipe (default {GENERIC})",
+    )
     args = ap.parse_args()
-    if args.seed and len(args.seed) > 1:
+    if (args.seed and len(args.seed) > 1) or args.generic:
         if args.rerun or args.summary:
-            sys.exit("--rerun and --summary take one demo; give one --seed or none")
-        return several_seeds(args.seed, args.n, args.keep)
+            sys.exit("--rerun and --summary take one demo; give one --seed or none, and no --generic")
+        return several_seeds(args.seed or [0], args.n, args.keep, args.generic)
 
     if args.summary:
         s = json.loads(args.summary.read_text())
@@ -144,33 +170,51 @@ def main() -> None:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def several_seeds(seeds: list[int], n: int | None, keep: bool) -> None:
-    """One demo per seed, each on a fresh data dir; each seed's figures, then the means."""
+def several_seeds(seeds: list[int], n: int | None, keep: bool, generic: str | None = None) -> None:
+    """One demo per seed, each on a fresh data dir (and, with ``generic``, the same recipe with that
+    model, on another); each seed's figures, then the means."""
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}, GPU {gpu()}, python {platform.python_version()}")
-    out: dict[int, tuple[float, dict]] = {}
+    out: dict[tuple[int, str | None], tuple[float, dict]] = {}
     for seed in seeds:
-        data_dir = Path(tempfile.mkdtemp(prefix=f"clipline-demo-bench-s{seed}-"))
-        log = data_dir.parent / f"{data_dir.name}.log"
-        load0 = os.getloadavg()
-        try:
-            seconds, s = run_demo(data_dir, n, log, seed)
-            load1 = os.getloadavg()
-            print(f"--- seed {seed} (load average before {load0[0]:.2f}, after {load1[0]:.2f}; output {log})")
-            report(s)
-            out[seed] = (seconds, s)
-        finally:
-            if keep:
-                print(f"(kept {data_dir})", file=sys.stderr)
-            else:
-                shutil.rmtree(data_dir, ignore_errors=True)
-    for seed, (seconds, s) in out.items():
+        for model in (None, generic) if generic else (None,):
+            tag = f"s{seed}" + (f"-{model}" if model else "")
+            data_dir = Path(tempfile.mkdtemp(prefix=f"clipline-demo-bench-{tag}-"))
+            log = data_dir.parent / f"{data_dir.name}.log"
+            load0 = os.getloadavg()
+            try:
+                seconds, s = run_demo(data_dir, n, log, seed, model)
+                load1 = os.getloadavg()
+                what = f"seed {seed}" + (f", generic model {model}" if model else "")
+                print(f"--- {what} (load average before {load0[0]:.2f}, after {load1[0]:.2f}; output {log})")
+                report(s)
+                out[(seed, model)] = (seconds, s)
+            finally:
+                if keep:
+                    print(f"(kept {data_dir})", file=sys.stderr)
+                else:
+                    shutil.rmtree(data_dir, ignore_errors=True)
+    ours = {seed: v for (seed, model), v in out.items() if model is None}
+    for seed, (seconds, s) in ours.items():
         print(f"heldout_pairs_seed{seed}: {', '.join(s.get('heldout_pairs') or [])}")
         print(f"seen_acc1_seed{seed}: {s['seen_acc1']:.3f}")
         print(f"heldout_acc1_seed{seed}: {s['heldout_acc1']:.3f}")
         print(f"demo_seconds_seed{seed}: {seconds:.1f}")
-    print(f"seen_acc1: {sum(s['seen_acc1'] for _, s in out.values()) / len(out):.3f} (mean of {len(out)} seeds)")
-    print(f"demo_seconds: {sum(sec for sec, _ in out.values()) / len(out):.1f}")
-    print(f"heldout_acc1: {sum(s['heldout_acc1'] for _, s in out.values()) / len(out):.3f}")
+    if generic:
+        gen = {seed: v for (seed, model), v in out.items() if model == generic}
+        for seed, (seconds, s) in gen.items():
+            print(f"generic_seen_acc1_seed{seed}: {s['seen_acc1']:.3f}")
+            print(f"generic_heldout_acc1_seed{seed}: {s['heldout_acc1']:.3f}")
+            print(f"generic_demo_seconds_seed{seed}: {seconds:.1f}")
+        print(f"generic_model: {generic}")
+        print(f"generic_seen_acc1: {_mean(gen, 'seen_acc1'):.3f} (mean of {len(gen)} seeds)")
+        print(f"generic_heldout_acc1: {_mean(gen, 'heldout_acc1'):.3f} (mean of {len(gen)} seeds)")
+    print(f"seen_acc1: {_mean(ours, 'seen_acc1'):.3f} (mean of {len(ours)} seeds)")
+    print(f"demo_seconds: {sum(sec for sec, _ in ours.values()) / len(ours):.1f}")
+    print(f"heldout_acc1: {_mean(ours, 'heldout_acc1'):.3f}")
+
+
+def _mean(runs: dict, key: str) -> float:
+    return sum(s[key] for _, s in runs.values()) / len(runs)
 
 
 if __name__ == "__main__":
