@@ -164,6 +164,11 @@ class TrainConfig(_Section):
         description="WiSE-FT: also write (1 - alpha) * start + alpha * fine-tuned, evaluated and registered as its "
         "own version (needs a start: pretrained or --from-model)",
     )
+    recipe: str = Field(
+        "auto",
+        description="a preset of [train] values for the unset ones (components/train/recipes/*.toml): a name, "
+        "auto (chosen by the model's parameter count) or none",
+    )
     batch_size: int = Field(128, ge=2, description="global batch size (split evenly over workers)")
     steps: int = Field(0, ge=0, description="0 = derive from epochs")
     epochs: float = Field(5.0, gt=0)

@@ -84,7 +84,7 @@ def train(
 
     from clipline.components.model import factory
     from clipline.components.model.start import is_hub_reference, resolve as resolve_start
-    from clipline.components.train import resume as run_state
+    from clipline.components.train import recipes, resume as run_state
     from clipline.components.train.data import resolve_snapshot
     from clipline.components.train.loop import LoopSpec, TrainingDiverged, WorkerContext, run_loop
 
@@ -102,6 +102,7 @@ def train(
         )
     factory.model_config(model_name)  # unknown names fail here, before any work
     tc.model = model_name
+    tc, recipe, _ = recipes.apply(tc, model_name)  # the preset for this model's scale, where unset
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * info.n_train / tc.batch_size))
     if info.n_train < tc.batch_size:
         raise ValueError(
@@ -155,6 +156,7 @@ def train(
                     "n_train": info.n_train,
                     "total_steps": total_steps,
                     "pretrained": start.ref if start else "",
+                    "recipe": recipe.name if recipe else "none",
                     "torch": torch.__version__,
                 }
             )
