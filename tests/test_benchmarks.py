@@ -278,12 +278,12 @@ def test_demo_time_with_a_generic_architecture_runs_both_demos(bench_env, tmp_pa
     """--generic at a tiny size (100 URLs, 3 steps: the figures mean nothing, the lines must be there)."""
     env = {**bench_env, "CLIPLINE_TRAIN__STEPS": "3", "CLIPLINE_TRAIN__BATCH_SIZE": "16"}
     out = run_bench("demo_time.py", ["--n", "100", "--seed", "4", "--generic"], env, tmp_path, timeout=900)
-    for line in ("--- seed 4 (", "--- seed 4, generic model clipline-tiny (", "generic_model: clipline-tiny"):
+    for line in ("--- seed 4 (", "--- seed 4, generic model clipline-rgb-cnn (", "generic_model: clipline-rgb-cnn"):
         assert line in out.stdout, out.stdout
     for name in ("generic_heldout_acc1_seed4", "generic_seen_acc1", "generic_heldout_acc1", "heldout_acc1_seed4"):
         assert re.search(rf"^{name}: [0-9.]+", out.stdout, re.MULTILINE), (name, out.stdout)
     assert re.fullmatch(r"heldout_acc1: [0-9.]+", out.stdout.strip().splitlines()[-1])
-    assert "training: clipline-tiny, 3 steps" in out.stdout and "training: clipline-demo, 3 steps" in out.stdout
+    assert "training: clipline-rgb-cnn, 3 steps" in out.stdout and "training: clipline-demo, 3 steps" in out.stdout
 
 
 def test_demo_time_reports_a_demo_summary(bench_env, tmp_path):

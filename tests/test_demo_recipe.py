@@ -226,3 +226,23 @@ def test_two_stream_tower_takes_any_normalisation_and_saves_it(tmp_path):
         checkpoint.load_weights(fresh.model, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model(towers.TWO_STREAM, pretrained=True)
+
+
+def test_the_generic_cnn_is_stock_open_clip_and_timm(tmp_path):
+    """clipline-rgb-cnn, demo_time.py's generic architecture: as many parameters as clipline-demo, and
+    its checkpoint loads in plain open_clip with nothing of clipline imported (timm's own test_resnet)."""
+    import subprocess
+    import sys
+
+    from clipline.components.train.recipes import param_count
+
+    b = factory.create("clipline-rgb-cnn")
+    assert b.preprocess_cfg["resize_mode"] == "longest"  # letterboxed, as the demo model's pictures
+    assert abs(param_count("clipline-rgb-cnn") - param_count("clipline-demo")) < 0.01 * param_count("clipline-demo")
+    out = checkpoint.save_checkpoint(b.model, b.model_cfg, tmp_path / "ck", b.preprocess_cfg, {"model_name": "x"})
+    code = (
+        "import open_clip, sys; m, _, _ = open_clip.create_model_and_transforms('local-dir:' + sys.argv[1]); "
+        "assert not [n for n in sys.modules if n.split('.')[0] == 'clipline']; print(m.visual.trunk.__class__.__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ResNet", proc.stderr[-2000:]
