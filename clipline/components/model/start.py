@@ -52,10 +52,6 @@ class Start:
     tag: str | None = None
     preprocess: dict[str, Any] | None = None
 
-    @property
-    def from_hub(self) -> bool:
-        return self.tag is not None or self.model.startswith(HUB_PREFIX)
-
 
 def is_hub_reference(value: str, model: str | None = None) -> bool:
     """Whether ``value`` names hub weights (``hf-hub:…``, ``MODEL:TAG``, or a tag of ``model``)

@@ -83,16 +83,16 @@ def train(
     import torch
 
     from clipline.components.model import factory
-    from clipline.components.model.start import is_hub_reference, resolve as resolve_start
+    from clipline.components.model.start import resolve as resolve_start
     from clipline.components.train import recipes, resume as run_state
     from clipline.components.train.data import resolve_snapshot
     from clipline.components.train.loop import LoopSpec, TrainingDiverged, WorkerContext, run_loop
 
     tc = cfg.train.model_copy()
     info = resolve_snapshot(cfg.snapshots_dir, cfg.catalog_path, snapshot_id)
-    ref = str(from_model) if from_model is not None else (str(tc.pretrained) if tc.pretrained else None)
-    if from_model is None and ref and not Path(ref).expanduser().exists() and not is_hub_reference(ref, tc.model):
-        ref = resolve_from_model(cfg, ref)  # train.pretrained may name a registered version or alias too
+    ref = from_model
+    if ref is None and tc.pretrained:
+        ref = resolve_from_model(cfg, str(tc.pretrained))  # it may name a registered version or alias too
     start = resolve_start(ref, tc.model) if ref else None  # fails early, with a clear message
     model_name = start.model if start else tc.model
     if tc.wise_ft_alpha is not None and start is None:
