@@ -121,7 +121,14 @@ def test_clip_score_with_the_champion_waits_for_one_then_filters_with_it(data_di
     assert labels == {clip["model"]}
 
 
-def test_a_scoring_model_that_cannot_be_loaded_stops_curate_naming_it(data_dir: Path):
+def test_a_scoring_model_that_cannot_be_loaded_stops_curate_naming_it(data_dir: Path, tmp_path: Path):
     write_shard(data_dir, "s0", _rows(0, 4))
     with pytest.raises(ClipScoreError, match="clip_score_model '/nowhere/model' cannot be loaded"):
         curate(config(data_dir, clip_score_model="/nowhere/model", clip_score_threshold=0.2), track=False)
+    if not torch.cuda.is_available():  # the device setting is read: CUDA asked for where there is none
+        ckpt = make_checkpoint(tmp_path / "scorer", seed=3)
+        with pytest.raises(ClipScoreError, match="clip_score_device is 'cuda' but this machine has no CUDA device"):
+            curate(
+                config(data_dir, clip_score_model=str(ckpt), clip_score_threshold=0.2, clip_score_device="cuda"),
+                track=False,
+            )

@@ -74,6 +74,18 @@ def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
 
     assert "zeroshot/heldout/acc1" in md and "**champion**" in md
 
+    # the flow takes CLIP_benchmark's naming too: wds/NAME with the set's root
+    write_wds_set(cfg.data_dir.parent / "flow_wds_shapes", load_eval_dataset(heldout / "heldout.parquet"))
+    out, md = run_flow_with_artifact(
+        evaluate_flow,
+        "evaluation",
+        model=str(ckpt),
+        datasets=["wds/shapes"],
+        dataset_root=str(cfg.data_dir.parent / "flow_wds_{dataset}"),
+        cfg=cfg,
+    )
+    assert "zeroshot/shapes/acc1" in out.eval.metrics and "zeroshot/shapes/acc1" in md
+
 
 def test_evaluate_command(setup):
     cfg, sid, heldout, ckpt, run_id, _ = setup

@@ -222,3 +222,45 @@ def test_a_hub_start_is_evaluated_and_registered_as_the_zero_shot_end(hub_cache:
     got = load_file(ck / checkpoint.WEIGHTS_FILE)
     assert all(torch.equal(got[k], hub[k]) for k in hub)
     assert "retrieval/val/text_to_image_R5" in out.eval.metrics
+
+
+def test_train_pretrained_takes_the_same_starts_as_from_model(hub_cache: Path, data_dir: Path, mlflow_uri: str):
+    """`train.pretrained` in the config (no --from-model): a hub id is resolved and trained from."""
+    from mlflow.tracking import MlflowClient
+
+    from clipline.components.train.run import train
+    from trainkit import _cfg
+
+    hub = nano_hub_repo(hub_cache)
+    sid = synthetic.write_snapshot(data_dir / "snapshots", n=48, size=48)
+    res = train(_cfg(data_dir, steps=1, pretrained=f"hf-hub:{REPO}"), snapshot_id=sid)
+    assert res.model_name == f"hf-hub:{REPO}"
+    assert MlflowClient(mlflow_uri).get_run(res.run_id).data.params["pretrained"] == f"hf-hub:{REPO}"
+    tuned = load_file(res.checkpoint_dir / checkpoint.WEIGHTS_FILE)
+    assert max((tuned[k] - hub[k]).abs().max().item() for k in ("token_embedding.weight", "logit_scale")) < 0.05
+
+
+@pytest.mark.slow
+def test_training_from_an_open_clip_tag_starts_from_the_tags_weights(hub_cache: Path, data_dir: Path, mlflow_uri: str):
+    """--from-model MODEL:TAG trains from the tag's weights, with the tag's preprocessing (PE-Core-T, 70M
+    parameters at 384 px: one step)."""
+    import open_clip
+
+    from clipline.components.train.run import train
+    from trainkit import _cfg
+
+    name, tag = "PE-Core-T-16-384", "meta"
+    torch.manual_seed(3)
+    weights = {k: v.contiguous() for k, v in open_clip.create_model(name).state_dict().items()}
+    write_hub_repo(hub_cache, "timm/PE-Core-T-16-384", {"open_clip_model.safetensors": save(weights)})
+    sid = synthetic.write_snapshot(data_dir / "snapshots", n=12, size=48)
+    res = train(
+        _cfg(data_dir, steps=1, batch_size=4, lr=1e-5, warmup_steps=0), snapshot_id=sid, from_model=f"{name}:{tag}"
+    )
+    assert res.model_name == name
+    assert checkpoint.read_config(res.checkpoint_dir)["preprocess_cfg"]["resize_mode"] == "squash"
+    tuned = load_file(res.checkpoint_dir / checkpoint.WEIGHTS_FILE)
+    torch.manual_seed(0)
+    fresh = open_clip.create_model(name).state_dict()
+    key = "text.token_embedding.weight"
+    assert (tuned[key] - weights[key]).abs().max() < 0.01 < (fresh[key] - weights[key]).abs().max()

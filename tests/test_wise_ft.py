@@ -77,6 +77,12 @@ def test_a_wise_ft_blend_is_written_tracked_evaluated_and_registered(
     assert rows["2"].run_id == blend.run_id and rows["1"].run_id == tr.run_id
     metric = "retrieval/val/text_to_image_R5"
     assert rows["2"].metrics[metric] == blend_ev.eval.metrics[metric]
+    # run's and refresh's summaries show the blend under its alpha, beside the fine-tuned model
+    from clipline.flows.pipeline import wise_ft_rows
+
+    shown = dict(wise_ft_rows(tr, blend_ev))
+    assert shown["WiSE-FT 0.25: model version"].startswith(f"{cfg.tracking.registered_model} v2 -> ")
+    assert shown["WiSE-FT 0.25: retrieval R@5 text_to_image"] == f"{blend_ev.eval.metrics[metric]:.3f}"
 
 
 def test_wise_ft_without_a_start_is_refused_before_any_work(data_dir: Path, mlflow_uri: str):

@@ -64,6 +64,13 @@ def load_scorer(cfg: Config) -> Scorer | None:
     from clipline.components.tracking.registry import RegistryError, current_alias, resolve_model
 
     ref = cfg.curate.clip_score_model
+    if cfg.curate.clip_score_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ClipScoreError(
+                "curate.clip_score_device is 'cuda' but this machine has no CUDA device: set it to auto or cpu"
+            )
     try:
         if ref == CHAMPION and current_alias(cfg, CHAMPION) is None:
             return None
