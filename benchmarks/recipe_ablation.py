@@ -1,0 +1,184 @@
+"""What each training setting is worth to a plain architecture on the demo's data (issue 19).
+
+For each seed, `clipline demo` runs once on a fresh data dir with training cut to one step (the toy
+web is served, ingested and curated into a snapshot, and the held-out and seen evaluation sets are
+written); then each variant trains on that snapshot in this process (`train.backend = "local"`, as the
+demo trains) from the demo's recipe (`demo.train`) with MODEL in it and the variant's settings on top,
+and is evaluated on both sets. Same snapshot, same seed, same evaluation: only the settings differ.
+
+    python benchmarks/recipe_ablation.py [--model clipline-rgb-cnn] [--seed 0]... [--n 3000] [--steps N]
+        [--variant NAME]... [--set NAME:KEY=VALUE[,KEY=VALUE]]...
+
+With only `--set`, the variants are `recipe` and those given.
+
+Variants (NAME: the settings changed from the demo's recipe): `--help` lists them.
+
+Prints the machine and, per seed and variant, `<variant>_seed<S>: heldout H seen S | T s train,
+R samples/s` (the time is the training alone; evaluation and the demo's data are outside it), then
+per variant the means over the seeds, `<variant>: heldout H seen S` (best held-out last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "recipe": {},
+    "lr_1e-3": {"lr": 1e-3},
+    "lr_4e-3": {"lr": 4e-3},
+    "warmup_0": {"warmup_steps": 0},
+    "warmup_70": {"warmup_steps": 70},
+    "wd_0": {"weight_decay": 0.0},
+    "wd_0.5": {"weight_decay": 0.5},
+    "crop_1.0": {"crop_scale_min": 1.0},
+    "crop_0.5": {"crop_scale_min": 0.5},
+    "batch_32_x2_steps": {"batch_size": 32, "steps": 1400},
+    "batch_128_half_steps": {"batch_size": 128, "steps": 350},
+    "no_grad_clip": {"grad_clip": 0.0},
+    "threads_2_workers_0": {"threads": 2, "loader_workers": 0},
+}
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_set(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE]`` -> (NAME, {KEY: VALUE})."""
+    name, _, body = spec.partition(":")
+    if not name or not body:
+        raise argparse.ArgumentTypeError(f"--set {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    changes = {}
+    for item in body.split(","):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--set {spec!r}: {item!r} is not KEY=VALUE")
+        changes[key.strip()] = _value(val.strip())
+    return name, changes
+
+
+def prepare(data_dir: Path, seed: int, n: int | None) -> None:
+    """`clipline demo` with one training step: the snapshot and evaluation sets, on ``data_dir``."""
+    config = data_dir.parent / f"{data_dir.name}.toml"
+    config.write_text("[demo.train]\nsteps = 1\nwarmup_steps = 0\n")
+    cmd = [sys.executable, "-m", "clipline.flows.cli", "--config", str(config), "--data-dir", str(data_dir), "demo"]
+    if n:
+        cmd += ["--n", str(n)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env["CLIPLINE_DEMO__SEED"] = str(seed)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = data_dir.parent / f"{data_dir.name}.log"
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False).returncode
+    if rc != 0:
+        sys.exit(f"clipline demo failed (exit {rc}); its output is in {log}:\n" + log.read_text()[-3000:])
+
+
+def train_and_evaluate(data_dir: Path, seed: int, model: str, name: str, changes: dict[str, Any]) -> dict[str, float]:
+    from clipline.components.config import DEMO_TRAIN, load_config
+    from clipline.components.demo import write_heldout_set, write_seen_set
+    from clipline.components.evaluate.model import evaluate_model
+    from clipline.components.train.run import train
+
+    settings = {**DEMO_TRAIN, "model": model, **changes, "backend": "local", "run_name": f"ablation-{name}"}
+    settings["system_metrics"] = False
+    cfg = load_config(None, {"data_dir": data_dir, "demo": {"seed": seed}, "train": settings})
+    heldout = write_heldout_set(cfg.data_dir / "eval", seed=seed)
+    seen = write_seen_set(cfg.data_dir / "eval", seed=seed)
+    tr = train(cfg)
+    ev = evaluate_model(cfg, str(tr.checkpoint_dir), datasets=[str(heldout.data), str(seen.data)])
+    m = ev.eval.metrics
+    return {
+        "heldout": m[f"zeroshot/{heldout.name}/acc1"],
+        "seen": m[f"zeroshot/{seen.name}/acc1"],
+        "seconds": tr.train_seconds,
+        "samples_per_s": tr.samples_per_s,
+        "steps": tr.steps,
+    }
+
+
+def main() -> None:
+    epilog = "variants:\n" + "\n".join(
+        f"  {name}: {', '.join(f'{k}={v}' for k, v in ch.items()) or '(the recipe as it is)'}"
+        for name, ch in VARIANTS.items()
+    )
+    ap = argparse.ArgumentParser(
+        description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="clipline-rgb-cnn", help="the architecture every variant trains")
+    ap.add_argument("--seed", type=int, action="append", help="toy-web seed (repeatable; default 0)")
+    ap.add_argument("--n", type=int, default=None, help="toy-web size (default: the demo's, 3000)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps of each variant that sets none (default: the recipe's)"
+    )
+    ap.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="run only these (repeatable)")
+    ap.add_argument("--set", type=parse_set, action="append", default=[], help="an extra variant NAME:KEY=VALUE,...")
+    ap.add_argument("--keep", action="store_true", help="keep the data dirs and print where they are")
+    args = ap.parse_args()
+    from clipline.components.config import DEMO_TRAIN, TrainConfig
+
+    variants = {k: VARIANTS[k] for k in args.variant} if args.variant else dict(VARIANTS)
+    if args.set and not args.variant:
+        variants = {"recipe": {}}
+    variants.update(dict(args.set))
+    for name, changes in variants.items():
+        unknown = sorted(set(changes) - set(TrainConfig.model_fields))
+        if unknown:
+            sys.exit(f"variant {name}: unknown train setting(s) {', '.join(unknown)}")
+    seeds = args.seed or [0]
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
+        platform.processor() or "unknown",
+    )
+    print(f"machine: {os.cpu_count()} cores, {cpu}, python {platform.python_version()}")
+    print(f"model: {args.model}; recipe: {', '.join(f'{k}={v}' for k, v in DEMO_TRAIN.items() if k != 'model')}")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for seed in seeds:
+        data_dir = Path(tempfile.mkdtemp(prefix=f"clipline-ablation-s{seed}-"))
+        try:
+            t0 = time.perf_counter()
+            prepare(data_dir, seed, args.n)
+            print(f"--- seed {seed}: data ready in {time.perf_counter() - t0:.0f} s ({data_dir})", flush=True)
+            for name, changes in variants.items():
+                load = os.getloadavg()[0]
+                steps = {"steps": args.steps} if args.steps else {}
+                r = train_and_evaluate(data_dir, seed, args.model, name, {**steps, **changes})
+                results[name].append(r)
+                print(
+                    f"{name}_seed{seed}: heldout {r['heldout']:.3f} seen {r['seen']:.3f} | {r['steps']} steps "
+                    f"{r['seconds']:.0f} s train, {r['samples_per_s']:.0f} samples/s, load {load:.2f}",
+                    flush=True,
+                )
+        finally:
+            if args.keep:
+                print(f"(kept {data_dir})", file=sys.stderr)
+            else:
+                shutil.rmtree(data_dir, ignore_errors=True)
+    means = {
+        name: (sum(r["heldout"] for r in rs) / len(rs), sum(r["seen"] for r in rs) / len(rs))
+        for name, rs in results.items()
+    }
+    print(f"--- means over {len(seeds)} seed(s)")
+    for name, (h, s) in sorted(means.items(), key=lambda kv: kv[1][0]):
+        print(f"{name}: heldout {h:.3f} seen {s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
