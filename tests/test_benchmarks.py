@@ -206,6 +206,14 @@ def test_clip_score_throughput(bench_env, tmp_path):
     headline(out, "ratio")
 
 
+def on_test_server(env: dict) -> dict:
+    """``env`` with the session's Prefect test server as the API, so that the benchmark's flows do not
+    each start a temporary server (10-20 s apiece)."""
+    from prefect.settings import get_current_settings
+
+    return {**env, "PREFECT_API_URL": str(get_current_settings().api.url)}
+
+
 @pytest.mark.slow
 def test_clip_filter(bench_env, tmp_path):
     """The whole loop at a tiny size (an untrained champion: the shares mean nothing, the lines must be there)."""
@@ -326,3 +334,20 @@ def test_demo_time_reports_a_demo_summary(bench_env, tmp_path):
         check=False,
     )
     assert out.returncode != 0 and "nothing new" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_recipe_ablation(bench_env, tmp_path, prefect_harness):
+    """Two variants on one toy web at a tiny size (3 steps: the figures mean nothing, the lines must be there)."""
+    out = run_bench(
+        "recipe_ablation.py",
+        ["--n", "150", "--steps", "3", "--variant", "recipe", "--set", "small_batch:batch_size=16"],
+        on_test_server(bench_env),
+        tmp_path,
+        timeout=600,
+    )
+    for name in ("recipe_seed0", "small_batch_seed0"):
+        assert re.search(rf"^{name}: heldout [0-9.]+ seen [0-9.]+ \| 3 steps ", out.stdout, re.MULTILINE), out.stdout
+    means = out.stdout.split("--- means over 1 seed(s)")[1].split()
+    assert {"recipe:", "small_batch:"} <= set(means), out.stdout
+    assert "clipline-rgb-cnn" in out.stdout
