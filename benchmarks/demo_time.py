@@ -67,13 +67,20 @@ def gpu() -> str:
 
 
 def run_demo(
-    data_dir: Path, n: int | None, log: Path, seed: int | None = None, model: str | None = None
+    data_dir: Path,
+    n: int | None,
+    log: Path,
+    seed: int | None = None,
+    model: str | None = None,
+    recipe: dict | None = None,
 ) -> tuple[float, dict]:
-    """`clipline demo` on ``data_dir``; with ``model``, the demo's recipe with that model instead."""
+    """`clipline demo` on ``data_dir``; with ``model``, the demo's recipe with that model instead; with
+    ``recipe``, with those [train] values instead (the recipe's other values stay)."""
     cmd = [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir)]
-    if model:
+    changes = {**(recipe or {}), **({"model": model} if model else {})}
+    if changes:
         config = data_dir.parent / f"{data_dir.name}.toml"
-        config.write_text(f'[demo.train]\nmodel = "{model}"\n')  # the recipe's other values stay
+        config.write_text("[demo.train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in changes.items()))
         cmd += ["--config", str(config)]
     cmd += ["demo"]
     if n:

@@ -13,8 +13,8 @@ With only `--set`, the variants are `recipe` and those given.
 
 Variants (NAME: the settings changed from the demo's recipe): `--help` lists them.
 
-Prints the machine and, per seed and variant, `<variant>_seed<S>: heldout H seen S | T s train,
-R samples/s` (the time is the training alone; evaluation and the demo's data are outside it), then
+Prints the machine, each seed's toy-web size, and per seed and variant `<variant>_seed<S>: heldout H
+seen S | MODEL, N steps T s train, R samples/s` (the time is the training alone; evaluation and the demo's data are outside it), then
 per variant the means over the seeds, `<variant>: heldout H seen S` (best held-out last).
 """
 
@@ -24,15 +24,15 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from demo_time import cpu_model, run_demo  # noqa: E402  (beside this script)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "recipe": {},
@@ -74,38 +74,30 @@ def parse_set(spec: str) -> tuple[str, dict[str, Any]]:
     return name, changes
 
 
-def prepare(data_dir: Path, seed: int, n: int | None) -> None:
-    """`clipline demo` with one training step: the snapshot and evaluation sets, on ``data_dir``."""
-    config = data_dir.parent / f"{data_dir.name}.toml"
-    config.write_text("[demo.train]\nsteps = 1\nwarmup_steps = 0\n")
-    cmd = [sys.executable, "-m", "clipline.flows.cli", "--config", str(config), "--data-dir", str(data_dir), "demo"]
-    if n:
-        cmd += ["--n", str(n)]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env["CLIPLINE_DEMO__SEED"] = str(seed)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = data_dir.parent / f"{data_dir.name}.log"
-    with log.open("w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False).returncode
-    if rc != 0:
-        sys.exit(f"clipline demo failed (exit {rc}); its output is in {log}:\n" + log.read_text()[-3000:])
-
-
-def train_and_evaluate(data_dir: Path, seed: int, model: str, name: str, changes: dict[str, Any]) -> dict[str, float]:
+def train_and_evaluate(
+    data_dir: Path, seed: int, model: str, name: str, changes: dict[str, Any], sets: tuple[Any, Any]
+) -> dict[str, Any]:
+    """Train ``model`` on the demo recipe with ``changes`` on the data dir's snapshot; top-1 on ``sets``
+    (the held-out and the seen set)."""
     from clipline.components.config import DEMO_TRAIN, load_config
-    from clipline.components.demo import write_heldout_set, write_seen_set
     from clipline.components.evaluate.model import evaluate_model
     from clipline.components.train.run import train
 
-    settings = {**DEMO_TRAIN, "model": model, **changes, "backend": "local", "run_name": f"ablation-{name}"}
-    settings["system_metrics"] = False
+    settings = {
+        **DEMO_TRAIN,
+        "model": model,
+        **changes,
+        "backend": "local",
+        "run_name": f"ablation-{name}",
+        "system_metrics": False,
+    }
     cfg = load_config(None, {"data_dir": data_dir, "demo": {"seed": seed}, "train": settings})
-    heldout = write_heldout_set(cfg.data_dir / "eval", seed=seed)
-    seen = write_seen_set(cfg.data_dir / "eval", seed=seed)
+    heldout, seen = sets
     tr = train(cfg)
     ev = evaluate_model(cfg, str(tr.checkpoint_dir), datasets=[str(heldout.data), str(seen.data)])
     m = ev.eval.metrics
     return {
+        "model": tr.model_name,
         "heldout": m[f"zeroshot/{heldout.name}/acc1"],
         "seen": m[f"zeroshot/{seen.name}/acc1"],
         "seconds": tr.train_seconds,
@@ -130,9 +122,9 @@ def main() -> None:
     )
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="run only these (repeatable)")
     ap.add_argument("--set", type=parse_set, action="append", default=[], help="an extra variant NAME:KEY=VALUE,...")
-    ap.add_argument("--keep", action="store_true", help="keep the data dirs and print where they are")
     args = ap.parse_args()
     from clipline.components.config import DEMO_TRAIN, TrainConfig
+    from clipline.components.demo import write_heldout_set, write_seen_set
 
     variants = {k: VARIANTS[k] for k in args.variant} if args.variant else dict(VARIANTS)
     if args.set and not args.variant:
@@ -143,34 +135,31 @@ def main() -> None:
         if unknown:
             sys.exit(f"variant {name}: unknown train setting(s) {', '.join(unknown)}")
     seeds = args.seed or [0]
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.processor() or "unknown",
-    )
-    print(f"machine: {os.cpu_count()} cores, {cpu}, python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, python {platform.python_version()}")
     print(f"model: {args.model}; recipe: {', '.join(f'{k}={v}' for k, v in DEMO_TRAIN.items() if k != 'model')}")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for seed in seeds:
         data_dir = Path(tempfile.mkdtemp(prefix=f"clipline-ablation-s{seed}-"))
+        log = data_dir.parent / f"{data_dir.name}.log"
         try:
-            t0 = time.perf_counter()
-            prepare(data_dir, seed, args.n)
-            print(f"--- seed {seed}: data ready in {time.perf_counter() - t0:.0f} s ({data_dir})", flush=True)
+            # the demo with one training step: the toy web ingested and curated into a snapshot
+            seconds, summary = run_demo(data_dir, args.n, log, seed, recipe={"steps": 1, "warmup_steps": 0})
+            print(f"--- seed {seed}: {summary['n_urls']} URLs, data ready in {seconds:.0f} s ({data_dir})", flush=True)
+            # the demo wrote these; the same seed gives the same bytes
+            sets = (write_heldout_set(data_dir / "eval", seed=seed), write_seen_set(data_dir / "eval", seed=seed))
             for name, changes in variants.items():
                 load = os.getloadavg()[0]
                 steps = {"steps": args.steps} if args.steps else {}
-                r = train_and_evaluate(data_dir, seed, args.model, name, {**steps, **changes})
+                r = train_and_evaluate(data_dir, seed, args.model, name, {**steps, **changes}, sets)
                 results[name].append(r)
                 print(
-                    f"{name}_seed{seed}: heldout {r['heldout']:.3f} seen {r['seen']:.3f} | {r['steps']} steps "
-                    f"{r['seconds']:.0f} s train, {r['samples_per_s']:.0f} samples/s, load {load:.2f}",
+                    f"{name}_seed{seed}: heldout {r['heldout']:.3f} seen {r['seen']:.3f} | {r['model']}, "
+                    f"{r['steps']} steps {r['seconds']:.0f} s train, {r['samples_per_s']:.0f} samples/s, "
+                    f"load {load:.2f}",
                     flush=True,
                 )
         finally:
-            if args.keep:
-                print(f"(kept {data_dir})", file=sys.stderr)
-            else:
-                shutil.rmtree(data_dir, ignore_errors=True)
+            shutil.rmtree(data_dir, ignore_errors=True)
     means = {
         name: (sum(r["heldout"] for r in rs) / len(rs), sum(r["seen"] for r in rs) / len(rs))
         for name, rs in results.items()

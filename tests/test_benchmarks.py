@@ -341,13 +341,25 @@ def test_recipe_ablation(bench_env, tmp_path, prefect_harness):
     """Two variants on one toy web at a tiny size (3 steps: the figures mean nothing, the lines must be there)."""
     out = run_bench(
         "recipe_ablation.py",
-        ["--n", "150", "--steps", "3", "--variant", "recipe", "--set", "small_batch:batch_size=16"],
+        [
+            "--n",
+            "150",
+            "--steps",
+            "3",
+            "--model",
+            "clipline-tiny",
+            "--variant",
+            "recipe",
+            "--set",
+            "small_batch:batch_size=16",
+        ],
         on_test_server(bench_env),
         tmp_path,
         timeout=600,
     )
+    assert "--- seed 0: 150 URLs, data ready" in out.stdout, out.stdout
     for name in ("recipe_seed0", "small_batch_seed0"):
-        assert re.search(rf"^{name}: heldout [0-9.]+ seen [0-9.]+ \| 3 steps ", out.stdout, re.MULTILINE), out.stdout
+        line = rf"^{name}: heldout [0-9.]+ seen [0-9.]+ \| clipline-tiny, 3 steps "
+        assert re.search(line, out.stdout, re.MULTILINE), out.stdout
     means = out.stdout.split("--- means over 1 seed(s)")[1].split()
     assert {"recipe:", "small_batch:"} <= set(means), out.stdout
-    assert "clipline-rgb-cnn" in out.stdout
