@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# Each pytest-xdist worker gets its own Prefect home: two test servers on one SQLite database lock each other.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="clipline-tests-prefect-")
 
 
 @pytest.fixture
@@ -45,6 +48,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster another worker or test started
             num_cpus=6,
             include_dashboard=False,
             log_to_driver=False,
@@ -52,3 +56,9 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): pytest-xdist then starts the long ones while there are short
+    ones left to balance the workers, instead of ending on one long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

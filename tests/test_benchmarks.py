@@ -215,9 +215,9 @@ def on_test_server(env: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_clip_filter(bench_env, tmp_path):
+def test_clip_filter(bench_env, tmp_path, prefect_harness):
     """The whole loop at a tiny size (an untrained champion: the shares mean nothing, the lines must be there)."""
-    out = run_bench("clip_filter.py", ["--n", "200", "--steps", "5"], bench_env, tmp_path, timeout=600)
+    out = run_bench("clip_filter.py", ["--n", "200", "--steps", "5"], on_test_server(bench_env), tmp_path, timeout=600)
     for name in ("mismatched_dropped", "matched_kept", "heldout_acc1_unfiltered"):
         assert re.search(rf"^{name}: [0-9.]+$", out.stdout, re.MULTILINE), out.stdout
     assert re.fullmatch(r"heldout_acc1_filtered: [0-9.]+", out.stdout.strip().splitlines()[-1]), out.stdout
@@ -282,9 +282,9 @@ def test_train_gpu_smoke_runs_without_ray_or_mlflow(tmp_path, fresh_hidden):
 
 
 @pytest.mark.slow
-def test_demo_time_with_a_generic_architecture_runs_both_demos(bench_env, tmp_path):
+def test_demo_time_with_a_generic_architecture_runs_both_demos(bench_env, tmp_path, prefect_harness):
     """--generic at a tiny size (100 URLs, 3 steps: the figures mean nothing, the lines must be there)."""
-    env = {**bench_env, "CLIPLINE_TRAIN__STEPS": "3", "CLIPLINE_TRAIN__BATCH_SIZE": "16"}
+    env = {**on_test_server(bench_env), "CLIPLINE_TRAIN__STEPS": "3", "CLIPLINE_TRAIN__BATCH_SIZE": "16"}
     out = run_bench("demo_time.py", ["--n", "100", "--seed", "4", "--generic"], env, tmp_path, timeout=900)
     for line in ("--- seed 4 (", "--- seed 4, generic model clipline-rgb-cnn (", "generic_model: clipline-rgb-cnn"):
         assert line in out.stdout, out.stdout
