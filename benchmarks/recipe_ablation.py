@@ -9,18 +9,22 @@ and is evaluated on both sets. Same snapshot, same seed, same evaluation: only t
     python benchmarks/recipe_ablation.py [--model clipline-rgb-cnn] [--seed 0]... [--n 3000] [--steps N]
         [--variant NAME]... [--set NAME:KEY=VALUE[,KEY=VALUE]]...
 
-With only `--set`, the variants are `recipe` and those given.
+With only `--set`, the variants are `recipe` and those given. A `model.KEY` (dotted for nested keys,
+`model.vision_cfg.width`) changes MODEL's JSON config instead of a `[train]` setting: the variant trains
+a copy of the config, registered as `MODEL-NAME`.
 
 Variants (NAME: the settings changed from the demo's recipe): `--help` lists them.
 
 Prints the machine, each seed's toy-web size, and per seed and variant `<variant>_seed<S>: heldout H
-seen S | MODEL, N steps T s train, R samples/s` (the time is the training alone; evaluation and the demo's data are outside it), then
+seen S | MODEL, N steps T s train, R samples/s, logit scale L` (L: the learned temperature at the end; the time is the training alone; evaluation and the demo's data are outside it), then
 per variant the means over the seeds, `<variant>: heldout H seen S` (best held-out last).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import shutil
@@ -34,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from demo_time import cpu_model, run_demo  # noqa: E402  (beside this script)
 
+from clipline.components.config import DEMO_TRAIN  # noqa: E402
+
+STEPS = DEMO_TRAIN["steps"]
 VARIANTS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "lr_1e-3": {"lr": 1e-3},
@@ -44,11 +51,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wd_0.5": {"weight_decay": 0.5},
     "crop_1.0": {"crop_scale_min": 1.0},
     "crop_0.5": {"crop_scale_min": 0.5},
-    "batch_32_x2_steps": {"batch_size": 32, "steps": 1400},
-    "batch_128_half_steps": {"batch_size": 128, "steps": 350},
+    "batch_32_x2_steps": {"batch_size": 32, "steps": 2 * STEPS},
+    "batch_128_half_steps": {"batch_size": 128, "steps": STEPS // 2},
     "no_grad_clip": {"grad_clip": 0.0},
     "threads_2_workers_0": {"threads": 2, "loader_workers": 0},
+    # the temperature's starting value (open_clip's and CLIP's: 1/0.07 = 14.3; clamped at 100 in training)
+    "logit_scale_init_5": {"model.init_logit_scale": math.log(5)},
+    "logit_scale_init_50": {"model.init_logit_scale": math.log(50)},
 }
+MODEL_KEY = "model."
 
 
 def _value(text: str) -> Any:
@@ -74,14 +85,41 @@ def parse_set(spec: str) -> tuple[str, dict[str, Any]]:
     return name, changes
 
 
+def variant_model(model: str, name: str, changes: dict[str, Any], out_dir: Path) -> str:
+    """A copy of clipline's config ``model`` with ``changes`` (dotted keys) applied, registered into
+    open_clip as ``<model>-<name>``; its name."""
+    from clipline.components.model import factory
+
+    src = factory.CONFIG_DIR / f"{model}.json"
+    if not src.is_file():
+        sys.exit(f"variant {name}: model.* settings change one of clipline's own configs, and {model!r} is not one")
+    cfg = json.loads(src.read_text())
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    path = out_dir / f"{model}-{name}.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    (new,) = factory.register_configs(path)
+    return new
+
+
 def train_and_evaluate(
     data_dir: Path, seed: int, model: str, name: str, changes: dict[str, Any], sets: tuple[Any, Any]
 ) -> dict[str, Any]:
     """Train ``model`` on the demo recipe with ``changes`` on the data dir's snapshot; top-1 on ``sets``
     (the held-out and the seen set)."""
-    from clipline.components.config import DEMO_TRAIN, load_config
+    from clipline.components.config import load_config
     from clipline.components.evaluate.model import evaluate_model
+    from clipline.components.model import checkpoint
     from clipline.components.train.run import train
+
+    model_changes = {k[len(MODEL_KEY) :]: v for k, v in changes.items() if k.startswith(MODEL_KEY)}
+    changes = {k: v for k, v in changes.items() if not k.startswith(MODEL_KEY)}
+    if model_changes:
+        model = variant_model(model, name, model_changes, data_dir)
 
     settings = {
         **DEMO_TRAIN,
@@ -96,7 +134,9 @@ def train_and_evaluate(
     tr = train(cfg)
     ev = evaluate_model(cfg, str(tr.checkpoint_dir), datasets=[str(heldout.data), str(seen.data)])
     m = ev.eval.metrics
+    weights = checkpoint.read_state_dict(checkpoint.weights_file(tr.checkpoint_dir))
     return {
+        "logit_scale": float(weights["logit_scale"].exp()),
         "model": tr.model_name,
         "heldout": m[f"zeroshot/{heldout.name}/acc1"],
         "seen": m[f"zeroshot/{seen.name}/acc1"],
@@ -123,7 +163,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="run only these (repeatable)")
     ap.add_argument("--set", type=parse_set, action="append", default=[], help="an extra variant NAME:KEY=VALUE,...")
     args = ap.parse_args()
-    from clipline.components.config import DEMO_TRAIN, TrainConfig
+    from clipline.components.config import TrainConfig
     from clipline.components.demo import write_heldout_set, write_seen_set
 
     variants = {k: VARIANTS[k] for k in args.variant} if args.variant else dict(VARIANTS)
@@ -131,7 +171,7 @@ def main() -> None:
         variants = {"recipe": {}}
     variants.update(dict(args.set))
     for name, changes in variants.items():
-        unknown = sorted(set(changes) - set(TrainConfig.model_fields))
+        unknown = sorted(k for k in changes if not k.startswith(MODEL_KEY) and k not in TrainConfig.model_fields)
         if unknown:
             sys.exit(f"variant {name}: unknown train setting(s) {', '.join(unknown)}")
     seeds = args.seed or [0]
@@ -155,7 +195,7 @@ def main() -> None:
                 print(
                     f"{name}_seed{seed}: heldout {r['heldout']:.3f} seen {r['seen']:.3f} | {r['model']}, "
                     f"{r['steps']} steps {r['seconds']:.0f} s train, {r['samples_per_s']:.0f} samples/s, "
-                    f"load {load:.2f}",
+                    f"logit scale {r['logit_scale']:.1f}, load {load:.2f}",
                     flush=True,
                 )
         finally:

@@ -338,7 +338,8 @@ def test_demo_time_reports_a_demo_summary(bench_env, tmp_path):
 
 @pytest.mark.slow
 def test_recipe_ablation(bench_env, tmp_path, prefect_harness):
-    """Two variants on one toy web at a tiny size (3 steps: the figures mean nothing, the lines must be there)."""
+    """Two variants on one toy web at a tiny size (3 steps: the figures mean nothing, the lines must be there);
+    the second changes a [train] value and one of the model's config (its temperature's start)."""
     out = run_bench(
         "recipe_ablation.py",
         [
@@ -351,15 +352,20 @@ def test_recipe_ablation(bench_env, tmp_path, prefect_harness):
             "--variant",
             "recipe",
             "--set",
-            "small_batch:batch_size=16",
+            "small_batch:batch_size=16,model.init_logit_scale=0.0",
         ],
         on_test_server(bench_env),
         tmp_path,
         timeout=600,
     )
     assert "--- seed 0: 150 URLs, data ready" in out.stdout, out.stdout
-    for name in ("recipe_seed0", "small_batch_seed0"):
-        line = rf"^{name}: heldout [0-9.]+ seen [0-9.]+ \| clipline-tiny, 3 steps "
-        assert re.search(line, out.stdout, re.MULTILINE), out.stdout
+    scales = {}
+    for name, model in (("recipe_seed0", "clipline-tiny"), ("small_batch_seed0", "clipline-tiny-small_batch")):
+        line = rf"^{name}: heldout [0-9.]+ seen [0-9.]+ \| {model}, 3 steps .* logit scale (?P<scale>[0-9.]+), "
+        found = re.search(line, out.stdout, re.MULTILINE)
+        assert found, out.stdout
+        scales[name] = float(found["scale"])
+    # the config change took: exp(0) = 1 at the start, and 3 steps at lr 2e-3 barely move it (14.3 otherwise)
+    assert scales["small_batch_seed0"] < 1.5 and scales["recipe_seed0"] > 10, scales
     means = out.stdout.split("--- means over 1 seed(s)")[1].split()
     assert {"recipe:", "small_batch:"} <= set(means), out.stdout

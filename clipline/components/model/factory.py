@@ -27,31 +27,43 @@ from clipline.components.model.start import HUB_PREFIX, HUB_CONFIG, hub_file
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def _register_configs() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Register our JSON configs into open_clip. A config may carry two blocks of our own, kept out
-    of the model constructor's arguments:
+#: model name -> preprocess overrides / from-scratch initialisation options, from its JSON config
+PREPROCESS_OVERRIDES: dict[str, dict[str, Any]] = {}
+INIT_OPTIONS: dict[str, dict[str, Any]] = {}
+_OUR_CONFIG_PATHS: list[Path] = []
+
+
+def register_configs(path: str | os.PathLike = CONFIG_DIR) -> list[str]:
+    """Register the JSON model configs at ``path`` (a folder of them, or one file) into open_clip, and
+    return their names. A config may carry two blocks of our own, kept out of the model constructor's
+    arguments:
 
     - ``preprocess_cfg`` (open_clip's hub-config key: ``resize_mode``, ``fill_color``,
       ``interpolation``...): applied to the model's preprocessing, so the checkpoint's
       ``open_clip_config.json`` records it and evaluation resizes the same way;
     - ``init_cfg``: how a model trained from scratch is initialised (see :func:`apply_init`); it
-      changes only starting weights, so a checkpoint stays a plain open_clip model."""
-    open_clip.add_model_config(CONFIG_DIR)
+      changes only starting weights, so a checkpoint stays a plain open_clip model.
+
+    Ours (``configs/``) are registered on import; a benchmark registers variants of them this way."""
+    path = Path(path)
+    _OUR_CONFIG_PATHS.append(path)
+    open_clip.add_model_config(path)  # re-reads every registered file, ours included
     from open_clip import factory as _ocf
 
-    preprocess: dict[str, dict[str, Any]] = {}
-    init: dict[str, dict[str, Any]] = {}
-    for path in CONFIG_DIR.glob("*.json"):
-        cfg = _ocf._MODEL_CONFIGS.get(path.stem)
-        if cfg is not None and "preprocess_cfg" in cfg:
-            preprocess[path.stem] = cfg.pop("preprocess_cfg")
-        if cfg is not None and "init_cfg" in cfg:
-            init[path.stem] = cfg.pop("init_cfg")
-    return preprocess, init
+    names = []
+    for p in _OUR_CONFIG_PATHS:
+        for file in [p] if p.is_file() else sorted(p.glob("*.json")):
+            cfg = _ocf._MODEL_CONFIGS.get(file.stem)
+            if cfg is not None and "preprocess_cfg" in cfg:
+                PREPROCESS_OVERRIDES[file.stem] = cfg.pop("preprocess_cfg")
+            if cfg is not None and "init_cfg" in cfg:
+                INIT_OPTIONS[file.stem] = cfg.pop("init_cfg")
+            if p is path:
+                names.append(file.stem)
+    return names
 
 
-#: model name -> preprocess overrides / from-scratch initialisation options, from its JSON config
-PREPROCESS_OVERRIDES, INIT_OPTIONS = _register_configs()
+register_configs()
 
 #: the values ``init_cfg`` accepts
 TEXT_ATTENTION_INITS = ("default", "uniform")
