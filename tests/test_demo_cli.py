@@ -1,5 +1,5 @@
-"""`clipline demo` end to end with its real recipe (3,000 URLs, clipline-demo, 700 steps: about
-5 minutes on 2 cores), then again on the same data dir: the rerun serves the same URLs (the port recorded
+"""`clipline demo` end to end with its real recipe, cut to 700 of its 1,500 steps by a `[demo.train]`
+table (3,000 URLs, clipline-demo: about 3 minutes on 2 cores), then again on the same data dir: the rerun serves the same URLs (the port recorded
 in the data dir), fetches nothing, trains nothing and says so."""
 
 from __future__ import annotations
@@ -19,10 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # one [train] setting that the recipe also sets, to a value that leaves the model as the recipe trains
 # it (an extra checkpoint half way): the config file's [train] wins over the recipe, the rest of the
-# recipe stays
-CONFIG = """
+# recipe stays. And a [demo.train] table that changes one value of the recipe: 700 steps, not 1,500.
+# The recipe's last 800 steps are there for a generic architecture swapped in (issue 19); clipline-demo
+# reaches its held-out figure by step 700 (benchmarks/RESULTS.md), and benchmarks/demo_time.py runs the
+# whole recipe. This halves the suite's longest test.
+STEPS = 700
+CONFIG = f"""
 [train]
 checkpoint_every = 350
+
+[demo.train]
+steps = {STEPS}
 """
 
 #: held-out top-1 the real recipe must reach: chance is 1/48 = 0.021; the demo reached 0.787, 0.932 and
@@ -73,8 +80,9 @@ def test_demo_learns_the_held_out_pairings_and_a_rerun_does_nothing_new(prefect_
     assert s1["heldout_acc1"] >= MIN_HELDOUT_ACC1, s1["heldout_acc1"]
     assert s1["seen_acc1"] >= MIN_HELDOUT_ACC1, s1["seen_acc1"]
     # the demo's recipe trained, and the config file's [train] setting won over the recipe's
-    assert s1["train"]["model"] == DEMO_TRAIN["model"] and s1["train"]["steps"] == DEMO_TRAIN["steps"]
-    assert "checkpoint_every" not in s1["train_recipe"] and s1["train_recipe"]["steps"] == DEMO_TRAIN["steps"]
+    assert s1["train"]["model"] == DEMO_TRAIN["model"] and s1["train"]["steps"] == STEPS
+    assert "checkpoint_every" not in s1["train_recipe"]
+    assert s1["train_recipe"] == {k: v for k, v in DEMO_TRAIN.items() if k != "checkpoint_every"} | {"steps": STEPS}
     cfg = load_config(cfg_file, {"data_dir": data})
     assert list(cfg.checkpoints_dir.glob("*/step-00000350")), "no checkpoint at step 350"
     assert s1["model_version"]["alias"] == "champion"
