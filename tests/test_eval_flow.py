@@ -58,6 +58,18 @@ def test_stage_logs_stable_metric_names_and_reports(setup):
     assert "Worst classes on `heldout`" in res.markdown and "| `zeroshot/heldout/acc1` |" in res.markdown
 
 
+def test_a_snapshot_whose_val_split_is_empty_skips_retrieval_with_a_note(setup):
+    """A small snapshot's hash split can leave 'val' empty: the zero-shot sets are still measured and
+    the report says why there is no retrieval, instead of the run failing after training."""
+    cfg, _, heldout, ckpt, _, _ = setup
+    sid = make_snapshot(cfg.snapshots_dir, "snapNoVal", n_val=0, n_train=6)
+    res = evaluate(cfg, ckpt, datasets=[load_eval_dataset(heldout)], snapshot_id=sid, log_to_mlflow=False)
+    assert "zeroshot/heldout/acc1" in res.metrics
+    assert not any(k.startswith("retrieval/") for k in res.metrics)
+    assert any("retrieval on the val split skipped" in n and "snapNoVal has no 'val' rows" in n for n in res.notes)
+    assert "snapNoVal has no 'val' rows" in res.markdown
+
+
 @pytest.mark.slow
 def test_flow_registers_and_publishes_markdown(setup, prefect_harness):
 

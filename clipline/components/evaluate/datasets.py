@@ -47,6 +47,10 @@ class DatasetError(ValueError):
     """An evaluation set that cannot be used; the message names the input and what to do."""
 
 
+class EmptySplitError(DatasetError):
+    """A snapshot whose split has no rows: a small snapshot's hash split can leave 'val' empty."""
+
+
 Templates = list[str] | dict[str, list[str]]
 
 
@@ -620,7 +624,10 @@ def load_snapshot_pairs(snapshots_dir: Path, snapshot_id: str, split: str = "val
         tables.append(t.filter(pc.equal(t["split"], split)).drop_columns(["split"]))
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
-        raise DatasetError(f"snapshot {snapshot_id} has no '{split}' rows: curate with a val_fraction above 0")
+        raise EmptySplitError(
+            f"snapshot {snapshot_id} has no '{split}' rows: curate with a larger val_fraction "
+            "(or more data: the split is a hash of each key)"
+        )
     table = table.filter(pc.is_valid(table["image"])).sort_by("key")
     if limit is not None:
         table = table.slice(0, limit)

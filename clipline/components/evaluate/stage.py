@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Sequence
 
 from clipline.components.config import Config
-from clipline.components.evaluate.datasets import EvalDataset, PairSet, load_eval_dataset, load_snapshot_pairs
+from clipline.components.evaluate.datasets import (
+    EmptySplitError,
+    EvalDataset,
+    PairSet,
+    load_eval_dataset,
+    load_snapshot_pairs,
+)
 from clipline.components.evaluate.report import (
     confusion_png,
     metrics_markdown,
@@ -121,8 +127,13 @@ def evaluate(
         if ds.templates_source.startswith("default"):
             result.notes.append(f"{ds.name}: no templates file, used the default template")
 
+    pairs = None
     if snapshot_id:
-        pairs = load_snapshot_pairs(cfg.snapshots_dir, snapshot_id, "val", limit=ecfg.retrieval_max_pairs)
+        try:
+            pairs = load_snapshot_pairs(cfg.snapshots_dir, snapshot_id, "val", limit=ecfg.retrieval_max_pairs)
+        except EmptySplitError as e:
+            result.notes.append(f"retrieval on the val split skipped: {e}")
+    if pairs is not None:
         rr = run_retrieval(
             loaded.model,
             loaded.tokenizer,
@@ -144,7 +155,7 @@ def evaluate(
                 report_dir / "retrieval_grid.png",
                 correct=[[j == i for j in rr.top_images[i]] for i in q],
             )
-    elif not notes:
+    elif not snapshot_id and not notes:
         result.notes.append("no snapshot id: retrieval on the val split skipped")
 
     md.insert(2, metrics_markdown(result.metrics, "Metrics"))
