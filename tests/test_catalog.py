@@ -190,3 +190,22 @@ def test_catalog_rebuild_command_refuses_in_one_line_to_replace_a_catalog_or_tak
     assert res.exit_code == 0 and list(data_dir.glob("catalog.duckdb.bak-*")), res.output
     with Catalog(data_dir / "catalog.duckdb", read_only=True) as cat:  # its shard file never existed
         assert cat.con.execute("SELECT count(*) FROM urls").fetchone()[0] == 0
+
+
+def test_catalog_rebuild_with_a_state_dir_writes_the_catalog_there_from_the_data_dir(tmp_path):
+    """The driver's local disk (the state dir) is lost; the data dir is not: `catalog rebuild` with
+    both flags puts the catalog back where the other commands look for it."""
+    from typer.testing import CliRunner
+
+    from clipline.flows.cli import app
+
+    data, state = tmp_path / "data", tmp_path / "state"
+    shard = "20260101T000000-aaaaaaaa-00000"
+    (data / "raw").mkdir(parents=True)
+    table = _rows(["http://a/1", "http://a/2"])
+    pq.write_table(table.append_column("shard_id", pa.array([shard] * 2)), data / "raw" / f"{shard}.parquet")
+    res = CliRunner().invoke(app, ["--data-dir", str(data), "--state-dir", str(state), "catalog", "rebuild"])
+    assert res.exit_code == 0, res.output
+    assert (state / "catalog.duckdb").exists() and not (data / "catalog.duckdb").exists()
+    with Catalog(state / "catalog.duckdb", read_only=True) as cat:
+        assert cat.unseen_urls(["http://a/1", "http://a/2", "http://a/3"]) == ["http://a/3"]

@@ -64,3 +64,23 @@ def test_missing_and_malformed_file(tmp_path):
     bad.write_text("[ingest\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_state_dir_holds_the_local_state_and_defaults_to_the_data_dir(tmp_path, monkeypatch):
+    from clipline.components.curate.db import con_temp_dir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, {"data_dir": tmp_path / "data"})
+    assert cfg.state_dir is None and cfg.state_root == tmp_path / "data"
+    assert cfg.catalog_path == tmp_path / "data" / "catalog.duckdb"
+    monkeypatch.setenv("CLIPLINE_STATE_DIR", str(tmp_path / "env-state"))
+    cfg = load_config(None, {"data_dir": tmp_path / "data"})
+    assert cfg.catalog_path == tmp_path / "env-state" / "catalog.duckdb"
+    cfg = load_config(None, {"data_dir": tmp_path / "data", "state_dir": tmp_path / "state"})
+    assert cfg.catalog_path == tmp_path / "state" / "catalog.duckdb"
+    assert cfg.mlflow_uri == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
+    assert con_temp_dir(cfg) == tmp_path / "state" / "tmp" / "duckdb"
+    # bulk data stays in the data dir
+    assert (cfg.raw_dir, cfg.snapshots_dir, cfg.checkpoints_dir, cfg.reports_dir) == tuple(
+        tmp_path / "data" / d for d in ("raw", "snapshots", "checkpoints", "reports")
+    )

@@ -1,5 +1,6 @@
 """The pipeline flow end to end at a small scale: toy web -> ingest -> curate -> train -> evaluate
--> registry, then a rerun with no new data that does no new work."""
+-> registry, then a rerun with no new data that does no new work. Its local state (catalog, MLflow's
+default SQLite store) lives in a state dir apart from the data dir."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ from clipline.components.demo import serve_toy_web, write_heldout_set
 
 
 @pytest.mark.slow
-def test_pipeline_registers_a_champion_and_a_rerun_does_no_new_work(prefect_harness, mlflow_uri, tmp_path):
+def test_pipeline_registers_a_champion_and_a_rerun_does_no_new_work(prefect_harness, tmp_path, monkeypatch):
     from clipline.components.tracking.runs import client
     from clipline.flows.pipeline import pipeline_flow, summary_rows
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: SQLite in the state dir
     heldout = write_heldout_set(tmp_path / "eval", n_per_class=3)
     cfg = load_config(
         None,
         {
             "data_dir": tmp_path / "data",
+            "state_dir": tmp_path / "state",
             "demo": {"n_images": 240, "seed": 1},
             "ingest": {"read_timeout": 3.0, "total_timeout": 5.0, "processes": 1},
             "curate": {"min_image_side": 64},
@@ -48,6 +51,14 @@ def test_pipeline_registers_a_champion_and_a_rerun_does_no_new_work(prefect_harn
     assert "training recipe: clipline-nano, 8 steps, batch 16" in v.description
     with Catalog(cfg.catalog_path, read_only=True) as cat:
         assert cat.get_snapshot(first.curate.snapshot_id)["n_rows"] == first.curate.n_rows
+
+    # bulk data in the data dir, local state in the state dir, nothing of either in the other
+    data, state = tmp_path / "data", tmp_path / "state"
+    assert cfg.catalog_path == state / "catalog.duckdb" and cfg.mlflow_uri.endswith(str(state / "mlflow.db"))
+    assert {p.name for p in state.iterdir()} <= {"catalog.duckdb", "catalog.duckdb.wal", "mlflow.db", "tmp"}
+    assert {"catalog.duckdb", "mlflow.db"} <= {p.name for p in state.iterdir()}
+    assert {"raw", "snapshots", "checkpoints", "mlartifacts"} <= {p.name for p in data.iterdir()}
+    assert not {"catalog.duckdb", "mlflow.db", "tmp"} & {p.name for p in data.iterdir()}
 
     assert again.ingest.n_fetched == 0 and not again.curate.new
     assert again.train is None and again.skipped and "nothing new" in again.skipped

@@ -103,6 +103,7 @@ def test_a_served_run_that_would_loosen_the_worker_is_refused_naming_each_parame
         overrides={
             "ingest": {"ssrf_guard": False, "allow_hosts": ["169.254.169.254:80"]},
             "data_dir": "/",
+            "state_dir": "/tmp/elsewhere",
             "tracking": {"tracking_uri": "http://elsewhere:5000"},
             "curate": {"rules_file": "/tmp/evil.sql"},
             "refresh": {"input_roots": ["/"]},
@@ -115,6 +116,7 @@ def test_a_served_run_that_would_loosen_the_worker_is_refused_naming_each_parame
         "overrides.ingest.ssrf_guard = false (the worker's: true)",
         'overrides.ingest.allow_hosts = ["169.254.169.254:80"]',
         'overrides.data_dir = "/"',
+        'overrides.state_dir = "/tmp/elsewhere" (the worker\'s: null)',
         "overrides.tracking.tracking_uri",
         "overrides.curate.rules_file",
         "overrides.refresh.input_roots",

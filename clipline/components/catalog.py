@@ -104,7 +104,8 @@ class ShardRecord:
 
 
 class Catalog:
-    """A DuckDB file (``<data-dir>/catalog.duckdb``) with the tables in SCHEMA_SQL."""
+    """A DuckDB file (``<state-dir>/catalog.duckdb``; the state dir defaults to the data dir) with the
+    tables in SCHEMA_SQL."""
 
     def __init__(self, path: str | os.PathLike, read_only: bool = False):
         self.path = Path(path)
@@ -114,7 +115,7 @@ class Catalog:
         except duckdb.IOException as e:
             raise RuntimeError(
                 f"cannot open the catalog {self.path}: {e}. Another clipline process may be using "
-                "this data dir; wait for it or use another --data-dir."
+                "this catalog; wait for it or use another --data-dir (or --state-dir)."
             ) from e
         if not read_only:
             self.con.execute(SCHEMA_SQL)

@@ -5,7 +5,7 @@ Sources, lowest to highest priority:
   2. a TOML file (``--config FILE``, default ``./clipline.toml`` when present), with one table per
      section: ``[ingest]``, ``[curate]``, ...;
   3. environment variables ``CLIPLINE_<SECTION>__<FIELD>`` (for example
-     ``CLIPLINE_INGEST__IMAGE_SIZE=224``) and ``CLIPLINE_DATA_DIR``;
+     ``CLIPLINE_INGEST__IMAGE_SIZE=224``), ``CLIPLINE_DATA_DIR`` and ``CLIPLINE_STATE_DIR``;
   4. command-line flags (passed as ``overrides``).
 
 Any invalid value raises :class:`ConfigError`, whose message names the field, the value and the
@@ -145,7 +145,7 @@ class CurateConfig(_Section):
     )
     file_size_mb: int = Field(512, ge=1, description="largest snapshot Parquet file before a new one starts")
     duckdb_memory_limit: str = "2GB"
-    duckdb_temp_dir: Path | None = Field(None, description="spill directory (default <data-dir>/tmp/duckdb)")
+    duckdb_temp_dir: Path | None = Field(None, description="spill directory (default <state-dir>/tmp/duckdb)")
     duckdb_threads: int = Field(2, ge=1)
     contact_sheet_examples: int = Field(4, ge=0, le=32, description="dropped examples shown per rule")
 
@@ -416,6 +416,11 @@ class Config(BaseSettings):
     )
 
     data_dir: Path = Path("clipline-data")
+    state_dir: Path | None = Field(
+        None,
+        description="what must stay on a disk of this machine: the catalog (and its run lock), the default "
+        "SQLite MLflow store, DuckDB's spill directory, local caches; default: the data dir",
+    )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -424,10 +429,10 @@ class Config(BaseSettings):
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "state_dir")
     @classmethod
-    def _expand(cls, v: Path) -> Path:
-        return v.expanduser()
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
 
     @classmethod
     def settings_customise_sources(
@@ -441,7 +446,12 @@ class Config(BaseSettings):
         # init (CLI flags and the TOML file, merged in load_config) > environment
         return (init_settings, env_settings)
 
-    # ----- derived locations (the data-dir layout) -----
+    # ----- derived locations (the data-dir and state-dir layouts) -----
+    @property
+    def state_root(self) -> Path:
+        """Where local state lives: ``state_dir``, or the data dir when none is set."""
+        return self.state_dir if self.state_dir is not None else self.data_dir
+
     @property
     def raw_dir(self) -> Path:
         return self.data_dir / "raw"
@@ -460,7 +470,7 @@ class Config(BaseSettings):
 
     @property
     def catalog_path(self) -> Path:
-        return self.data_dir / "catalog.duckdb"
+        return self.state_root / "catalog.duckdb"
 
     @property
     def mlflow_uri(self) -> str:
@@ -470,7 +480,7 @@ class Config(BaseSettings):
             return self.tracking.tracking_uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+        return f"sqlite:///{(self.state_root / 'mlflow.db').resolve()}"
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

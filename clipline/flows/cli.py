@@ -35,6 +35,7 @@ ONE_LINE_CONSOLE = ("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "clipline.flows.co
 class _State:
     config_file: Optional[Path] = None
     data_dir: Optional[Path] = None
+    state_dir: Optional[Path] = None
     in_main = False  # run as the `clipline` process (main()), not in-process (tests' CliRunner)
 
 
@@ -60,11 +61,19 @@ def get_config(**section_overrides: Any) -> Config:
     overrides: dict[str, Any] = {k: v for k, v in section_overrides.items() if v}
     if state.data_dir is not None:
         overrides["data_dir"] = state.data_dir
+    if state.state_dir is not None:
+        overrides["state_dir"] = state.state_dir
     try:
         return load_config(state.config_file, overrides)
     except ConfigError as e:
         fail(str(e))
         raise  # unreachable
+
+
+def _dir_flags(cfg: Config) -> str:
+    """``--data-dir D [--state-dir S]``: how a later command finds this one's data and state."""
+    flags = f"--data-dir {cfg.data_dir}"
+    return flags + (f" --state-dir {cfg.state_dir}" if cfg.state_dir is not None else "")
 
 
 def _set(**flags: Any) -> dict[str, Any]:
@@ -134,13 +143,21 @@ def _global(
     data_dir: Optional[Path] = typer.Option(
         None,
         "--data-dir",
-        help="Where shards, snapshots, checkpoints and the catalog live (default ./clipline-data).",
+        help="Where shards, snapshots, checkpoints, reports and exports live (default ./clipline-data).",
+        metavar="DIR",
+    ),
+    state_dir: Optional[Path] = typer.Option(
+        None,
+        "--state-dir",
+        help="Where what must stay on this machine's disk lives: the catalog and its run lock, the default "
+        "SQLite MLflow store, DuckDB's spill directory (default: the data dir).",
         metavar="DIR",
     ),
 ) -> None:
     """clipline: URL lists -> Parquet shards -> curated snapshot -> CLIP model -> evaluated, registered model."""
     state.config_file = config
     state.data_dir = data_dir
+    state.state_dir = state_dir
 
 
 # ---- the demo ----
@@ -160,7 +177,7 @@ def demo(
     except OSError as e:
         fail(str(e))
         return
-    render.demo_summary(run.rows, cfg.data_dir, cfg.mlflow_uri, run.skipped)
+    render.demo_summary(run.rows, _dir_flags(cfg), cfg.mlflow_uri, run.skipped)
 
 
 @app.command("demo-web")
@@ -188,6 +205,7 @@ def demo_web(
     try:
         with toy_web_by_hand(cfg, out or cfg.data_dir / "toyweb", eval_sets) as (toy, sets):
             data_flag = f" --data-dir {state.data_dir}" if state.data_dir is not None else ""
+            data_flag += f" --state-dir {state.state_dir}" if state.state_dir is not None else ""
             render.toy_web(toy, cfg.demo.seed, data_flag, sets)
             while True:
                 time.sleep(3600)
@@ -438,7 +456,7 @@ def run_cmd(
         from clipline.flows import deploy
 
         params = deploy.pipeline_parameters(
-            state.config_file, state.data_dir, allow_host, url_lists, evals, decon, from_model, force
+            state.config_file, state.data_dir, state.state_dir, allow_host, url_lists, evals, decon, from_model, force
         )
         try:
             t = deploy.trigger(f"pipeline/{cfg.refresh.pipeline_deployment}", params, timeout, "pipeline-summary")

@@ -52,6 +52,7 @@ def absolute_location(loc: str) -> str:
 def pipeline_parameters(
     config_file: Path | None,
     data_dir: Path | None,
+    state_dir: Path | None,
     allow_hosts: list[str],
     url_lists: list[str],
     eval_sets: list[str] | None,
@@ -65,6 +66,8 @@ def pipeline_parameters(
     overrides: dict[str, Any] = {"ingest": {"allow_hosts": list(allow_hosts)}} if allow_hosts else {}
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir.expanduser().resolve())
+    if state_dir is not None:
+        overrides["state_dir"] = str(state_dir.expanduser().resolve())
     return {
         "config_file": str(config_file.resolve()) if config_file else None,
         "overrides": overrides,

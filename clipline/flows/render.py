@@ -236,9 +236,9 @@ def comparison(comp: Any) -> None:
         console.print(f"logged to MLflow run {comp.mlflow_run_id}")
 
 
-def demo_summary(rows: Sequence[tuple[str, str]], data_dir: Any, mlflow_uri: str, skipped: str | None) -> None:
+def demo_summary(rows: Sequence[tuple[str, str]], dir_flags: str, mlflow_uri: str, skipped: str | None) -> None:
     rows_table("clipline summary", rows)
-    say(f"MLflow UI:  clipline --data-dir {data_dir} ui    (tracking URI {mlflow_uri})")
+    say(f"MLflow UI:  clipline {dir_flags} ui    (tracking URI {mlflow_uri})")
     say("Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
     if skipped:
         console.print(f"[bold]{skipped}[/]", highlight=False, soft_wrap=True)

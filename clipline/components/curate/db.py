@@ -48,8 +48,8 @@ _UNITS = {
 
 
 def con_temp_dir(cfg: Config) -> Path:
-    """DuckDB's spill directory: [curate] duckdb_temp_dir, default <data-dir>/tmp/duckdb."""
-    return Path(cfg.curate.duckdb_temp_dir) if cfg.curate.duckdb_temp_dir else cfg.data_dir / "tmp" / "duckdb"
+    """DuckDB's spill directory: [curate] duckdb_temp_dir, default <state-dir>/tmp/duckdb."""
+    return Path(cfg.curate.duckdb_temp_dir) if cfg.curate.duckdb_temp_dir else cfg.state_root / "tmp" / "duckdb"
 
 
 def connect(cfg: Config) -> duckdb.DuckDBPyConnection:

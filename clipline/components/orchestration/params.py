@@ -9,7 +9,7 @@ configuration. So `clipline serve` captures its own configuration when it starts
 reach) and every run of its deployments starts from it:
 
 - worker-only settings (:data:`WORKER_SETTINGS`: the SSRF guard, the allow-list, where results
-  are tracked) and worker-only paths (:data:`WORKER_PATHS`: the data dir, the inbox, spill
+  are tracked) and worker-only paths (:data:`WORKER_PATHS`: the data and state dirs, the inbox, spill
   directory, SQL rules file, the allowed input roots, the config file itself) come from the
   worker. A run may restate the worker's value, may switch the SSRF guard on and may name a part
   of the allow-list; anything else is refused;
@@ -49,7 +49,14 @@ POLICY_ENV = "CLIPLINE_SERVE_POLICY"
 #: security settings only the serving process sets
 WORKER_SETTINGS = ("ingest.ssrf_guard", "ingest.allow_hosts", "tracking.tracking_uri")
 #: paths only the serving process sets: where a run writes, what SQL it runs, what it may read
-WORKER_PATHS = ("data_dir", "refresh.inbox", "refresh.input_roots", "curate.duckdb_temp_dir", "curate.rules_file")
+WORKER_PATHS = (
+    "data_dir",
+    "state_dir",
+    "refresh.inbox",
+    "refresh.input_roots",
+    "curate.duckdb_temp_dir",
+    "curate.rules_file",
+)
 
 #: a `from_model` that names no file: a registered version or alias (resolved in the worker's own
 #: registry) or a hub start (hf-hub:org/repo, an open_clip tag or MODEL:TAG, fetched by the worker)
@@ -147,11 +154,13 @@ class ServePolicy:
     @classmethod
     def capture(cls, config_file: Path | None, cfg: Config) -> "ServePolicy":
         """The policy of a `clipline serve` started with ``config_file`` and ``cfg``: its data dir
-        made absolute, and served runs waiting for the run lock (``SERVED_LOCK_WAIT_S`` when
+        and state dir made absolute, and served runs waiting for the run lock (``SERVED_LOCK_WAIT_S`` when
         ``refresh.lock_wait_s`` is 0)."""
         params = deployment_parameters(config_file, cfg)
         worker = cfg.model_copy(deep=True)
         worker.data_dir = cfg.data_dir.resolve()
+        if cfg.state_dir is not None:
+            worker.state_dir = cfg.state_dir.resolve()
         worker.refresh.lock_wait_s = params["overrides"]["refresh"]["lock_wait_s"]
         roots = tuple(_canonical(r) for r in cfg.refresh.input_roots)
         worker.refresh.input_roots = list(roots)
@@ -227,7 +236,7 @@ class ServePolicy:
                 continue  # naming fewer exempt hosts only narrows the guard
             if setting == "ingest.ssrf_guard" and new:
                 continue
-            if setting in ("data_dir", "curate.duckdb_temp_dir", "curate.rules_file"):
+            if setting in ("data_dir", "state_dir", "curate.duckdb_temp_dir", "curate.rules_file"):
                 same = (new is None and mine is None) or (
                     new is not None and mine is not None and _canonical(str(new)) == _canonical(str(mine))
                 )
@@ -345,14 +354,16 @@ def served_run(
 
 
 def deployment_parameters(config_file: Path | None, cfg: Config) -> dict[str, Any]:
-    """The parameters that make a served run see this command's configuration: the config file
-    and data dir as absolute paths (a served run may start in another directory), the SSRF
+    """The parameters that make a served run see this command's configuration: the config file,
+    data dir and state dir as absolute paths (a served run may start in another directory), the SSRF
     allow-list (often given as flags), and a lock wait (``refresh.lock_wait_s``, or an hour when
     that is 0) so that a `pipeline` run and a `refresh` run meeting on the data dir queue up.
     Under `clipline serve` these are the worker's own values, which a run may restate."""
     if config_file is None and DEFAULT_CONFIG_FILE.exists():
         config_file = DEFAULT_CONFIG_FILE
     overrides: dict[str, Any] = {"data_dir": str(cfg.data_dir.resolve())}
+    if cfg.state_dir is not None:
+        overrides["state_dir"] = str(cfg.state_dir.resolve())
     if cfg.ingest.allow_hosts:
         overrides["ingest"] = {"allow_hosts": list(cfg.ingest.allow_hosts)}
     # a scheduled refresh meeting an on-demand pipeline run (two deployments, each limited to one
