@@ -224,6 +224,23 @@ def test_clip_filter(bench_env, tmp_path, prefect_harness):
     assert re.search(r"^\| 0.7 \| [0-9.]+ of [0-9]+ \| [0-9.]+ of [0-9]+ \| 0 / [0-9]+ \|$", out.stdout, re.MULTILINE)
 
 
+@pytest.mark.slow
+def test_object_store_feed(bench_env, tmp_path):
+    """Tiny, torch feed only (the Ray feed's start-up costs a minute): both sources run and the ratio is
+    printed last."""
+    out = run_bench(
+        "object_store_feed.py",
+        ["--n", "96", "--image-px", "64", "--model", "clipline-nano", "--batch-size", "16", "--steps", "3"]
+        + ["--feed", "torch"],
+        bench_env,
+        tmp_path,
+    )
+    assert re.search(r"^torch feed, local \(\w+\): [0-9.]+ samples/s", out.stdout, re.MULTILINE), out.stdout
+    assert re.search(r"^torch feed, store \(s3://bench/snapshots/\w+\): [0-9.]+ samples/s", out.stdout, re.MULTILINE)
+    assert re.search(r"^ratio_torch: [0-9.]+$", out.stdout, re.MULTILINE), out.stdout
+    headline(out, "ratio")
+
+
 def test_imaging_speed(bench_env, tmp_path):
     headline(run_bench("imaging_speed.py", ["--n", "4", "--repeats", "1"], bench_env, tmp_path), "ms_per_image")
 

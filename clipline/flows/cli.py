@@ -284,7 +284,11 @@ def curate_cmd(
 @app.command()
 def train(
     snapshot: Optional[str] = typer.Option(
-        None, "--snapshot", metavar="ID", help="Snapshot to train on (default: the latest)."
+        None,
+        "--snapshot",
+        metavar="ID|URL",
+        help="Snapshot to train on: an id (default: the latest), or the URL of a snapshot directory in object "
+        "storage (s3://bucket/prefix/snapshots/ID, credentials and AWS_ENDPOINT_URL from the environment).",
     ),
     from_model: FromModel = None,
     model: Optional[str] = typer.Option(None, "--model", help="Model config (default: train.model, clipline-tiny)."),
@@ -298,6 +302,7 @@ def train(
     """Train a CLIP model on a snapshot; shows samples/s and loss, ends with the checkpoint and MLflow run."""
     cfg = get_config(train=_set(model=model, steps=steps, batch_size=batch_size, workers=workers, run_name=run_name))
     from clipline.components.model.factory import ModelError
+    from clipline.components.storage import StorageError
     from clipline.components.train.data import SnapshotError
     from clipline.components.train.loop import TrainingDiverged
     from clipline.components.train.run import resolve_from_model, train as run_train, use_ray
@@ -306,7 +311,7 @@ def train(
         start = resolve_from_model(cfg, from_model) if from_model else None
         with render.train_progress("starting" + (" Ray Train" if use_ray(cfg) else "")) as progress:
             result = run_train(cfg, snapshot_id=snapshot, from_model=start, progress=progress)
-    except (FileNotFoundError, SnapshotError, ModelError, TrainingDiverged, ValueError) as e:
+    except (FileNotFoundError, SnapshotError, ModelError, TrainingDiverged, ValueError, StorageError) as e:
         fail(str(e))
         return
     render.train_result(result)

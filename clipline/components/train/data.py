@@ -45,18 +45,46 @@ class SnapshotError(ValueError):
 class SnapshotInfo:
     snapshot_id: str
     manifest: dict[str, Any]
-    files: list[Path]
+    files: list[Path | str]  # local paths, or object-storage URLs for a snapshot in object storage
     n_train: int
     row_groups: list[tuple[int, int, int]] = field(default_factory=list)  # (file index, row group, rows)
+    location: str = ""  # the snapshot's directory: a local path or a URL (s3://bucket/.../<id>)
 
 
-def resolve_snapshot(snapshots_dir: Path, catalog_path: Path | None, snapshot_id: str | None) -> SnapshotInfo:
+def open_parquet(f: Path | str) -> pq.ParquetFile:
+    """A snapshot file, local or in object storage (any fsspec URL; credentials and endpoint from the
+    environment, as :mod:`clipline.components.storage` describes)."""
+    from clipline.components import storage
+
+    if storage.protocol(str(f)) is None:
+        return pq.ParquetFile(f)
+    import fsspec
+
+    with storage.storage_errors("snapshot file", str(f)):
+        fs, path = fsspec.core.url_to_fs(str(f))
+        return pq.ParquetFile(fs.open(path, "rb"))
+
+
+def _is_url(s: str | Path | None) -> bool:
+    from clipline.components import storage
+
+    return s is not None and storage.protocol(str(s)) is not None
+
+
+def resolve_snapshot(snapshots_dir: Path | str, catalog_path: Path | None, snapshot_id: str | None) -> SnapshotInfo:
     """Find a snapshot's manifest and data files.
 
     ``snapshot_id=None`` takes the catalog's latest snapshot. A snapshot directory with a
-    ``manifest.json`` is accepted even when the catalog does not know it. Reads exactly
-    ``manifest["files"]`` (relative to ``snapshots_dir``), counting the rows with ``split == 'train'``.
+    ``manifest.json`` is accepted even when the catalog does not know it. ``snapshot_id`` may also be
+    the URL of a snapshot directory in object storage (``s3://bucket/prefix/snapshots/<id>``, as
+    curate wrote it and a copy put it there), and ``snapshots_dir`` may be such a URL's parent. Reads
+    exactly ``manifest["files"]`` (relative to ``snapshots_dir``), counting the rows with
+    ``split == 'train'``.
     """
+    if _is_url(snapshot_id):
+        snapshots_dir, snapshot_id = str(snapshot_id).rstrip("/").rsplit("/", 1)
+    if _is_url(snapshots_dir):
+        return _resolve_in_storage(str(snapshots_dir).rstrip("/"), str(snapshot_id))
     if snapshot_id is None:
         latest = None
         if catalog_path is not None and Path(catalog_path).exists():
@@ -90,10 +118,18 @@ def resolve_snapshot(snapshots_dir: Path, catalog_path: Path | None, snapshot_id
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise SnapshotError(f"snapshot {snapshot_id!r}: data files listed in {mpath} are missing: {missing[:3]}")
+    n_train, row_groups = _train_row_groups(files)
+    if n_train == 0:
+        raise SnapshotError(f"snapshot {snapshot_id!r} has no rows with split == 'train'")
+    return SnapshotInfo(snapshot_id, manifest, files, n_train, row_groups, str(Path(snapshots_dir) / snapshot_id))
+
+
+def _train_row_groups(files: list[Path | str]) -> tuple[int, list[tuple[int, int, int]]]:
+    """Rows with split == 'train', in all and per (file index, row group, rows)."""
     row_groups: list[tuple[int, int, int]] = []
     n_train = 0
     for i, f in enumerate(files):
-        pf = pq.ParquetFile(f)
+        pf = open_parquet(f)
         names = set(pf.schema_arrow.names)
         lacking = {"image", "caption", "split"} - names
         if lacking:
@@ -104,9 +140,39 @@ def resolve_snapshot(snapshots_dir: Path, catalog_path: Path | None, snapshot_id
             if n:
                 row_groups.append((i, rg, n))
                 n_train += n
+    return n_train, row_groups
+
+
+def _resolve_in_storage(snapshots_url: str, snapshot_id: str) -> SnapshotInfo:
+    """:func:`resolve_snapshot` for a snapshots directory in object storage."""
+    import fsspec
+
+    from clipline.components import storage
+
+    location = f"{snapshots_url}/{snapshot_id}"
+    mpath = f"{location}/manifest.json"
+    with storage.storage_errors("snapshot", location):
+        fs, root = fsspec.core.url_to_fs(snapshots_url)
+        try:  # read first: a probe of the bucket cannot tell a missing bucket from an unreachable store
+            with fs.open(f"{root}/{snapshot_id}/manifest.json", "rb") as fh:
+                manifest = json.loads(fh.read())
+        except FileNotFoundError:
+            storage.check_bucket(fs, "snapshot", location)
+            raise SnapshotError(
+                f"snapshot {location} has no manifest at {mpath}: give the URL of a snapshot directory "
+                "(the one holding manifest.json), copied whole from a data dir's snapshots/"
+            ) from None
+        rel = manifest.get("files")
+        if not rel:
+            raise SnapshotError(f"snapshot {location}: manifest {mpath} lists no 'files'")
+        missing = [f"{snapshots_url}/{r}" for r in rel if not fs.isfile(f"{root}/{r}")]
+        if missing:
+            raise SnapshotError(f"snapshot {location}: data files listed in {mpath} are missing: {missing[:3]}")
+    files: list[Path | str] = [f"{snapshots_url}/{r}" for r in rel]
+    n_train, row_groups = _train_row_groups(files)
     if n_train == 0:
-        raise SnapshotError(f"snapshot {snapshot_id!r} has no rows with split == 'train'")
-    return SnapshotInfo(snapshot_id, manifest, files, n_train, row_groups)
+        raise SnapshotError(f"snapshot {location} has no rows with split == 'train'")
+    return SnapshotInfo(snapshot_id, manifest, files, n_train, row_groups, location)
 
 
 class BatchDecoder:
@@ -274,7 +340,7 @@ class SnapshotStream(torch.utils.data.IterableDataset):
             start, stop = max(0, skip - before), min(len(mine), limit - before)
             if start < stop:
                 if fi not in pfs:
-                    pfs[fi] = pq.ParquetFile(self.info.files[fi])
+                    pfs[fi] = open_parquet(self.info.files[fi])
                 pieces.append(train_rows(pfs[fi], rg, self.columns, mine[start:stop]))
                 n_pending += stop - start
                 while n_pending >= self.local_batch:
@@ -364,7 +430,7 @@ class PlannedBatchReader:
         tables = []
         for fi, rg, idx in plan:
             if fi not in self._open:
-                self._open[fi] = pq.ParquetFile(self.files[fi])
+                self._open[fi] = open_parquet(self.files[fi])
             tables.append(train_rows(self._open[fi], rg, self.columns, idx))
         return pa.concat_tables(tables).combine_chunks()
 

@@ -153,6 +153,7 @@ def train(
             mlflow.log_params(
                 {
                     "snapshot_id": info.snapshot_id,
+                    "snapshot_uri": info.location,
                     "n_train": info.n_train,
                     "total_steps": total_steps,
                     "pretrained": start.ref if start else "",
@@ -160,7 +161,14 @@ def train(
                     "torch": torch.__version__,
                 }
             )
-            mlflow.set_tags({"snapshot_id": info.snapshot_id, "stage": "train", "model_name": model_name})
+            mlflow.set_tags(
+                {
+                    "snapshot_id": info.snapshot_id,
+                    "snapshot_uri": info.location,
+                    "stage": "train",
+                    "model_name": model_name,
+                }
+            )
         spec = LoopSpec(
             train=tc.model_dump(mode="json"),
             snapshot=info,

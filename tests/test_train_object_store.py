@@ -1,0 +1,134 @@
+"""Training on a snapshot in object storage (issue 14, its first step): `train` given the URL of a
+snapshot directory in an S3-compatible store on loopback (moto's server mode, a process of its own)
+reads the manifest and the Parquet files from there, also from DataLoader worker processes, and
+trains exactly the model it trains from the same snapshot on local disk; the MLflow run records the
+snapshot's URL; a missing bucket or snapshot stops with one line that says what to fix."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from clipline.components.model import checkpoint
+from clipline.components.storage import StorageError
+from clipline.components.train.data import SnapshotError, resolve_snapshot
+from clipline.components.train.run import train
+from tests.pipelinekit import free_port, stop
+from trainkit import _cfg, snapshot  # noqa: F401 - snapshot is a fixture
+
+CREDS = {
+    "AWS_ACCESS_KEY_ID": "clipline-test",
+    "AWS_SECRET_ACCESS_KEY": "clipline-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "moto server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    """An S3 filesystem on the loopback store, with the environment every reader takes it from."""
+    import s3fs
+
+    for k, v in {**CREDS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("snaps"):
+        fs.mkdir("snaps")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _upload(fs, local_snapshots, snapshot_id: str, prefix: str) -> str:
+    fs.put(str(local_snapshots / snapshot_id), f"snaps/{prefix}/snapshots/{snapshot_id}", recursive=True)
+    return f"s3://snaps/{prefix}/snapshots/{snapshot_id}"
+
+
+@pytest.mark.slow
+def test_training_on_a_snapshot_in_object_storage_equals_training_on_the_local_copy(data_dir, snapshot, mlflow_uri, s3):
+    url = _upload(s3, data_dir / "snapshots", snapshot, "equal")
+    info = resolve_snapshot(data_dir / "snapshots", None, url)
+    local = resolve_snapshot(data_dir / "snapshots", None, snapshot)
+    assert info.location == url and info.snapshot_id == snapshot
+    assert (info.n_train, info.row_groups) == (local.n_train, local.row_groups)
+    assert all(str(f).startswith(url + "/") for f in info.files)
+
+    # one DataLoader worker: the files are opened in a forked process too
+    on_disk = train(_cfg(data_dir, steps=6, run_name="on-disk", loader_workers=1), snapshot)
+    in_store = train(_cfg(data_dir, steps=6, run_name="in-store", loader_workers=1), url)
+    assert in_store.steps == 6
+    from safetensors.torch import load_file
+
+    a = load_file(str(on_disk.checkpoint_dir / checkpoint.WEIGHTS_FILE))
+    b = load_file(str(in_store.checkpoint_dir / checkpoint.WEIGHTS_FILE))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    run = MlflowClient().get_run(in_store.run_id)
+    assert run.data.tags["snapshot_uri"] == url and run.data.params["snapshot_uri"] == url
+    assert run.data.tags["snapshot_id"] == snapshot
+    assert MlflowClient().get_run(on_disk.run_id).data.tags["snapshot_uri"] == str(data_dir / "snapshots" / snapshot)
+
+
+def test_a_snapshot_url_that_is_not_there_stops_with_one_line_saying_what_to_fix(data_dir, snapshot, s3):
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist at http://127\.0\.0\.1:\d+"):
+        resolve_snapshot(data_dir / "snapshots", None, "s3://no-such-bucket/snapshots/abc")
+    with pytest.raises(SnapshotError, match=r"s3://snaps/nothing/snapshots/abc has no manifest.*manifest\.json"):
+        resolve_snapshot(data_dir / "snapshots", None, "s3://snaps/nothing/snapshots/abc")
+    # a snapshot whose files were not all copied
+    url = _upload(s3, data_dir / "snapshots", snapshot, "partial")
+    data_files = [p for p in s3.find(url.removeprefix("s3://")) if p.endswith(".parquet")]
+    s3.rm(data_files[0])
+    with pytest.raises(
+        SnapshotError, match=r"data files listed in .*manifest\.json are missing: \['s3://snaps/partial"
+    ):
+        resolve_snapshot(data_dir / "snapshots", None, url)
+
+
+@pytest.mark.slow
+def test_the_train_command_stops_in_one_line_when_storage_refuses_the_snapshot_url(data_dir, s3, tmp_path):
+    """`clipline train --snapshot URL` whose bucket is not there: one line naming the URL, the store and
+    what to fix (an unreachable store and a refused key go through the same messages: tests/test_storage.py)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipline.flows.cli", "--data-dir", str(data_dir), "train"]
+        + ["--snapshot", "s3://no-such-bucket/x/snapshots/abc", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: snapshot s3://no-such-bucket/x/snapshots/abc: bucket 'no-such-bucket' does not exist"
+    )
+    assert "AWS_ENDPOINT_URL" in last, last
