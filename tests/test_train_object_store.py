@@ -1,8 +1,9 @@
 """Training on a snapshot in object storage (issue 14, its first step): `train` given the URL of a
 snapshot directory in an S3-compatible store on loopback (moto's server mode, a process of its own)
 reads the manifest and the Parquet files from there, also from DataLoader worker processes, and
-trains exactly the model it trains from the same snapshot on local disk; the MLflow run records the
-snapshot's URL; a missing bucket or snapshot stops with one line that says what to fix."""
+trains exactly the model it trains from the same snapshot on local disk; Ray Data tasks stream it
+from there in the batches the local copy plans; the MLflow run records the snapshot's URL; a
+missing bucket or snapshot stops with one line that says what to fix."""
 
 from __future__ import annotations
 
@@ -132,3 +133,44 @@ def test_the_train_command_stops_in_one_line_when_storage_refuses_the_snapshot_u
         "error: snapshot s3://no-such-bucket/x/snapshots/abc: bucket 'no-such-bucket' does not exist"
     )
     assert "AWS_ENDPOINT_URL" in last, last
+
+
+RAY_FEED_FROM_STORE = """
+import json, sys
+import ray
+from clipline.components.model import factory
+from clipline.components.train.data import BatchDecoder, PlannedBatchReader, epoch_batch_plan, ray_epoch_batches
+from clipline.components.train.data import resolve_snapshot
+
+local_dir, url = sys.argv[1], sys.argv[2]
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+stored, local = resolve_snapshot(None, None, url), resolve_snapshot(local_dir, None, url.rsplit("/", 1)[1])
+b = factory.create("clipline-nano")
+decoder = BatchDecoder(b.train_transform, b.tokenizer, b.image_size)
+args = dict(seed=3, epoch=1, rank=1, world_size=2, num_workers=2, skip_batches=2)
+got = [g["key"] for g in ray_epoch_batches(stored, decoder, 8, **args, with_keys=True)]
+reader = PlannedBatchReader([str(f) for f in local.files], decoder, with_keys=True)
+want = [reader.rows(p).column("key").to_pylist() for p in epoch_batch_plan(local, 8, **args)]
+print(json.dumps({"got": got, "want": want}))
+"""
+
+
+@pytest.mark.slow
+def test_the_ray_data_feed_streams_a_snapshot_from_object_storage(data_dir, snapshot, s3, tmp_path):
+    """Ray Data tasks (their own processes, with the store's settings from the environment, as on a
+    cluster's nodes) read the snapshot from the store and yield the batches the local copy plans. In a
+    process of its own: its Ray starts after the environment names the store."""
+    import json
+
+    url = _upload(s3, data_dir / "snapshots", snapshot, "ray")
+    proc = subprocess.run(
+        [sys.executable, "-c", RAY_FEED_FROM_STORE, str(data_dir / "snapshots"), url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["got"] == out["want"] and len(out["want"]) > 3
