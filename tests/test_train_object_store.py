@@ -7,6 +7,7 @@ missing bucket or snapshot stops with one line that says what to fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -75,7 +76,9 @@ def _upload(fs, local_snapshots, snapshot_id: str, prefix: str) -> str:
 
 
 @pytest.mark.slow
-def test_training_on_a_snapshot_in_object_storage_equals_training_on_the_local_copy(data_dir, snapshot, mlflow_uri, s3):
+def test_training_on_a_snapshot_in_object_storage_equals_training_on_the_local_copy(
+    data_dir, snapshot, mlflow_uri, s3, tmp_path
+):
     url = _upload(s3, data_dir / "snapshots", snapshot, "equal")
     info = resolve_snapshot(data_dir / "snapshots", None, url)
     local = resolve_snapshot(data_dir / "snapshots", None, snapshot)
@@ -97,6 +100,19 @@ def test_training_on_a_snapshot_in_object_storage_equals_training_on_the_local_c
     assert run.data.tags["snapshot_uri"] == url and run.data.params["snapshot_uri"] == url
     assert run.data.tags["snapshot_id"] == snapshot
     assert MlflowClient().get_run(on_disk.run_id).data.tags["snapshot_uri"] == str(data_dir / "snapshots" / snapshot)
+
+    # evaluated where the snapshot is not on disk: its val split is read from the store training read
+    from clipline.components.config import load_config
+    from clipline.components.evaluate.stage import evaluate
+
+    assert json.loads((in_store.checkpoint_dir / "clipline.json").read_text())["snapshot_uri"] == url
+    elsewhere = load_config(None, {"data_dir": tmp_path / "elsewhere"})
+    from_store = evaluate(elsewhere, in_store.checkpoint_dir, datasets=[], log_to_mlflow=False)
+    from_disk = evaluate(
+        _cfg(data_dir), in_store.checkpoint_dir, datasets=[], snapshot_id=snapshot, log_to_mlflow=False
+    )
+    assert from_store.snapshot_id == snapshot and "retrieval/val/image_to_text_R5" in from_store.metrics
+    assert from_store.metrics == pytest.approx(from_disk.metrics) and not from_store.notes
 
 
 def test_a_snapshot_url_that_is_not_there_stops_with_one_line_saying_what_to_fix(data_dir, snapshot, s3):
@@ -160,8 +176,6 @@ def test_the_ray_data_feed_streams_a_snapshot_from_object_storage(data_dir, snap
     """Ray Data tasks (their own processes, with the store's settings from the environment, as on a
     cluster's nodes) read the snapshot from the store and yield the batches the local copy plans. In a
     process of its own: its Ray starts after the environment names the store."""
-    import json
-
     url = _upload(s3, data_dir / "snapshots", snapshot, "ray")
     proc = subprocess.run(
         [sys.executable, "-c", RAY_FEED_FROM_STORE, str(data_dir / "snapshots"), url],

@@ -347,7 +347,11 @@ def evaluate_cmd(
         None, "--templates", metavar="FILE", help="Templates JSON (CLIP_benchmark format, '{c}' placeholders)."
     ),
     snapshot: Optional[str] = typer.Option(
-        None, "--snapshot", metavar="ID", help="Snapshot whose val split is used for retrieval (default: the model's)."
+        None,
+        "--snapshot",
+        metavar="ID|URL",
+        help="Snapshot whose val split is used for retrieval: an id, or the URL of a snapshot directory in object "
+        "storage (default: the model's, from the store when training read it there).",
     ),
     register: bool = typer.Option(
         False,

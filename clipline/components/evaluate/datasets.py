@@ -602,25 +602,59 @@ class _PairDataset:
 
 
 def load_snapshot_pairs(snapshots_dir: Path, snapshot_id: str, split: str = "val", limit: int | None = None) -> PairSet:
-    """The ``split`` rows of a snapshot, read from exactly ``manifest["files"]``, in a stable key order."""
+    """The ``split`` rows of a snapshot, read from exactly ``manifest["files"]``, in a stable key order.
+    ``snapshot_id`` may be the URL of a snapshot directory in object storage (then ``snapshots_dir``
+    is not used)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import pyarrow as pa
 
-    snap = Path(snapshots_dir) / snapshot_id
-    manifest_path = snap / "manifest.json"
-    if not manifest_path.is_file():
-        raise DatasetError(f"snapshot {snapshot_id} has no manifest at {manifest_path}: run `clipline curate` first")
-    manifest = json.loads(manifest_path.read_text())
+    from clipline.components import storage
+
+    if storage.protocol(str(snapshot_id)) is not None:  # a snapshot directory in object storage
+        import fsspec
+
+        base, snapshot_id = str(snapshot_id).rstrip("/").rsplit("/", 1)
+        with storage.storage_errors("snapshot", f"{base}/{snapshot_id}"):
+            fs, root = fsspec.core.url_to_fs(base)
+            manifest_path = f"{base}/{snapshot_id}/manifest.json"
+            try:
+                with fs.open(f"{root}/{snapshot_id}/manifest.json", "rb") as fh:
+                    manifest = json.loads(fh.read())
+            except FileNotFoundError:
+                raise DatasetError(
+                    f"snapshot {snapshot_id} has no manifest at {manifest_path}: give the URL of a snapshot directory"
+                ) from None
+
+        def read(rel: str):
+            with storage.storage_errors("snapshot file", f"{base}/{rel}"):
+                try:
+                    with fs.open(f"{root}/{rel}", "rb") as fh:
+                        return pq.read_table(fh, columns=["key", "caption", "image", "split"])
+                except FileNotFoundError:
+                    raise DatasetError(
+                        f"snapshot {snapshot_id} lists {rel} but {base}/{rel} is missing: the snapshot is incomplete"
+                    ) from None
+    else:
+        manifest_path = Path(snapshots_dir) / snapshot_id / "manifest.json"
+        if not manifest_path.is_file():
+            raise DatasetError(
+                f"snapshot {snapshot_id} has no manifest at {manifest_path}: run `clipline curate` first"
+            )
+        manifest = json.loads(manifest_path.read_text())
+
+        def read(rel: str):
+            f = Path(snapshots_dir) / rel
+            if not f.is_file():
+                raise DatasetError(f"snapshot {snapshot_id} lists {rel} but {f} is missing: the snapshot is incomplete")
+            return pq.read_table(f, columns=["key", "caption", "image", "split"])
+
     files = manifest.get("files") or []
     if not files:
         raise DatasetError(f"snapshot {snapshot_id}: manifest lists no files")
     tables = []
     for rel in files:
-        f = Path(snapshots_dir) / rel
-        if not f.is_file():
-            raise DatasetError(f"snapshot {snapshot_id} lists {rel} but {f} is missing: the snapshot is incomplete")
-        t = pq.read_table(f, columns=["key", "caption", "image", "split"])
+        t = read(rel)
         tables.append(t.filter(pc.equal(t["split"], split)).drop_columns(["split"]))
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from clipline.components import storage
 from clipline.components.config import Config
 from clipline.components.evaluate.datasets import (
     EmptySplitError,
@@ -59,22 +60,29 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate a checkpoint directory on zero-shot sets and on the snapshot's val split.
 
-    ``datasets`` None means ``cfg.evaluate.datasets``. ``snapshot_id`` None means the snapshot
-    recorded in the checkpoint's clipline.json; retrieval is skipped (with a note) when there is
-    none, or when that snapshot is not in this data dir (a checkpoint trained elsewhere). ``run_id``
+    ``datasets`` None means ``cfg.evaluate.datasets``. ``snapshot_id``: an id in this data dir or the
+    URL of a snapshot directory in object storage; None means the snapshot recorded in the
+    checkpoint's clipline.json, read from where training read it when that was object storage
+    (``snapshot_uri``); retrieval is skipped (with a note) when there is none, or when that snapshot
+    is not in this data dir and was not read from object storage (a checkpoint trained elsewhere). ``run_id``
     None means the checkpoint's run; when there is a run and ``log_to_mlflow``, metrics and report
     files are logged into it (artifacts under ``eval/``, see ``log_result``).
     """
     loaded = model if isinstance(model, LoadedModel) else load_checkpoint(model, cfg.evaluate.device)
     run_id = run_id or loaded.run_id
     notes = []
+    snapshot_ref = snapshot_id  # an id in this data dir, or the URL of a snapshot in object storage
     if snapshot_id is None and loaded.snapshot_id and not (cfg.snapshots_dir / loaded.snapshot_id).is_dir():
-        notes.append(
-            f"the checkpoint's snapshot {loaded.snapshot_id} is not in {cfg.snapshots_dir}: retrieval "
-            "skipped (give --snapshot to measure it on one of this data dir's snapshots)"
-        )
+        if storage.protocol(loaded.snapshot_uri or "") is not None:
+            snapshot_ref = loaded.snapshot_uri  # trained from object storage: its val split is there
+        else:
+            notes.append(
+                f"the checkpoint's snapshot {loaded.snapshot_id} is not in {cfg.snapshots_dir}: retrieval "
+                "skipped (give --snapshot to measure it on one of this data dir's snapshots)"
+            )
     else:
         snapshot_id = snapshot_id or loaded.snapshot_id
+        snapshot_ref = snapshot_id
     ds_list = list(datasets) if datasets is not None else default_datasets(cfg)
     ecfg = cfg.evaluate
     report_dir = cfg.reports_dir / "eval" / (run_id or loaded.checkpoint_dir.name)
@@ -83,7 +91,7 @@ def evaluate(
         metrics={},
         checkpoint_dir=loaded.checkpoint_dir,
         run_id=run_id,
-        snapshot_id=snapshot_id or loaded.snapshot_id,
+        snapshot_id=(snapshot_id.rstrip("/").rsplit("/", 1)[-1] if snapshot_id else None) or loaded.snapshot_id,
         report_dir=report_dir,
         notes=notes,
     )
@@ -128,9 +136,9 @@ def evaluate(
             result.notes.append(f"{ds.name}: no templates file, used the default template")
 
     pairs = None
-    if snapshot_id:
+    if snapshot_ref:
         try:
-            pairs = load_snapshot_pairs(cfg.snapshots_dir, snapshot_id, "val", limit=ecfg.retrieval_max_pairs)
+            pairs = load_snapshot_pairs(cfg.snapshots_dir, snapshot_ref, "val", limit=ecfg.retrieval_max_pairs)
         except EmptySplitError as e:
             result.notes.append(f"retrieval on the val split skipped: {e}")
     if pairs is not None:
@@ -155,7 +163,7 @@ def evaluate(
                 report_dir / "retrieval_grid.png",
                 correct=[[j == i for j in rr.top_images[i]] for i in q],
             )
-    elif not snapshot_id and not notes:
+    elif not snapshot_ref and not notes:
         result.notes.append("no snapshot id: retrieval on the val split skipped")
 
     md.insert(2, metrics_markdown(result.metrics, "Metrics"))

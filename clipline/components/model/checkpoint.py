@@ -4,7 +4,7 @@ and writer; train, evaluate, tracking and export go through it.
 A checkpoint directory holds
   ``open_clip_config.json``        {"model_cfg": <open_clip model config>, "preprocess_cfg": {...}}
   ``open_clip_model.safetensors``  the model's ``state_dict`` (what :func:`save_checkpoint` writes)
-  ``clipline.json``                our metadata: model_name, snapshot_id, step, run_id, train config
+  ``clipline.json``                our metadata: model_name, snapshot_id, snapshot_uri, step, run_id, train config
                                    (optional: a checkpoint from elsewhere has none)
 and any other file a writer adds (the train stage's ``train_state.pt``).
 
@@ -86,6 +86,11 @@ class LoadedModel:
     @property
     def snapshot_id(self) -> str | None:
         return self.meta.get("snapshot_id")
+
+    @property
+    def snapshot_uri(self) -> str | None:
+        """Where training read the snapshot (a local path or an object-storage URL), when recorded."""
+        return self.meta.get("snapshot_uri")
 
 
 # ----- reading -----

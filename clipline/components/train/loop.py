@@ -197,6 +197,7 @@ def run_loop(spec: LoopSpec, ctx: WorkerContext) -> LoopSummary | None:
     meta = {
         "model_name": cfg["model"],
         "snapshot_id": spec.snapshot.snapshot_id,
+        "snapshot_uri": spec.snapshot.location,  # where it was read: evaluate finds it there when not local
         "run_id": spec.mlflow_run_id,
         "run_name": spec.run_name,
         "train": cfg,
