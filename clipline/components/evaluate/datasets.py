@@ -607,55 +607,37 @@ def load_snapshot_pairs(snapshots_dir: Path, snapshot_id: str, split: str = "val
     is not used)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+    import fsspec
     import pyarrow as pa
 
     from clipline.components import storage
 
-    if storage.protocol(str(snapshot_id)) is not None:  # a snapshot directory in object storage
-        import fsspec
-
+    in_store = storage.protocol(str(snapshot_id)) is not None  # a snapshot directory in object storage
+    if in_store:
         base, snapshot_id = str(snapshot_id).rstrip("/").rsplit("/", 1)
-        with storage.storage_errors("snapshot", f"{base}/{snapshot_id}"):
-            fs, root = fsspec.core.url_to_fs(base)
-            manifest_path = f"{base}/{snapshot_id}/manifest.json"
+    else:
+        base = str(Path(snapshots_dir))
+    manifest_path = f"{base}/{snapshot_id}/manifest.json"
+    with storage.storage_errors("snapshot", f"{base}/{snapshot_id}"):  # one path for both, through fsspec
+        fs, root = fsspec.core.url_to_fs(base)
+        try:
+            manifest = json.loads(fs.cat_file(f"{root}/{snapshot_id}/manifest.json"))
+        except FileNotFoundError:
+            hint = "give the URL of a snapshot directory" if in_store else "run `clipline curate` first"
+            raise DatasetError(f"snapshot {snapshot_id} has no manifest at {manifest_path}: {hint}") from None
+        files = manifest.get("files") or []
+        if not files:
+            raise DatasetError(f"snapshot {snapshot_id}: manifest lists no files")
+        tables = []
+        for rel in files:
             try:
-                with fs.open(f"{root}/{snapshot_id}/manifest.json", "rb") as fh:
-                    manifest = json.loads(fh.read())
+                with fs.open(f"{root}/{rel}", "rb") as fh:
+                    t = pq.read_table(fh, columns=["key", "caption", "image", "split"])
             except FileNotFoundError:
                 raise DatasetError(
-                    f"snapshot {snapshot_id} has no manifest at {manifest_path}: give the URL of a snapshot directory"
+                    f"snapshot {snapshot_id} lists {rel} but {base}/{rel} is missing: the snapshot is incomplete"
                 ) from None
-
-        def read(rel: str):
-            with storage.storage_errors("snapshot file", f"{base}/{rel}"):
-                try:
-                    with fs.open(f"{root}/{rel}", "rb") as fh:
-                        return pq.read_table(fh, columns=["key", "caption", "image", "split"])
-                except FileNotFoundError:
-                    raise DatasetError(
-                        f"snapshot {snapshot_id} lists {rel} but {base}/{rel} is missing: the snapshot is incomplete"
-                    ) from None
-    else:
-        manifest_path = Path(snapshots_dir) / snapshot_id / "manifest.json"
-        if not manifest_path.is_file():
-            raise DatasetError(
-                f"snapshot {snapshot_id} has no manifest at {manifest_path}: run `clipline curate` first"
-            )
-        manifest = json.loads(manifest_path.read_text())
-
-        def read(rel: str):
-            f = Path(snapshots_dir) / rel
-            if not f.is_file():
-                raise DatasetError(f"snapshot {snapshot_id} lists {rel} but {f} is missing: the snapshot is incomplete")
-            return pq.read_table(f, columns=["key", "caption", "image", "split"])
-
-    files = manifest.get("files") or []
-    if not files:
-        raise DatasetError(f"snapshot {snapshot_id}: manifest lists no files")
-    tables = []
-    for rel in files:
-        t = read(rel)
-        tables.append(t.filter(pc.equal(t["split"], split)).drop_columns(["split"]))
+            tables.append(t.filter(pc.equal(t["split"], split)).drop_columns(["split"]))
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
         raise EmptySplitError(

@@ -81,10 +81,11 @@ def resolve_snapshot(snapshots_dir: Path | str, catalog_path: Path | None, snaps
     exactly ``manifest["files"]`` (relative to ``snapshots_dir``), counting the rows with
     ``split == 'train'``.
     """
+    from clipline.components import storage
+
     if _is_url(snapshot_id):
         snapshots_dir, snapshot_id = str(snapshot_id).rstrip("/").rsplit("/", 1)
-    if _is_url(snapshots_dir):
-        return _resolve_in_storage(str(snapshots_dir).rstrip("/"), str(snapshot_id))
+    in_store = _is_url(snapshots_dir)
     if snapshot_id is None:
         latest = None
         if catalog_path is not None and Path(catalog_path).exists():
@@ -97,31 +98,44 @@ def resolve_snapshot(snapshots_dir: Path | str, catalog_path: Path | None, snaps
                 f"no snapshot in the catalog {catalog_path}: run `clipline curate` first, or pass --snapshot ID"
             )
         snapshot_id = latest["snapshot_id"]
-    mpath = Path(snapshots_dir) / snapshot_id / "manifest.json"
-    if not mpath.is_file():
-        raise SnapshotError(
-            f"snapshot {snapshot_id!r} has no manifest at {mpath}: give an id from "
-            "`clipline curate` (directories under the snapshots dir)"
-        )
-    manifest = json.loads(mpath.read_text())
-    rel = manifest.get("files")
-    if not rel:
-        if manifest.get("n_rows") == 0:  # curate kept nothing: say why, not that a list is empty
-            dropped = {k: v for k, v in (manifest.get("counts", {}).get("dropped") or {}).items() if v}
-            why = ", ".join(f"{k} {v}" for k, v in dropped.items()) or "no successfully fetched rows"
-            raise SnapshotError(
-                f"snapshot {snapshot_id!r} has no rows to train on (dropped by curate: {why}); ingest URLs "
-                "that fetch, or loosen the curate rules, then curate again"
+    # one path for both: a local directory or a URL, read through fsspec (local paths stay paths)
+    base = str(snapshots_dir).rstrip("/") if in_store else str(Path(snapshots_dir))
+    location = f"{base}/{snapshot_id}"
+    name = location if in_store else repr(snapshot_id)
+    mpath = f"{location}/manifest.json"
+    import fsspec
+
+    with storage.storage_errors("snapshot", location):
+        fs, root = fsspec.core.url_to_fs(base)
+        try:  # read first: a probe of the bucket cannot tell a missing bucket from an unreachable store
+            manifest = json.loads(fs.cat_file(f"{root}/{snapshot_id}/manifest.json"))
+        except FileNotFoundError:
+            storage.check_bucket(fs, "snapshot", location)
+            hint = (
+                "give the URL of a snapshot directory (the one holding manifest.json), copied whole from a "
+                "data dir's snapshots/"
+                if in_store
+                else "give an id from `clipline curate` (directories under the snapshots dir)"
             )
-        raise SnapshotError(f"snapshot {snapshot_id!r}: manifest {mpath} lists no 'files'")
-    files = [Path(snapshots_dir) / f for f in rel]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise SnapshotError(f"snapshot {snapshot_id!r}: data files listed in {mpath} are missing: {missing[:3]}")
+            raise SnapshotError(f"snapshot {name} has no manifest at {mpath}: {hint}") from None
+        rel = manifest.get("files")
+        if not rel:
+            if manifest.get("n_rows") == 0:  # curate kept nothing: say why, not that a list is empty
+                dropped = {k: v for k, v in (manifest.get("counts", {}).get("dropped") or {}).items() if v}
+                why = ", ".join(f"{k} {v}" for k, v in dropped.items()) or "no successfully fetched rows"
+                raise SnapshotError(
+                    f"snapshot {name} has no rows to train on (dropped by curate: {why}); ingest URLs "
+                    "that fetch, or loosen the curate rules, then curate again"
+                )
+            raise SnapshotError(f"snapshot {name}: manifest {mpath} lists no 'files'")
+        missing = [f"{base}/{r}" for r in rel if not fs.isfile(f"{root}/{r}")]
+        if missing:
+            raise SnapshotError(f"snapshot {name}: data files listed in {mpath} are missing: {missing[:3]}")
+    files: list[Path | str] = [f"{base}/{r}" if in_store else Path(base) / r for r in rel]
     n_train, row_groups = _train_row_groups(files)
     if n_train == 0:
-        raise SnapshotError(f"snapshot {snapshot_id!r} has no rows with split == 'train'")
-    return SnapshotInfo(snapshot_id, manifest, files, n_train, row_groups, str(Path(snapshots_dir) / snapshot_id))
+        raise SnapshotError(f"snapshot {name} has no rows with split == 'train'")
+    return SnapshotInfo(snapshot_id, manifest, files, n_train, row_groups, location)
 
 
 def _train_row_groups(files: list[Path | str]) -> tuple[int, list[tuple[int, int, int]]]:
@@ -141,38 +155,6 @@ def _train_row_groups(files: list[Path | str]) -> tuple[int, list[tuple[int, int
                 row_groups.append((i, rg, n))
                 n_train += n
     return n_train, row_groups
-
-
-def _resolve_in_storage(snapshots_url: str, snapshot_id: str) -> SnapshotInfo:
-    """:func:`resolve_snapshot` for a snapshots directory in object storage."""
-    import fsspec
-
-    from clipline.components import storage
-
-    location = f"{snapshots_url}/{snapshot_id}"
-    mpath = f"{location}/manifest.json"
-    with storage.storage_errors("snapshot", location):
-        fs, root = fsspec.core.url_to_fs(snapshots_url)
-        try:  # read first: a probe of the bucket cannot tell a missing bucket from an unreachable store
-            with fs.open(f"{root}/{snapshot_id}/manifest.json", "rb") as fh:
-                manifest = json.loads(fh.read())
-        except FileNotFoundError:
-            storage.check_bucket(fs, "snapshot", location)
-            raise SnapshotError(
-                f"snapshot {location} has no manifest at {mpath}: give the URL of a snapshot directory "
-                "(the one holding manifest.json), copied whole from a data dir's snapshots/"
-            ) from None
-        rel = manifest.get("files")
-        if not rel:
-            raise SnapshotError(f"snapshot {location}: manifest {mpath} lists no 'files'")
-        missing = [f"{snapshots_url}/{r}" for r in rel if not fs.isfile(f"{root}/{r}")]
-        if missing:
-            raise SnapshotError(f"snapshot {location}: data files listed in {mpath} are missing: {missing[:3]}")
-    files: list[Path | str] = [f"{snapshots_url}/{r}" for r in rel]
-    n_train, row_groups = _train_row_groups(files)
-    if n_train == 0:
-        raise SnapshotError(f"snapshot {location} has no rows with split == 'train'")
-    return SnapshotInfo(snapshot_id, manifest, files, n_train, row_groups, location)
 
 
 class BatchDecoder:
