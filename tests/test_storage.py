@@ -7,16 +7,11 @@ unreadable."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from clipline.components.storage import StorageError
-from tests.pipelinekit import base_env, clipline, free_port, stop
+from tests.pipelinekit import base_env, clipline, free_port, moto_server
 
 LIST = b"url,caption\nhttp://example.test/a.jpg,a red circle\nhttp://example.test/b.jpg,a blue square\n"
 
@@ -25,26 +20,8 @@ LIST = b"url,caption\nhttp://example.test/a.jpg,a red circle\nhttp://example.tes
 def s3():
     import boto3
 
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
     # the first 3 requests create an IAM user, its key and its policy; every later one is checked
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "moto server did not start"
-                time.sleep(0.2)
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="3") as endpoint:
         iam = boto3.client(
             "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b"
         )
@@ -60,8 +37,6 @@ def s3():
         s3c.put_object(Bucket="lists", Key="a.csv", Body=LIST)
         s3c.put_object(Bucket="lists", Key="inbox/new.csv", Body=LIST)
         yield {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", **creds}
-    finally:
-        stop(proc)
 
 
 @pytest.fixture

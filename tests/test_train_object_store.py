@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from clipline.components.model import checkpoint
 from clipline.components.storage import StorageError
 from clipline.components.train.data import SnapshotError, resolve_snapshot
 from clipline.components.train.run import train
-from tests.pipelinekit import free_port, stop
+from tests.pipelinekit import moto_server
 from trainkit import _cfg, snapshot  # noqa: F401 - snapshot is a fixture
 
 CREDS = {
@@ -34,25 +32,8 @@ CREDS = {
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "moto server did not start"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -419,7 +419,7 @@ class Config(BaseSettings):
     state_dir: Path | None = Field(
         None,
         description="what must stay on a disk of this machine: the catalog (and its run lock), the default "
-        "SQLite MLflow store, DuckDB's spill directory, local caches; default: the data dir",
+        "SQLite MLflow store, DuckDB's spill directory; default: the data dir",
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
