@@ -96,6 +96,21 @@ def test_a_served_run_keeps_the_workers_security_and_may_change_the_rest(served)
     assert cfg.train.pretrained == served / "lists" / "a.csv"  # a file inside the roots, as checked
 
 
+def test_a_worker_with_a_state_dir_gives_it_to_its_runs_and_a_run_may_restate_it(tmp_path, monkeypatch):
+    """`clipline --state-dir S serve`: its runs keep their catalog and MLflow store in S; the parameters
+    `clipline run --deployment --state-dir S` sends (deployment_parameters) restate it and are accepted."""
+    from clipline.components.orchestration.params import deployment_parameters
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"data_dir": "data", "state_dir": "state"})
+    monkeypatch.setenv(POLICY_ENV, ServePolicy.capture(None, cfg).to_env()[POLICY_ENV])
+    params = deployment_parameters(None, cfg)
+    assert params["overrides"]["state_dir"] == str(tmp_path / "state")
+    for overrides in (None, params["overrides"]):
+        run_cfg, _ = served_run(None, None, overrides)
+        assert run_cfg.state_dir == tmp_path / "state" and run_cfg.catalog_path == tmp_path / "state" / "catalog.duckdb"
+
+
 def test_a_served_run_that_would_loosen_the_worker_is_refused_naming_each_parameter(served):
     msg = _refusal(
         config_file="/tmp/other.toml",

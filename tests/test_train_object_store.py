@@ -94,6 +94,8 @@ def test_training_on_a_snapshot_in_object_storage_equals_training_on_the_local_c
     )
     assert from_store.snapshot_id == snapshot and "retrieval/val/image_to_text_R5" in from_store.metrics
     assert from_store.metrics == pytest.approx(from_disk.metrics) and not from_store.notes
+    named = evaluate(elsewhere, in_store.checkpoint_dir, datasets=[], snapshot_id=url, log_to_mlflow=False)
+    assert named.snapshot_id == snapshot and named.metrics == pytest.approx(from_disk.metrics)  # --snapshot URL
 
 
 def test_a_snapshot_url_that_is_not_there_stops_with_one_line_saying_what_to_fix(data_dir, snapshot, s3):
