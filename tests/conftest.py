@@ -40,12 +40,11 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
     """A local Ray cluster with more logical CPUs than cores, so Ray Data tasks can run beside
-    training workers on a 2-core machine. One per module, not per session: an idle local Ray
-    takes ~8% of a core (raylet, GCS, agents), which over a session that runs its Ray tests
-    first costs more than starting Ray again (~4 s) in the three modules that use it."""
+    training workers on a 2-core machine. One per session: an idle local Ray takes ~8% of a core,
+    but one per module (tried at 17d4a0c) made the Ray tests slower by more than that saved."""
     import ray
 
     if not ray.is_initialized():
