@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 #: what to set, per protocol family
@@ -57,6 +58,17 @@ def protocol(url: str) -> str | None:
     if "://" not in url:
         return None
     return _FAMILY.get(url.split("://", 1)[0].lower())
+
+
+def snapshot_location(snapshots_dir: Any, snapshot: str) -> tuple[str, str, bool]:
+    """Where a snapshot is: ``(base, snapshot_id, in_store)``, its directory being ``base/snapshot_id``.
+    ``snapshot`` is an id under ``snapshots_dir`` (a local path or a URL), or the URL of a snapshot
+    directory in object storage (then ``snapshots_dir`` is not used)."""
+    if protocol(str(snapshot)) is not None:
+        base, snapshot_id = str(snapshot).rstrip("/").rsplit("/", 1)
+        return base, snapshot_id, True
+    in_store = protocol(str(snapshots_dir)) is not None
+    return (str(snapshots_dir).rstrip("/") if in_store else str(Path(snapshots_dir))), snapshot, in_store
 
 
 def endpoint(url: str) -> str:

@@ -612,11 +612,7 @@ def load_snapshot_pairs(snapshots_dir: Path, snapshot_id: str, split: str = "val
 
     from clipline.components import storage
 
-    in_store = storage.protocol(str(snapshot_id)) is not None  # a snapshot directory in object storage
-    if in_store:
-        base, snapshot_id = str(snapshot_id).rstrip("/").rsplit("/", 1)
-    else:
-        base = str(Path(snapshots_dir))
+    base, snapshot_id, in_store = storage.snapshot_location(snapshots_dir, snapshot_id)
     manifest_path = f"{base}/{snapshot_id}/manifest.json"
     with storage.storage_errors("snapshot", f"{base}/{snapshot_id}"):  # one path for both, through fsspec
         fs, root = fsspec.core.url_to_fs(base)

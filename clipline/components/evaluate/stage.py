@@ -91,7 +91,8 @@ def evaluate(
         metrics={},
         checkpoint_dir=loaded.checkpoint_dir,
         run_id=run_id,
-        snapshot_id=(snapshot_id.rstrip("/").rsplit("/", 1)[-1] if snapshot_id else None) or loaded.snapshot_id,
+        snapshot_id=(storage.snapshot_location(cfg.snapshots_dir, snapshot_id)[1] if snapshot_id else None)
+        or loaded.snapshot_id,
         report_dir=report_dir,
         notes=notes,
     )

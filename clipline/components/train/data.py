@@ -65,12 +65,6 @@ def open_parquet(f: Path | str) -> pq.ParquetFile:
         return pq.ParquetFile(fs.open(path, "rb"))
 
 
-def _is_url(s: str | Path | None) -> bool:
-    from clipline.components import storage
-
-    return s is not None and storage.protocol(str(s)) is not None
-
-
 def resolve_snapshot(snapshots_dir: Path | str, catalog_path: Path | None, snapshot_id: str | None) -> SnapshotInfo:
     """Find a snapshot's manifest and data files.
 
@@ -83,9 +77,6 @@ def resolve_snapshot(snapshots_dir: Path | str, catalog_path: Path | None, snaps
     """
     from clipline.components import storage
 
-    if _is_url(snapshot_id):
-        snapshots_dir, snapshot_id = str(snapshot_id).rstrip("/").rsplit("/", 1)
-    in_store = _is_url(snapshots_dir)
     if snapshot_id is None:
         latest = None
         if catalog_path is not None and Path(catalog_path).exists():
@@ -99,7 +90,7 @@ def resolve_snapshot(snapshots_dir: Path | str, catalog_path: Path | None, snaps
             )
         snapshot_id = latest["snapshot_id"]
     # one path for both: a local directory or a URL, read through fsspec (local paths stay paths)
-    base = str(snapshots_dir).rstrip("/") if in_store else str(Path(snapshots_dir))
+    base, snapshot_id, in_store = storage.snapshot_location(snapshots_dir, snapshot_id)
     location = f"{base}/{snapshot_id}"
     name = location if in_store else repr(snapshot_id)
     mpath = f"{location}/manifest.json"
